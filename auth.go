@@ -1,0 +1,1017 @@
+package main
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"html/template"
+	"io"
+	"net/http"
+	"net/url"
+	"regexp"
+	"slices"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/oauth2"
+)
+
+// Steps 2 to 7: the OAuth 2.1 authorization server MCP clients see, and the
+// confidential client of Entra ID behind it.
+//
+// MCP clients discover this server (step 2), register (step 3) and send the
+// user's browser to /authorize, where the user approves the client on our own
+// consent page (step 4). Only then does the browser go to Entra ID (step 5),
+// with this server's own state, PKCE verifier and nonce. Entra sends it back
+// to /auth/callback (step 6); the server redeems Entra's code, keeps Entra's
+// tokens, and redirects the browser to the client with a code of its own,
+// which the client redeems at /token for a session token (step 7).
+//
+// Specs: OAuth 2.1 (draft-ietf-oauth-v2-1), RFC 6749, RFC 7636 (PKCE),
+// RFC 7591 (registration), RFC 8414 and RFC 9728 (metadata), RFC 7009
+// (revocation), MCP 2025-06-18 "Authorization" and its security best practices.
+
+// serverScope is the one scope this server grants. Clients may ask for any
+// scope, or none: they all get this one.
+const serverScope = "mcp"
+
+// entraScopes are what the server asks Entra ID for: an id_token (openid,
+// profile), a refresh token (offline_access) and Graph's /me (User.Read).
+var entraScopes = []string{"openid", "profile", "offline_access", "User.Read"}
+
+// Step 2: discovery.
+
+// resourceMetadata is the protected-resource metadata of RFC 9728.
+type resourceMetadata struct {
+	Resource               string   `json:"resource"`
+	AuthorizationServers   []string `json:"authorization_servers"`
+	ScopesSupported        []string `json:"scopes_supported"`
+	BearerMethodsSupported []string `json:"bearer_methods_supported"`
+	ResourceName           string   `json:"resource_name"`
+}
+
+// handleResourceMetadata serves the metadata of the resource at path: "" for
+// the server as a whole, "/sse" or "/mcp" for one endpoint. Its "resource" is
+// exactly the URL a client connects to (RFC 9728 §3.3): strict clients (VS
+// Code, the Go SDK) compare the two byte for byte.
+func (s *server) handleResourceMetadata(path string) http.HandlerFunc {
+	doc := resourceMetadata{
+		Resource:               s.cfg.publicURL + path,
+		AuthorizationServers:   []string{s.cfg.publicURL},
+		ScopesSupported:        []string{serverScope},
+		BearerMethodsSupported: []string{"header"},
+		ResourceName:           "entra-mcp",
+	}
+	return func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, doc) }
+}
+
+// serverMetadata is the authorization-server metadata of RFC 8414.
+type serverMetadata struct {
+	Issuer                            string   `json:"issuer"`
+	AuthorizationEndpoint             string   `json:"authorization_endpoint"`
+	TokenEndpoint                     string   `json:"token_endpoint"`
+	RegistrationEndpoint              string   `json:"registration_endpoint"`
+	RevocationEndpoint                string   `json:"revocation_endpoint"`
+	ResponseTypesSupported            []string `json:"response_types_supported"`
+	GrantTypesSupported               []string `json:"grant_types_supported"`
+	CodeChallengeMethodsSupported     []string `json:"code_challenge_methods_supported"`
+	TokenEndpointAuthMethodsSupported []string `json:"token_endpoint_auth_methods_supported"`
+	RevocationAuthMethodsSupported    []string `json:"revocation_endpoint_auth_methods_supported"`
+	ScopesSupported                   []string `json:"scopes_supported"`
+}
+
+// authMethods are the client authentication methods of RFC 7591 §2 that the
+// token and revocation endpoints accept.
+var authMethods = []string{"client_secret_basic", "client_secret_post", "none"}
+
+// handleServerMetadata serves RFC 8414 metadata. The issuer is PUBLIC_URL byte
+// for byte: clients check it against the URL they built (RFC 8414 §3.3), and
+// MCP 2025-11-25 clients refuse a server without S256 in
+// code_challenge_methods_supported.
+func (s *server) handleServerMetadata(w http.ResponseWriter, r *http.Request) {
+	base := s.cfg.publicURL
+	writeJSON(w, http.StatusOK, serverMetadata{
+		Issuer:                            base,
+		AuthorizationEndpoint:             base + "/authorize",
+		TokenEndpoint:                     base + "/token",
+		RegistrationEndpoint:              base + "/register",
+		RevocationEndpoint:                base + "/revoke",
+		ResponseTypesSupported:            []string{"code"},
+		GrantTypesSupported:               []string{"authorization_code", "refresh_token"},
+		CodeChallengeMethodsSupported:     []string{"S256"},
+		TokenEndpointAuthMethodsSupported: authMethods,
+		RevocationAuthMethodsSupported:    authMethods,
+		ScopesSupported:                   []string{serverScope},
+	})
+}
+
+// Step 3: registration.
+
+// clientMetadata is the part of RFC 7591 §2 client metadata this server
+// keeps. Unknown fields are ignored, as §2 requires.
+type clientMetadata struct {
+	RedirectURIs            []string `json:"redirect_uris"`
+	TokenEndpointAuthMethod string   `json:"token_endpoint_auth_method"`
+	GrantTypes              []string `json:"grant_types"`
+	ResponseTypes           []string `json:"response_types"`
+	ClientName              string   `json:"client_name,omitempty"`
+	ClientURI               string   `json:"client_uri,omitempty"`
+	Scope                   string   `json:"scope"`
+	SoftwareID              string   `json:"software_id,omitempty"`
+	SoftwareVersion         string   `json:"software_version,omitempty"`
+}
+
+// client is a registered client.
+type client struct {
+	clientMetadata
+	ID         string
+	IssuedAt   int64
+	secretHash string // hashKey of the client secret; empty for public clients
+}
+
+// allows reports whether the client registered for a grant type.
+func (c *client) allows(grantType string) bool { return slices.Contains(c.GrantTypes, grantType) }
+
+// registration is the response of RFC 7591 §3.2.1: the client's id, its
+// secret if it has one, and its metadata as registered.
+type registration struct {
+	ClientID              string `json:"client_id"`
+	ClientSecret          string `json:"client_secret,omitempty"`
+	ClientIDIssuedAt      int64  `json:"client_id_issued_at"`
+	ClientSecretExpiresAt *int64 `json:"client_secret_expires_at,omitempty"` // required with a secret; 0 = never
+	clientMetadata
+}
+
+// handleRegister registers a client (RFC 7591 §3). Registration is open, as MCP
+// clients expect; what a client may do is still limited by consent (step 4).
+func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
+	var md clientMetadata
+	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
+	if err := dec.Decode(&md); err != nil {
+		writeOAuthError(w, badRequest("invalid_client_metadata", "the body must be a JSON object of client metadata"))
+		return
+	}
+	if err := checkClientMetadata(&md); err != nil {
+		writeOAuthError(w, err)
+		return
+	}
+
+	c := &client{clientMetadata: md, ID: newSecret(), IssuedAt: s.now().Unix()}
+	resp := registration{ClientID: c.ID, ClientIDIssuedAt: c.IssuedAt, clientMetadata: md}
+	if md.TokenEndpointAuthMethod != "none" {
+		secret := newSecret()
+		c.secretHash = hashKey(secret)
+		resp.ClientSecret = secret
+		resp.ClientSecretExpiresAt = new(int64)
+	}
+	s.clients.put(c.ID, c, 0)
+	s.log.Info("client registered", "client_id", c.ID, "client_name", md.ClientName, "auth_method", md.TokenEndpointAuthMethod)
+	writeJSON(w, http.StatusCreated, resp)
+}
+
+// checkClientMetadata validates md and fills in the defaults this server
+// registers (RFC 7591 §2 lets the server replace requested values, as long as
+// it returns what it registered).
+func checkClientMetadata(md *clientMetadata) error {
+	if len(md.RedirectURIs) == 0 || len(md.RedirectURIs) > 10 {
+		return badRequest("invalid_redirect_uri", "redirect_uris must list 1 to 10 URIs")
+	}
+	for _, u := range md.RedirectURIs {
+		if err := checkRedirectURI(u); err != nil {
+			return badRequest("invalid_redirect_uri", err.Error())
+		}
+	}
+	switch md.TokenEndpointAuthMethod {
+	case "":
+		md.TokenEndpointAuthMethod = "client_secret_basic" // RFC 7591 §2 default
+	case "none", "client_secret_basic", "client_secret_post":
+	default:
+		return badRequest("invalid_client_metadata", "token_endpoint_auth_method must be none, client_secret_basic or client_secret_post")
+	}
+	if len(md.GrantTypes) == 0 {
+		// Registered for refresh too, so a client that omits grant_types is
+		// not sent back to the browser every hour.
+		md.GrantTypes = []string{"authorization_code", "refresh_token"}
+	}
+	for _, g := range md.GrantTypes {
+		if g != "authorization_code" && g != "refresh_token" {
+			return badRequest("invalid_client_metadata", "grant_types may hold only authorization_code and refresh_token")
+		}
+	}
+	if !slices.Contains(md.GrantTypes, "authorization_code") {
+		return badRequest("invalid_client_metadata", "grant_types must include authorization_code")
+	}
+	if len(md.ResponseTypes) == 0 {
+		md.ResponseTypes = []string{"code"}
+	}
+	if !slices.Equal(md.ResponseTypes, []string{"code"}) {
+		return badRequest("invalid_client_metadata", `response_types must be ["code"]`)
+	}
+	if len(md.ClientName) > 200 || len(md.ClientURI) > 2000 || len(md.SoftwareID) > 200 || len(md.SoftwareVersion) > 200 {
+		return badRequest("invalid_client_metadata", "a metadata value is too long")
+	}
+	md.Scope = serverScope // whatever was asked for, this is what there is
+	return nil
+}
+
+// checkRedirectURI accepts the redirect URIs real MCP clients register: https,
+// http on a loopback host (RFC 8252 §7.3), and private-use schemes such as
+// cursor:// (RFC 8252 §7.1). Fragments are not allowed (RFC 6749 §3.1.2).
+func checkRedirectURI(raw string) error {
+	u, err := url.Parse(raw)
+	switch {
+	case len(raw) > 2000 || err != nil || !u.IsAbs():
+		return fmt.Errorf("redirect URI %q is not an absolute URI", raw)
+	case u.Fragment != "" || strings.Contains(raw, "#"):
+		return fmt.Errorf("redirect URI %q has a fragment", raw)
+	case u.Scheme == "https":
+		if u.Host == "" {
+			return fmt.Errorf("redirect URI %q has no host", raw)
+		}
+	case u.Scheme == "http":
+		if !isLoopbackHost(u.Hostname()) {
+			return fmt.Errorf("redirect URI %q: plain http is allowed only for localhost, 127.0.0.1 and [::1]", raw)
+		}
+	case slices.Contains([]string{"javascript", "data", "file", "vbscript", "blob", "about", "ftp", "ws", "wss"}, u.Scheme):
+		return fmt.Errorf("redirect URI %q: scheme %s is not allowed", raw, u.Scheme)
+	}
+	return nil
+}
+
+// matchRedirectURI returns the redirect URI a request may use: the one it
+// names, if registered, or the only registered one if it names none
+// (RFC 6749 §3.1.2.3). A loopback URI matches on any port, because native
+// clients listen wherever a port is free (RFC 8252 §7.3); everything else
+// must match exactly.
+func (c *client) matchRedirectURI(requested string) (string, bool) {
+	if requested == "" {
+		if len(c.RedirectURIs) == 1 {
+			return c.RedirectURIs[0], true
+		}
+		return "", false
+	}
+	for _, registered := range c.RedirectURIs {
+		if requested == registered || sameLoopbackURI(requested, registered) {
+			return requested, true
+		}
+	}
+	return "", false
+}
+
+// sameLoopbackURI reports whether a and b are the same loopback http URI but
+// for the port.
+func sameLoopbackURI(a, b string) bool {
+	ua, errA := url.Parse(a)
+	ub, errB := url.Parse(b)
+	if errA != nil || errB != nil || ua.Scheme != "http" || ub.Scheme != "http" || !isLoopbackHost(ua.Hostname()) {
+		return false
+	}
+	return ua.Hostname() == ub.Hostname() && ua.EscapedPath() == ub.EscapedPath() &&
+		ua.RawQuery == ub.RawQuery && ua.User == nil && ub.User == nil
+}
+
+// Step 4: the authorization request and our consent page.
+
+// authRequest is a client's authorization request once validated: what the
+// client's flow needs when the user comes back from Entra ID.
+type authRequest struct {
+	clientID      string
+	redirectURI   string
+	redirectGiven bool // /authorize named redirect_uri, so /token must repeat it (RFC 6749 §4.1.3)
+	state         string
+	challenge     string // the client's PKCE S256 challenge
+	scope         string
+	resource      string // audience of the tokens (RFC 8707)
+	browser       string // the browser cookie of whoever opened the consent page
+}
+
+// handleAuthorize validates an authorization request (OAuth 2.1 §4.1.1) and
+// shows the consent page.
+//
+// Until client_id and redirect_uri are known good, errors are shown as a page
+// and never redirected: redirecting to an unvalidated URI would make this
+// server an open redirector (OAuth 2.1 §4.1.2.1). After that, errors go back
+// to the client as RFC 6749 §4.1.2.1 error redirects.
+func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	for _, name := range []string{"client_id", "redirect_uri", "response_type", "state", "code_challenge", "code_challenge_method", "scope", "resource"} {
+		if len(q[name]) > 1 {
+			s.errorPage(w, http.StatusBadRequest, "Invalid request", "The parameter "+name+" appears more than once.")
+			return
+		}
+	}
+	c, ok := s.clients.get(q.Get("client_id"))
+	if !ok {
+		s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application is not registered with this server. Remove the server from your MCP client and add it again.")
+		return
+	}
+	redirectURI, ok := c.matchRedirectURI(q.Get("redirect_uri"))
+	if !ok {
+		s.errorPage(w, http.StatusBadRequest, "Invalid redirect URI", "The redirect_uri does not match any URI this client registered.")
+		return
+	}
+
+	req := &authRequest{
+		clientID:      c.ID,
+		redirectURI:   redirectURI,
+		redirectGiven: q.Has("redirect_uri"),
+		state:         q.Get("state"),
+		challenge:     q.Get("code_challenge"),
+		scope:         serverScope, // absent, empty or foreign scopes all map to ours
+		resource:      s.cfg.publicURL,
+	}
+	if q.Get("response_type") != "code" {
+		s.redirectError(w, r, req, "unsupported_response_type", "response_type must be code")
+		return
+	}
+	if q.Get("code_challenge_method") != "S256" || !isPKCEValue(req.challenge) || len(req.challenge) != 43 {
+		s.redirectError(w, r, req, "invalid_request", "PKCE is required: send code_challenge with code_challenge_method=S256")
+		return
+	}
+	if q.Has("resource") {
+		resource, ok := s.canonicalResource(q.Get("resource"))
+		if !ok {
+			s.redirectError(w, r, req, "invalid_target", "resource must be this server's URL, its /sse or its /mcp endpoint")
+			return
+		}
+		req.resource = resource
+	}
+
+	req.browser = s.browserCookie(w, r)
+	consentID := newSecret()
+	s.consents.put(hashKey(consentID), req, consentTTL)
+	s.showConsent(w, c, req, consentID)
+}
+
+// canonicalResource maps a resource indicator (RFC 8707) to one of the
+// resources this server publishes, tolerating case in the scheme and host and
+// one trailing slash, as clients send them.
+func (s *server) canonicalResource(raw string) (string, bool) {
+	u, err := url.Parse(raw)
+	if err != nil || u.RawQuery != "" || u.Fragment != "" {
+		return "", false
+	}
+	got := strings.ToLower(u.Scheme) + "://" + strings.ToLower(u.Host) + strings.TrimSuffix(u.EscapedPath(), "/")
+	for _, path := range []string{"", "/sse", "/mcp"} {
+		if got == strings.ToLower(s.cfg.publicURL)+path {
+			return s.cfg.publicURL + path, true
+		}
+	}
+	return "", false
+}
+
+// isPKCEValue reports whether v is 43 to 128 characters of the PKCE alphabet
+// (RFC 7636 §4.1).
+func isPKCEValue(v string) bool {
+	if len(v) < 43 || len(v) > 128 {
+		return false
+	}
+	for _, c := range v {
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || strings.ContainsRune("-._~", c)) {
+			return false
+		}
+	}
+	return true
+}
+
+// browserCookieName names the cookie that ties a consent, and the sign-in
+// that follows it, to one browser.
+const browserCookieName = "entra_mcp_browser"
+
+// browserCookie returns this browser's id, setting the cookie if it has none.
+//
+// The id is checked twice. When the consent form is posted, it proves the
+// form was posted by the browser that loaded it (a forged cross-site POST
+// carries no SameSite=Lax cookie). At /auth/callback it proves the browser
+// coming back from Entra is the one that approved: otherwise an attacker could
+// approve consent for his own client and mail the resulting Entra link to a
+// victim, whom Entra would sign in silently (GHSA-rww4-4w9c-7733). Lax, not
+// Strict, because the callback is a top-level redirect from Entra's site.
+func (s *server) browserCookie(w http.ResponseWriter, r *http.Request) string {
+	id := ""
+	if c, err := r.Cookie(browserCookieName); err == nil && len(c.Value) == len(newSecret()) {
+		id = c.Value
+	} else {
+		id = newSecret()
+	}
+	http.SetCookie(w, &http.Cookie{
+		Name:     browserCookieName,
+		Value:    id,
+		Path:     "/",
+		MaxAge:   int(flowTTL / time.Second),
+		HttpOnly: true,
+		Secure:   strings.HasPrefix(s.cfg.publicURL, "https://"),
+		SameSite: http.SameSiteLaxMode,
+	})
+	return id
+}
+
+// sameBrowser reports whether r carries the browser cookie id.
+func sameBrowser(r *http.Request, id string) bool {
+	c, err := r.Cookie(browserCookieName)
+	return err == nil && sameSecret(c.Value, id)
+}
+
+// showConsent renders the consent page. The MCP security best practices
+// ("Confused Deputy Problem") require it of a proxy like this one: Entra ID
+// knows only this server's client id and would sign the user in silently for
+// any client registered here, so the user must approve each client by name.
+func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest, consentID string) {
+	redirect, _ := url.Parse(req.redirectURI)
+	data := struct {
+		ClientName, ClientID, RedirectURI, RedirectHost, Scope, ConsentID string
+		Loopback                                                          bool
+	}{
+		ClientName:   c.ClientName,
+		ClientID:     c.ID,
+		RedirectURI:  req.redirectURI,
+		RedirectHost: redirect.Host,
+		Scope:        req.scope,
+		ConsentID:    consentID,
+		Loopback:     isLoopbackHost(redirect.Hostname()),
+	}
+	if data.RedirectHost == "" {
+		data.RedirectHost = redirect.Scheme + ":" // a private-use scheme, e.g. cursor:
+	}
+	s.writePage(w, http.StatusOK, consentPage, data)
+}
+
+// handleConsent takes the user's decision from the consent page. It is
+// wrapped in http.CrossOriginProtection, which rejects cross-origin POSTs; the
+// consent id is single-use and bound to the browser that opened the page.
+func (s *server) handleConsent(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 16<<10)
+	if err := r.ParseForm(); err != nil {
+		s.errorPage(w, http.StatusBadRequest, "Invalid request", "The consent form could not be read.")
+		return
+	}
+	req, ok := s.consents.take(hashKey(r.PostForm.Get("consent_id")))
+	if !ok {
+		s.errorPage(w, http.StatusBadRequest, "Consent expired", "This consent page has expired or was already used. Start the sign-in again from your MCP client.")
+		return
+	}
+	if !sameBrowser(r, req.browser) {
+		s.errorPage(w, http.StatusForbidden, "Consent refused", "This consent was not given in the browser that opened the page. Start the sign-in again from your MCP client.")
+		return
+	}
+	switch r.PostForm.Get("decision") {
+	case "approve":
+		s.startSignIn(w, r, req)
+	case "deny":
+		s.log.Info("consent denied", "client_id", req.clientID)
+		s.redirectError(w, r, req, "access_denied", "the user denied the request")
+	default:
+		s.errorPage(w, http.StatusBadRequest, "Invalid request", "The consent form carried no decision.")
+	}
+}
+
+// Step 5: off to Entra ID.
+
+// entraFlow is a sign-in in progress at Entra ID, stored under our state.
+type entraFlow struct {
+	req      *authRequest
+	verifier string // our PKCE verifier towards Entra (RFC 7636)
+	nonce    string // our OIDC nonce, echoed in the id_token (OIDC Core §3.1.2.1)
+	browser  string
+}
+
+// startSignIn sends the approving browser to Entra ID's authorize endpoint.
+// Everything in the URL is ours: our client id, our state, our PKCE challenge
+// and nonce, our scopes. The client's state, scope and resource stay here;
+// Entra would reject our resource URL anyway (AADSTS9010010).
+func (s *server) startSignIn(w http.ResponseWriter, r *http.Request, req *authRequest) {
+	state := newSecret()
+	flow := &entraFlow{req: req, verifier: oauth2.GenerateVerifier(), nonce: newSecret(), browser: req.browser}
+	s.flows.put(hashKey(state), flow, flowTTL)
+	authURL := s.entra.oauth.AuthCodeURL(state,
+		oauth2.S256ChallengeOption(flow.verifier),
+		oauth2.SetAuthURLParam("nonce", flow.nonce),
+		oauth2.SetAuthURLParam("prompt", "select_account"), // let the user pick the account
+	)
+	http.Redirect(w, r, authURL, http.StatusSeeOther)
+}
+
+// Step 6: back from Entra ID.
+
+// handleCallback is Entra ID's redirect target. It checks our state and the
+// browser cookie, redeems Entra's code with our PKCE verifier and client
+// secret, verifies the id_token, creates the session (holding the Entra
+// tokens), and sends the browser back to the client with our own code.
+func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	flow, ok := s.flows.take(hashKey(q.Get("state")))
+	if !ok {
+		s.errorPage(w, http.StatusBadRequest, "Sign-in expired", "This sign-in is unknown, expired, or already finished. Start again from your MCP client.")
+		return
+	}
+	if !sameBrowser(r, flow.browser) {
+		s.log.Warn("callback from another browser than the one that approved", "client_id", flow.req.clientID)
+		s.errorPage(w, http.StatusForbidden, "Sign-in refused", "This sign-in was started in another browser. Start again from your MCP client, in this browser.")
+		return
+	}
+	req := flow.req
+	if code := q.Get("error"); code != "" {
+		s.log.Warn("Entra sign-in failed", append([]any{"client_id", req.clientID}, entraErrorAttrs(code, q.Get("error_description"))...)...)
+		switch code {
+		case "access_denied":
+			s.redirectError(w, r, req, "access_denied", "the sign-in with Microsoft Entra ID was cancelled or declined")
+		case "temporarily_unavailable":
+			s.redirectError(w, r, req, "temporarily_unavailable", "Microsoft Entra ID is temporarily unavailable; try again")
+		default:
+			s.redirectError(w, r, req, "server_error", "the sign-in with Microsoft Entra ID failed; the server log has details")
+		}
+		return
+	}
+
+	tok, user, err := s.entra.redeem(r.Context(), q.Get("code"), flow, s.now())
+	if err != nil {
+		var rerr *oauth2.RetrieveError
+		if errors.As(err, &rerr) {
+			s.log.Error("Entra code redemption failed", append([]any{"client_id", req.clientID}, retrieveErrorAttrs(rerr)...)...)
+			if rerr.ErrorCode == "temporarily_unavailable" {
+				s.redirectError(w, r, req, "temporarily_unavailable", "Microsoft Entra ID is temporarily unavailable; try again")
+				return
+			}
+		} else {
+			s.log.Error("Entra sign-in could not be completed", "client_id", req.clientID, "err", err)
+		}
+		s.redirectError(w, r, req, "server_error", "the sign-in with Microsoft Entra ID could not be completed; the server log has details")
+		return
+	}
+
+	sess := &session{
+		id:       newSecret(),
+		subject:  s.tokens.subject(user),
+		user:     user,
+		clientID: req.clientID,
+		scope:    req.scope,
+		resource: req.resource,
+		entra:    s.entra.oauth.TokenSource(s.entra.background, tok),
+	}
+	code := newSecret()
+	s.codes.put(hashKey(code), &authCode{req: req, session: sess}, codeTTL)
+	s.log.Info("signed in", "client_id", req.clientID, "subject", sess.subject)
+	s.redirectToClient(w, r, req, url.Values{"code": {code}})
+}
+
+// entraClient is this server as a confidential client of Entra ID.
+type entraClient struct {
+	oauth      *oauth2.Config
+	issuer     string // from Entra's discovery document; may hold "{tenantid}"
+	graphURL   string
+	httpClient *http.Client
+	background context.Context // for token refreshes that outlive a request
+}
+
+// discoverEntra fetches Entra's OpenID discovery document, so that a wrong
+// tenant or authority stops the server at start, and builds the OAuth client.
+// The endpoints come from the configured authority (sovereign clouds, local
+// fakes); the discovery document supplies the issuer to check id_tokens
+// against.
+func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client) (*entraClient, error) {
+	base := cfg.authority + "/" + url.PathEscape(cfg.tenantID)
+	docURL := base + "/v2.0/.well-known/openid-configuration"
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, docURL, nil)
+	if err != nil {
+		return nil, fmt.Errorf("ENTRA_AUTHORITY: %w", err)
+	}
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("fetch Entra discovery document %s: %w (check ENTRA_AUTHORITY and the network)", docURL, err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("tenant %q unknown to Entra ID (HTTP %d from %s): check ENTRA_TENANT_ID and ENTRA_AUTHORITY", cfg.tenantID, resp.StatusCode, docURL)
+	}
+	var doc struct {
+		Issuer string `json:"issuer"`
+	}
+	if err := json.Unmarshal(body, &doc); err != nil || doc.Issuer == "" {
+		return nil, fmt.Errorf("%s is not an OpenID discovery document: check ENTRA_AUTHORITY", docURL)
+	}
+	return &entraClient{
+		oauth: &oauth2.Config{
+			ClientID:     cfg.clientID,
+			ClientSecret: cfg.clientSecret,
+			Endpoint: oauth2.Endpoint{
+				AuthURL:  base + "/oauth2/v2.0/authorize",
+				TokenURL: base + "/oauth2/v2.0/token",
+				// Entra takes the secret in the body, as Microsoft documents.
+				// The default, auto-detection, sends every failing request twice.
+				AuthStyle: oauth2.AuthStyleInParams,
+			},
+			RedirectURL: cfg.publicURL + "/auth/callback",
+			Scopes:      entraScopes,
+		},
+		issuer:     doc.Issuer,
+		graphURL:   cfg.graphURL,
+		httpClient: httpClient,
+		background: context.WithValue(context.Background(), oauth2.HTTPClient, httpClient),
+	}, nil
+}
+
+// redeem exchanges Entra's authorization code for Entra's tokens, sending our
+// PKCE verifier and client secret, and verifies the id_token that comes with
+// them.
+func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, now time.Time) (*oauth2.Token, entraUser, error) {
+	if code == "" {
+		return nil, entraUser{}, errors.New("no code in the redirect from Entra ID")
+	}
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, e.httpClient)
+	tok, err := e.oauth.Exchange(ctx, code, oauth2.VerifierOption(flow.verifier))
+	if err != nil {
+		return nil, entraUser{}, fmt.Errorf("redeem code: %w", err)
+	}
+	idToken, _ := tok.Extra("id_token").(string)
+	user, err := e.checkIDToken(idToken, flow.nonce, now)
+	if err != nil {
+		return nil, entraUser{}, fmt.Errorf("id_token: %w", err)
+	}
+	return tok, user, nil
+}
+
+// idTokenClaims are the id_token claims this server reads (Entra ID v2.0).
+type idTokenClaims struct {
+	Issuer            string `json:"iss"`
+	Audience          string `json:"aud"`
+	Expiry            int64  `json:"exp"`
+	NotBefore         int64  `json:"nbf"`
+	Nonce             string `json:"nonce"`
+	TenantID          string `json:"tid"`
+	ObjectID          string `json:"oid"`
+	Name              string `json:"name"`
+	PreferredUsername string `json:"preferred_username"`
+}
+
+// clockSkew is how far Entra's clock and ours may disagree.
+const clockSkew = 5 * time.Minute
+
+// checkIDToken checks the id_token's claims (OIDC Core §3.1.3.7): the issuer
+// (for organizations/common, the template issuer with the token's own tenant),
+// the audience, the lifetime and our nonce. The token came straight from
+// Entra's token endpoint over TLS, which OIDC Core accepts in place of a
+// signature check for this flow.
+func (e *entraClient) checkIDToken(raw, nonce string, now time.Time) (entraUser, error) {
+	parts := strings.Split(raw, ".")
+	if len(parts) != 3 {
+		return entraUser{}, errors.New("missing or malformed")
+	}
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		return entraUser{}, errors.New("malformed payload")
+	}
+	var c idTokenClaims
+	if err := json.Unmarshal(payload, &c); err != nil {
+		return entraUser{}, fmt.Errorf("claims: %w", err)
+	}
+	switch {
+	case c.TenantID == "" || c.ObjectID == "":
+		return entraUser{}, errors.New("no tid or oid claim (is the openid/profile scope granted?)")
+	case c.Issuer != strings.ReplaceAll(e.issuer, "{tenantid}", c.TenantID):
+		return entraUser{}, fmt.Errorf("issuer %q is not %q", c.Issuer, e.issuer)
+	case c.Audience != e.oauth.ClientID:
+		return entraUser{}, errors.New("audience is not ENTRA_CLIENT_ID")
+	case !now.Before(time.Unix(c.Expiry, 0).Add(clockSkew)):
+		return entraUser{}, errors.New("expired")
+	case c.NotBefore != 0 && now.Add(clockSkew).Before(time.Unix(c.NotBefore, 0)):
+		return entraUser{}, errors.New("not valid yet")
+	case !sameSecret(c.Nonce, nonce):
+		return entraUser{}, errors.New("nonce does not match this sign-in")
+	}
+	return entraUser{tenantID: c.TenantID, objectID: c.ObjectID, name: c.Name, username: c.PreferredUsername}, nil
+}
+
+// entraHints explain the Entra errors that usually mean a setup mistake.
+var entraHints = map[string]string{
+	"50011":   "the redirect URI is not registered: add PUBLIC_URL/auth/callback as a Web redirect URI of the app registration",
+	"7000215": "invalid client secret: ENTRA_CLIENT_SECRET must be the secret's Value, not its Secret ID",
+	"7000222": "the client secret has expired: create a new one under Certificates & secrets",
+	"65001":   "the app needs consent: grant admin consent for its API permissions, or allow users to consent",
+	"700016":  "unknown application: check ENTRA_CLIENT_ID and ENTRA_TENANT_ID",
+	"90002":   "unknown tenant: check ENTRA_TENANT_ID",
+	"50194":   "the app is single-tenant: set ENTRA_TENANT_ID to its tenant id, not common or organizations",
+}
+
+var (
+	aadstsPattern      = regexp.MustCompile(`AADSTS(\d+)`)
+	traceIDPattern     = regexp.MustCompile(`Trace ID: ([0-9a-fA-F-]+)`)
+	correlationPattern = regexp.MustCompile(`Correlation ID: ([0-9a-fA-F-]+)`)
+)
+
+// entraErrorAttrs turns an Entra error redirect into log attributes: the
+// error, the AADSTS code, Entra's trace and correlation ids (what Microsoft
+// support asks for) and a hint. Entra's own text is not logged or passed on.
+func entraErrorAttrs(code, description string) []any {
+	attrs := []any{"error", code}
+	find := func(re *regexp.Regexp) string {
+		if m := re.FindStringSubmatch(description); m != nil {
+			return m[1]
+		}
+		return ""
+	}
+	return appendEntraIDs(attrs, find(aadstsPattern), find(traceIDPattern), find(correlationPattern))
+}
+
+// retrieveErrorAttrs does the same for a failed token request, whose JSON body
+// carries the codes and ids as fields (Entra ID v2.0 token errors).
+func retrieveErrorAttrs(e *oauth2.RetrieveError) []any {
+	var body struct {
+		ErrorCodes    []int  `json:"error_codes"`
+		TraceID       string `json:"trace_id"`
+		CorrelationID string `json:"correlation_id"`
+	}
+	json.Unmarshal(e.Body, &body)
+	attrs := []any{"error", e.ErrorCode, "status", e.Response.StatusCode}
+	aadsts := ""
+	if len(body.ErrorCodes) > 0 {
+		aadsts = fmt.Sprint(body.ErrorCodes[0])
+	}
+	return appendEntraIDs(attrs, aadsts, body.TraceID, body.CorrelationID)
+}
+
+func appendEntraIDs(attrs []any, aadsts, traceID, correlationID string) []any {
+	if aadsts != "" {
+		attrs = append(attrs, "aadsts", aadsts)
+		if hint, ok := entraHints[aadsts]; ok {
+			attrs = append(attrs, "hint", hint)
+		}
+	}
+	if traceID != "" {
+		attrs = append(attrs, "trace_id", traceID)
+	}
+	if correlationID != "" {
+		attrs = append(attrs, "correlation_id", correlationID)
+	}
+	return attrs
+}
+
+// Step 7: the token endpoint.
+
+// authCode is one of our authorization codes. It carries the session created
+// at the callback; the session only goes live when the code is redeemed.
+type authCode struct {
+	req      *authRequest
+	session  *session
+	redeemed atomic.Bool
+}
+
+// handleToken is the token endpoint (OAuth 2.1 §3.2): it authenticates the
+// client as it registered, then redeems a code (§4.1.3) or a refresh token
+// (§4.3). Errors are RFC 6749 §5.2 JSON.
+func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+	if err := r.ParseForm(); err != nil {
+		writeOAuthError(w, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded"))
+		return
+	}
+	c, err := s.authenticateClient(r)
+	if err != nil {
+		writeOAuthError(w, err)
+		return
+	}
+	var resp *tokenResponse
+	switch grant := r.PostForm.Get("grant_type"); grant {
+	case "authorization_code":
+		resp, err = s.redeemCode(c, r.PostForm)
+	case "refresh_token":
+		resp, err = s.redeemRefreshToken(c, r.PostForm)
+	case "":
+		err = badRequest("invalid_request", "grant_type is missing")
+	default:
+		err = badRequest("unsupported_grant_type", "grant_type must be authorization_code or refresh_token")
+	}
+	if err != nil {
+		writeOAuthError(w, err)
+		return
+	}
+	w.Header().Set("Pragma", "no-cache")
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// authenticateClient identifies the client of a token or revocation request
+// and checks its credentials the way it registered (RFC 7591 §2): HTTP Basic
+// (client_secret_basic), the form body (client_secret_post), or client_id
+// alone for a public client (none). Failures are 401 invalid_client (RFC 6749
+// §5.2), which tells MCP clients to register again.
+func (s *server) authenticateClient(r *http.Request) (*client, error) {
+	id, secret, basic := r.BasicAuth()
+	method := "client_secret_basic"
+	if basic {
+		// RFC 6749 §2.3.1: the Basic credentials are form-encoded first.
+		var errID, errSecret error
+		id, errID = url.QueryUnescape(id)
+		secret, errSecret = url.QueryUnescape(secret)
+		if errID != nil || errSecret != nil {
+			return nil, &oauthError{status: http.StatusUnauthorized, Code: "invalid_client", Description: "malformed Basic credentials", basic: true}
+		}
+		if r.PostForm.Has("client_secret") || (r.PostForm.Has("client_id") && r.PostForm.Get("client_id") != id) {
+			return nil, badRequest("invalid_request", "use one client authentication method")
+		}
+	} else {
+		id, secret = r.PostForm.Get("client_id"), r.PostForm.Get("client_secret")
+		method = "client_secret_post"
+		if !r.PostForm.Has("client_secret") {
+			method = "none"
+		}
+	}
+	invalid := &oauthError{status: http.StatusUnauthorized, Code: "invalid_client", Description: "client authentication failed", basic: basic}
+	c, ok := s.clients.get(id)
+	if !ok || method != c.TokenEndpointAuthMethod {
+		return nil, invalid
+	}
+	if c.secretHash != "" && !sameSecret(hashKey(secret), c.secretHash) {
+		return nil, invalid
+	}
+	return c, nil
+}
+
+// redeemCode is the authorization_code grant: the code must be ours, unused,
+// unexpired, issued to this client for this redirect URI, and the PKCE
+// verifier must match the challenge the client sent to /authorize.
+func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) {
+	code, ok := s.codes.get(hashKey(form.Get("code")))
+	if !ok {
+		return nil, badRequest("invalid_grant", "the code is invalid or expired")
+	}
+	// Each code works once. A second use means it leaked: end the session
+	// the first use created (OAuth 2.1 §4.1.3).
+	if code.redeemed.Swap(true) {
+		s.log.Warn("authorization code used twice; ending its session", "client_id", c.ID)
+		s.endSession(code.session.id)
+		return nil, badRequest("invalid_grant", "the code was already used")
+	}
+	req := code.req
+	if req.clientID != c.ID {
+		return nil, badRequest("invalid_grant", "the code was issued to another client")
+	}
+	if got := form.Get("redirect_uri"); (req.redirectGiven || got != "") && got != req.redirectURI {
+		return nil, badRequest("invalid_grant", "redirect_uri does not match the authorization request")
+	}
+	verifier := form.Get("code_verifier")
+	if !isPKCEValue(verifier) || !sameSecret(s256(verifier), req.challenge) {
+		return nil, badRequest("invalid_grant", "code_verifier does not match the code_challenge")
+	}
+	if form.Has("resource") {
+		if resource, ok := s.canonicalResource(form.Get("resource")); !ok || resource != req.resource {
+			return nil, badRequest("invalid_target", "resource does not match the authorization request")
+		}
+	}
+	return s.issueTokens(c, code.session), nil
+}
+
+// s256 is the PKCE S256 transformation (RFC 7636 §4.2).
+func s256(verifier string) string {
+	sum := sha256.Sum256([]byte(verifier))
+	return base64.RawURLEncoding.EncodeToString(sum[:])
+}
+
+// redeemRefreshToken is the refresh_token grant (OAuth 2.1 §4.3): the refresh
+// token is single-use and is replaced by a new one with each access token.
+func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse, error) {
+	grant, ok := s.refreshes.take(hashKey(form.Get("refresh_token")))
+	if !ok || grant.clientID != c.ID {
+		return nil, badRequest("invalid_grant", "the refresh token is invalid or expired")
+	}
+	sess, ok := s.sessions.get(grant.sessionID)
+	if !ok {
+		return nil, badRequest("invalid_grant", "the session has ended; sign in again")
+	}
+	if form.Has("resource") {
+		if _, ok := s.canonicalResource(form.Get("resource")); !ok {
+			return nil, badRequest("invalid_target", "resource must be this server's URL, its /sse or its /mcp endpoint")
+		}
+	}
+	return s.issueTokens(c, sess), nil
+}
+
+// handleRevoke is the revocation endpoint (RFC 7009). Revoking either token of
+// a session ends the whole session. Unknown tokens get 200 too (§2.2), so the
+// endpoint says nothing about which tokens exist.
+func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
+	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+	if err := r.ParseForm(); err != nil {
+		writeOAuthError(w, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded"))
+		return
+	}
+	c, err := s.authenticateClient(r)
+	if err != nil {
+		writeOAuthError(w, err)
+		return
+	}
+	token := r.PostForm.Get("token")
+	if claims, err := s.tokens.verify(token); err == nil && claims.ClientID == c.ID {
+		s.endSession(claims.SessionID)
+	} else if grant, ok := s.refreshes.get(hashKey(token)); ok && grant.clientID == c.ID {
+		s.endSession(grant.sessionID)
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+// Responses.
+
+// oauthError is an OAuth error response (RFC 6749 §5.2, RFC 7591 §3.2.2).
+type oauthError struct {
+	status      int
+	basic       bool   // the client tried HTTP Basic: answer with a Basic challenge
+	Code        string `json:"error"`
+	Description string `json:"error_description,omitempty"`
+}
+
+func (e *oauthError) Error() string { return e.Code + ": " + e.Description }
+
+func badRequest(code, description string) *oauthError {
+	return &oauthError{status: http.StatusBadRequest, Code: code, Description: description}
+}
+
+// writeOAuthError writes err as an OAuth JSON error; anything that is not an
+// oauthError is a server_error whose details stay out of the response.
+func writeOAuthError(w http.ResponseWriter, err error) {
+	var e *oauthError
+	if !errors.As(err, &e) {
+		e = &oauthError{status: http.StatusInternalServerError, Code: "server_error"}
+	}
+	if e.basic {
+		w.Header().Set("WWW-Authenticate", `Basic realm="entra-mcp"`)
+	}
+	writeJSON(w, e.status, e)
+}
+
+// redirectError sends the browser back to the client with an error
+// (RFC 6749 §4.1.2.1). Only for validated redirect URIs.
+func (s *server) redirectError(w http.ResponseWriter, r *http.Request, req *authRequest, code, description string) {
+	s.redirectToClient(w, r, req, url.Values{"error": {code}, "error_description": {description}})
+}
+
+// redirectToClient sends the browser to the request's redirect URI with
+// params and the client's state, unchanged. The parameters are added to any
+// query the URI has (RFC 6749 §3.1.2), which works for https, loopback and
+// private-use schemes alike. After the consent form's POST it is 303 See
+// Other, so that the browser follows with a GET.
+func (s *server) redirectToClient(w http.ResponseWriter, r *http.Request, req *authRequest, params url.Values) {
+	u, _ := url.Parse(req.redirectURI) // validated at registration
+	q := u.Query()
+	for k, v := range params {
+		q[k] = v
+	}
+	if req.state != "" {
+		q.Set("state", req.state)
+	}
+	u.RawQuery = q.Encode()
+	status := http.StatusFound
+	if r.Method == http.MethodPost {
+		status = http.StatusSeeOther
+	}
+	w.Header().Set("Cache-Control", "no-store")
+	http.Redirect(w, r, u.String(), status)
+}
+
+// errorPage shows an error to the user in the browser, for errors that must
+// not be redirected to the client.
+func (s *server) errorPage(w http.ResponseWriter, status int, title, message string) {
+	s.writePage(w, status, errorPageTemplate, struct{ Title, Message string }{title, message})
+}
+
+// writePage renders an HTML page that no other site may frame
+// (clickjacking) and no cache may keep.
+func (s *server) writePage(w http.ResponseWriter, status int, t *template.Template, data any) {
+	h := w.Header()
+	h.Set("Content-Type", "text/html; charset=utf-8")
+	h.Set("Cache-Control", "no-store")
+	h.Set("X-Frame-Options", "DENY")
+	h.Set("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; base-uri 'none'")
+	h.Set("Referrer-Policy", "no-referrer")
+	w.WriteHeader(status)
+	if err := t.Execute(w, data); err != nil {
+		s.log.Error("render page", "err", err)
+	}
+}
+
+const pageStyle = `<style>body{font-family:system-ui,sans-serif;max-width:34rem;margin:3rem auto;padding:0 1rem;line-height:1.5}
+code{background:#f2f2f2;padding:0 .2rem;word-break:break-all}button{font-size:1rem;padding:.5rem 1.2rem;margin-right:.5rem}</style>`
+
+// consentPage is our consent page: a plain form, no JavaScript. html/template
+// escapes every value, client_name included.
+var consentPage = template.Must(template.New("consent").Parse(`<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Allow access?</title>` + pageStyle + `</head><body>
+<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else}}an unnamed client{{end}} to use this MCP server?</h1>
+<p>The application {{if .ClientName}}calling itself <strong>{{.ClientName}}</strong>{{end}} (client id <code>{{.ClientID}}</code>)
+wants to use this server's tools as you, with the scope <code>{{.Scope}}</code>.
+The tools can read your Microsoft profile (name and email) through Microsoft Graph.</p>
+<p>After you sign in with Microsoft, you will be sent to <strong>{{.RedirectHost}}</strong>{{if .Loopback}}, an application on this computer{{end}}:<br><code>{{.RedirectURI}}</code></p>
+<p>Only allow this if you started this sign-in yourself, from your MCP client.</p>
+<form method="post" action="/authorize">
+<input type="hidden" name="consent_id" value="{{.ConsentID}}">
+<button type="submit" name="decision" value="approve">Allow</button>
+<button type="submit" name="decision" value="deny">Deny</button>
+</form></body></html>
+`))
+
+var errorPageTemplate = template.Must(template.New("error").Parse(`<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{.Title}}</title>` + pageStyle + `</head><body>
+<h1>{{.Title}}</h1><p>{{.Message}}</p></body></html>
+`))

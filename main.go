@@ -1,0 +1,353 @@
+// Command entra-mcp is an MCP server whose users sign in with Microsoft Entra ID
+// while the Entra tokens never leave the server.
+//
+// Towards MCP clients it is an OAuth 2.1 authorization server; towards Entra ID
+// it is a confidential client. A client's sign-in goes through these steps,
+// numbered the same way in the README, the code and the tests:
+//
+//  1. Challenge: an MCP request without a token gets 401 and a pointer to the
+//     protected-resource metadata (session.go).
+//  2. Discovery: the client reads the protected-resource and
+//     authorization-server metadata (auth.go).
+//  3. Registration: the client registers itself (auth.go).
+//  4. Consent: the browser opens /authorize and the user approves this client
+//     on our own consent page (auth.go).
+//  5. Sign-in: the server sends the browser to Entra ID with its own state,
+//     PKCE verifier and nonce (auth.go).
+//  6. Callback: Entra ID redirects to /auth/callback; the server redeems the
+//     code, keeps the Entra tokens and hands the client an authorization code
+//     of its own (auth.go).
+//  7. Token: the client redeems that code for the server's session token, an
+//     HMAC-signed token that maps to the server-side session (auth.go,
+//     session.go).
+//  8. Connect: the client opens the SSE stream with the session token
+//     (sse.go).
+//  9. Messages: JSON-RPC requests arrive on /message and their answers on the
+//     stream (sse.go, mcp.go).
+//  10. Tool: getUserDetails calls Microsoft Graph with the session's Entra
+//     token (mcp.go).
+//
+// Configuration comes from the environment; see the README.
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+func main() {
+	if err := run(context.Background(), os.Args, os.Getenv, os.Stdout, os.Stderr); err != nil {
+		fmt.Fprintln(os.Stderr, "entra-mcp:", err)
+		os.Exit(1)
+	}
+}
+
+// run starts the server and serves until ctx is done or the process receives
+// an interrupt, then shuts down gracefully: open streams are closed and
+// in-flight requests finish. Tests call it to start the real server in-process.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout, stderr io.Writer) error {
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	flags := flag.NewFlagSet(args[0], flag.ContinueOnError)
+	flags.SetOutput(stdout)
+	flags.Usage = func() { fmt.Fprint(stdout, usage) }
+	if err := flags.Parse(args[1:]); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return nil
+		}
+		return err
+	}
+
+	cfg, err := loadConfig(getenv)
+	if err != nil {
+		return err
+	}
+	logger := slog.New(slog.NewTextHandler(stderr, nil))
+
+	// One client with a timeout for every call to Entra ID and Graph: the
+	// default client would wait forever on a stuck connection.
+	httpClient := &http.Client{Timeout: 30 * time.Second}
+
+	// Fetching Entra's discovery document now reports a wrong tenant or
+	// authority at start, before any user tries to sign in.
+	entra, err := discoverEntra(ctx, cfg, httpClient)
+	if err != nil {
+		return err
+	}
+
+	srv := newServer(cfg, logger, entra, time.Now)
+	httpServer := &http.Server{
+		Addr:              cfg.addr,
+		Handler:           srv,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		// No WriteTimeout: it would cut off long-lived SSE streams.
+		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	// Shutdown waits for active connections; open SSE streams never end on
+	// their own, so closing them is part of shutting down.
+	httpServer.RegisterOnShutdown(srv.closeStreams)
+
+	ln, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return fmt.Errorf("ADDR %q: %w", cfg.addr, err)
+	}
+	logger.Info("listening; give your MCP client this URL", "url", cfg.publicURL+"/sse", "addr", ln.Addr().String())
+
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- httpServer.Serve(ln) }()
+
+	select {
+	case err := <-serveErr:
+		return err
+	case <-ctx.Done():
+	}
+	logger.Info("shutting down")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := httpServer.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	if err := <-serveErr; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+const usage = `entra-mcp: an MCP server whose users sign in with Microsoft Entra ID.
+
+Usage: go run .   (configured from the environment)
+
+  ENTRA_TENANT_ID      required  tenant id (or organizations / common)
+  ENTRA_CLIENT_ID      required  application (client) id of the app registration
+  ENTRA_CLIENT_SECRET  required  client secret value (never logged)
+  ENTRA_AUTHORITY      default https://login.microsoftonline.com
+  GRAPH_URL            default https://graph.microsoft.com
+  PUBLIC_URL           default http://localhost:3001 (origin clients reach the server at)
+  ADDR                 default localhost:3001 (listen address)
+  SESSION_KEY          default random per start (hex or base64, at least 32 bytes)
+  ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues)
+
+See README.md for the walkthrough.
+`
+
+// config is the validated configuration. It flows from run into the server;
+// nothing reads the environment after start.
+type config struct {
+	tenantID     string
+	clientID     string
+	clientSecret string
+	authority    string // e.g. https://login.microsoftonline.com, no trailing slash
+	graphURL     string // e.g. https://graph.microsoft.com, no trailing slash
+	publicURL    string // origin clients reach us at, no trailing slash
+	addr         string
+	sessionKey   []byte
+	accessTTL    time.Duration
+}
+
+// loadConfig reads and validates the configuration. Each error is one line
+// that names the variable and says what to do.
+func loadConfig(getenv func(string) string) (config, error) {
+	env := func(name, def string) string {
+		if v := strings.TrimSpace(getenv(name)); v != "" {
+			return v
+		}
+		return def
+	}
+	cfg := config{
+		tenantID:     env("ENTRA_TENANT_ID", ""),
+		clientID:     env("ENTRA_CLIENT_ID", ""),
+		clientSecret: env("ENTRA_CLIENT_SECRET", ""),
+		addr:         env("ADDR", "localhost:3001"),
+	}
+	var missing []string
+	for _, v := range []struct{ name, value string }{
+		{"ENTRA_TENANT_ID", cfg.tenantID},
+		{"ENTRA_CLIENT_ID", cfg.clientID},
+		{"ENTRA_CLIENT_SECRET", cfg.clientSecret},
+	} {
+		if v.value == "" {
+			missing = append(missing, v.name)
+		}
+	}
+	if len(missing) > 0 {
+		return config{}, fmt.Errorf("%s not set: copy them from your Entra app registration (README, \"Register an app in Entra ID\")", strings.Join(missing, ", "))
+	}
+	if strings.ContainsAny(cfg.tenantID, "/?#%") {
+		return config{}, fmt.Errorf("ENTRA_TENANT_ID %q is not a tenant id: use the Directory (tenant) ID from the app's Overview page", cfg.tenantID)
+	}
+
+	var err error
+	if cfg.authority, err = originURL("ENTRA_AUTHORITY", env("ENTRA_AUTHORITY", "https://login.microsoftonline.com")); err != nil {
+		return config{}, err
+	}
+	if cfg.graphURL, err = originURL("GRAPH_URL", env("GRAPH_URL", "https://graph.microsoft.com")); err != nil {
+		return config{}, err
+	}
+	if cfg.publicURL, err = originURL("PUBLIC_URL", env("PUBLIC_URL", "http://localhost:3001")); err != nil {
+		return config{}, err
+	}
+	if cfg.sessionKey, err = parseSessionKey(env("SESSION_KEY", "")); err != nil {
+		return config{}, err
+	}
+	ttl := env("ACCESS_TOKEN_TTL", "1h")
+	if cfg.accessTTL, err = time.ParseDuration(ttl); err != nil || cfg.accessTTL < time.Minute || cfg.accessTTL > 24*time.Hour {
+		return config{}, fmt.Errorf("ACCESS_TOKEN_TTL %q: want a Go duration between 1m and 24h, such as 1h", ttl)
+	}
+	return cfg, nil
+}
+
+// originURL validates a URL that must be a bare origin (scheme and host, no
+// path) and returns it without a trailing slash, so that identifiers built from
+// it (the issuer, resource URLs) compare byte for byte. Plain http is allowed
+// only for loopback hosts: elsewhere tokens and secrets would cross the network
+// in clear text.
+func originURL(name, raw string) (string, error) {
+	u, err := url.Parse(raw)
+	if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") {
+		return "", fmt.Errorf("%s %q: want an absolute URL such as https://example.com", name, raw)
+	}
+	if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+		return "", fmt.Errorf("%s %q: want an origin only (scheme and host, no path or query)", name, raw)
+	}
+	if u.Scheme == "http" && !isLoopbackHost(u.Hostname()) {
+		return "", fmt.Errorf("%s %q: plain http is allowed only for localhost; use https", name, raw)
+	}
+	return u.Scheme + "://" + u.Host, nil
+}
+
+// isLoopbackHost reports whether host names this machine: localhost or a
+// loopback IP (RFC 8252 §7.3).
+func isLoopbackHost(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
+}
+
+// parseSessionKey decodes SESSION_KEY. An empty value means a random key per
+// start: every token dies with the process, which is safe but signs everyone
+// out on restart.
+func parseSessionKey(s string) ([]byte, error) {
+	if s == "" {
+		return randomBytes(32), nil
+	}
+	for _, decode := range []func(string) ([]byte, error){
+		hex.DecodeString,
+		base64.StdEncoding.DecodeString,
+		base64.RawStdEncoding.DecodeString,
+		base64.URLEncoding.DecodeString,
+		base64.RawURLEncoding.DecodeString,
+	} {
+		if key, err := decode(s); err == nil && len(key) >= 32 {
+			return key, nil
+		}
+	}
+	return nil, errors.New("SESSION_KEY: want at least 32 random bytes, hex or base64 encoded; generate one with: openssl rand -hex 32")
+}
+
+// newServer returns the server with every endpoint, in flow order. Nothing
+// here is behind the bearer check except the MCP endpoints, which check it
+// themselves (step 1).
+func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() time.Time) *server {
+	s := &server{
+		cfg:       cfg,
+		log:       logger,
+		now:       now,
+		entra:     entra,
+		tokens:    newSessionCodec(cfg.sessionKey, cfg.publicURL, now),
+		clients:   newTTLMap[*client](now),
+		consents:  newTTLMap[*authRequest](now),
+		flows:     newTTLMap[*entraFlow](now),
+		codes:     newTTLMap[*authCode](now),
+		sessions:  newTTLMap[*session](now),
+		refreshes: newTTLMap[refreshGrant](now),
+		streams:   newStreamRegistry(),
+		keepAlive: 15 * time.Second,
+		closing:   make(chan struct{}),
+	}
+
+	mux := http.NewServeMux()
+	// Step 2: discovery (RFC 9728, RFC 8414). Never behind auth.
+	mux.HandleFunc("GET /.well-known/oauth-protected-resource", s.handleResourceMetadata(""))
+	mux.HandleFunc("GET /.well-known/oauth-protected-resource/sse", s.handleResourceMetadata("/sse"))
+	mux.HandleFunc("GET /.well-known/oauth-protected-resource/mcp", s.handleResourceMetadata("/mcp"))
+	mux.HandleFunc("GET /.well-known/oauth-authorization-server", s.handleServerMetadata)
+	// Step 3: registration (RFC 7591).
+	mux.HandleFunc("POST /register", s.handleRegister)
+	// Steps 4 and 5: consent, then off to Entra ID.
+	mux.HandleFunc("GET /authorize", s.handleAuthorize)
+	mux.Handle("POST /authorize", http.NewCrossOriginProtection().Handler(http.HandlerFunc(s.handleConsent)))
+	// Step 6: back from Entra ID.
+	mux.HandleFunc("GET /auth/callback", s.handleCallback)
+	// Step 7: our own tokens; and their revocation (RFC 7009).
+	mux.HandleFunc("POST /token", s.handleToken)
+	mux.HandleFunc("POST /revoke", s.handleRevoke)
+	// Steps 8 to 10: MCP over HTTP+SSE (MCP 2024-11-05).
+	mux.HandleFunc("GET /sse", s.handleSSE)
+	mux.HandleFunc("POST /message", s.handleMessage)
+	s.mux = mux
+	return s
+}
+
+// server holds the configuration and every piece of state. There is no
+// package-level state: tests run many servers side by side.
+type server struct {
+	cfg    config
+	log    *slog.Logger
+	now    func() time.Time
+	entra  *entraClient
+	tokens *sessionCodec
+	mux    *http.ServeMux
+
+	clients   *ttlMap[*client]      // step 3: registered clients, by client_id
+	consents  *ttlMap[*authRequest] // step 4: requests awaiting consent, by consent id
+	flows     *ttlMap[*entraFlow]   // step 5: sign-ins in progress at Entra, by our state
+	codes     *ttlMap[*authCode]    // step 6: our authorization codes, by hash
+	sessions  *ttlMap[*session]     // step 7: signed-in sessions, by session id
+	refreshes *ttlMap[refreshGrant] // step 7: refresh tokens, by hash
+
+	streams   *streamRegistry // step 8: open SSE streams
+	keepAlive time.Duration   // interval of SSE keep-alive comments
+	closing   chan struct{}   // closed when the server shuts down
+	closeOnce sync.Once
+}
+
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+
+// closeStreams ends every open SSE stream; run calls it on shutdown.
+func (s *server) closeStreams() { s.closeOnce.Do(func() { close(s.closing) }) }
+
+// writeJSON writes v as a JSON response. Every JSON response of this server
+// may carry a token or a secret, or depend on one, so none may be cached
+// (RFC 6749 §5.1).
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(v); err != nil {
+		http.Error(w, "internal error", http.StatusInternalServerError)
+		return
+	}
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	w.Write(buf.Bytes())
+}

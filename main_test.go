@@ -1,0 +1,1898 @@
+package main
+
+// The tests read as a walkthrough of the flow: TestWalkthrough takes one MCP
+// client from its first 401 to a tool result, step by step, in the order of
+// the README. Then come the failure cases, in flow order, as tables.
+//
+// Everything runs in-process on loopback, against fakeEntra: a local Entra ID
+// (authorize, token, discovery, JWKS) and Microsoft Graph (/v1.0/me) that is
+// as strict as the real ones: single-use codes that expire, exact redirect
+// URIs, PKCE, the client secret, and access tokens Graph checks.
+//
+// go test -run TestDemo -demo serves the real server on localhost:3001
+// against this fake, for trying it with real MCP clients (see README).
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"html/template"
+	"io"
+	"log/slog"
+	"math/big"
+	"net/http"
+	"net/http/cookiejar"
+	"net/http/httptest"
+	"net/url"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/oauth2"
+)
+
+// demo is the one package-level flag: go test -run TestDemo -demo.
+var demo = flag.Bool("demo", false, "serve the server on localhost:3001 against a fake Entra ID until interrupted")
+
+// TestWalkthrough is the whole flow, as in the README: one MCP client, from
+// its first 401 to the signed-in user's name from Microsoft Graph.
+func TestWalkthrough(t *testing.T) {
+	env := newTestEnv(t)
+	ctx := t.Context() // the stream opened in step 8 lives on through step 10
+	browser := newBrowser(t)
+	var (
+		clientID    string
+		redirectURI = "http://127.0.0.1:7777/callback"
+		verifier    = oauth2.GenerateVerifier()
+		state       = "vscode://ms.vscode/did-authenticate?windowId=1&nonce=a%2Fb" // clients' states can be long URIs
+		consentID   string
+		entraURL    *url.URL
+		callbackURL string
+		code        string
+		tokens      tokenResponse
+		conn        *sseConn
+	)
+
+	t.Run("step 1: an MCP request without a token gets 401 and a pointer to the metadata", func(t *testing.T) {
+		resp := env.do(t, "GET", "/sse", nil, nil)
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("GET /sse = %d, want 401", resp.StatusCode)
+		}
+		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/sse", scope="mcp"`
+		if got := resp.Header.Get("WWW-Authenticate"); got != want {
+			t.Errorf("WWW-Authenticate = %q, want %q", got, want)
+		}
+	})
+
+	t.Run("step 2: discovery: protected-resource and authorization-server metadata", func(t *testing.T) {
+		var prm resourceMetadata
+		env.getJSON(t, "/.well-known/oauth-protected-resource/sse", &prm)
+		if prm.Resource != env.url+"/sse" || !slices.Equal(prm.AuthorizationServers, []string{env.url}) {
+			t.Errorf("resource metadata = %+v, want resource %s/sse, authorization_servers [%s]", prm, env.url, env.url)
+		}
+		var md serverMetadata
+		env.getJSON(t, "/.well-known/oauth-authorization-server", &md)
+		if md.Issuer != env.url || md.AuthorizationEndpoint != env.url+"/authorize" || md.TokenEndpoint != env.url+"/token" ||
+			md.RegistrationEndpoint != env.url+"/register" || !slices.Equal(md.CodeChallengeMethodsSupported, []string{"S256"}) {
+			t.Errorf("server metadata = %+v", md)
+		}
+	})
+
+	t.Run("step 3: registration", func(t *testing.T) {
+		reg := env.register(t, `{"client_name":"Walkthrough client","redirect_uris":["`+redirectURI+`"],
+			"token_endpoint_auth_method":"none","grant_types":["authorization_code","refresh_token"],"scope":""}`)
+		clientID = reg["client_id"].(string)
+		if _, ok := reg["client_secret"]; ok {
+			t.Errorf("a public client got a client_secret")
+		}
+	})
+
+	t.Run("step 4: the browser opens /authorize and sees our consent page", func(t *testing.T) {
+		resp := browser.get(t, env.url+"/authorize?"+url.Values{
+			"response_type":         {"code"},
+			"client_id":             {clientID},
+			"redirect_uri":          {redirectURI},
+			"code_challenge":        {oauth2.S256ChallengeFromVerifier(verifier)},
+			"code_challenge_method": {"S256"},
+			"state":                 {state},
+			"scope":                 {"claudeai"}, // foreign scopes map to ours
+			"resource":              {env.url + "/sse"},
+		}.Encode())
+		page := readBody(t, resp)
+		if resp.StatusCode != http.StatusOK || !strings.Contains(page, "Walkthrough client") || !strings.Contains(page, "127.0.0.1:7777") {
+			t.Fatalf("GET /authorize = %d, want 200 and a consent page naming the client and its redirect host:\n%s", resp.StatusCode, page)
+		}
+		if resp.Header.Get("X-Frame-Options") != "DENY" || !strings.Contains(resp.Header.Get("Content-Security-Policy"), "frame-ancestors 'none'") {
+			t.Errorf("consent page may be framed: headers %v", resp.Header)
+		}
+		consentID = consentIDFrom(t, page)
+	})
+
+	t.Run("step 5: approving sends the browser to Entra ID with our state, PKCE and nonce", func(t *testing.T) {
+		resp := browser.postForm(t, env.url+"/authorize", url.Values{"consent_id": {consentID}, "decision": {"approve"}})
+		entraURL = location(t, resp, http.StatusSeeOther)
+		q := entraURL.Query()
+		if entraURL.Path != "/"+env.entra.tenantID+"/oauth2/v2.0/authorize" || q.Get("client_id") != env.entra.clientID ||
+			q.Get("code_challenge_method") != "S256" || q.Get("nonce") == "" || q.Get("state") == "" || q.Get("state") == state ||
+			q.Get("redirect_uri") != env.url+"/auth/callback" || q.Get("prompt") != "select_account" ||
+			q.Get("scope") != "openid profile offline_access User.Read" {
+			t.Errorf("Entra authorize URL = %s", entraURL)
+		}
+		if q.Has("resource") {
+			t.Errorf("the client's resource was forwarded to Entra: %s", entraURL)
+		}
+	})
+
+	t.Run("step 5: Entra ID signs the user in and redirects to our callback", func(t *testing.T) {
+		resp := browser.get(t, entraURL.String())
+		u := location(t, resp, http.StatusFound)
+		callbackURL = u.String()
+		if !strings.HasPrefix(callbackURL, env.url+"/auth/callback?") || u.Query().Get("code") == "" {
+			t.Fatalf("Entra redirected to %s, want our callback with a code", callbackURL)
+		}
+	})
+
+	t.Run("step 6: the callback redeems Entra's code and redirects to the client with ours", func(t *testing.T) {
+		resp := browser.get(t, callbackURL)
+		u := location(t, resp, http.StatusFound)
+		if got := u.Scheme + "://" + u.Host + u.Path; got != redirectURI {
+			t.Errorf("redirected to %s, want %s", got, redirectURI)
+		}
+		if u.Query().Get("state") != state {
+			t.Errorf("state = %q, want the client's %q unchanged", u.Query().Get("state"), state)
+		}
+		code = u.Query().Get("code")
+		if code == "" || strings.Contains(callbackURL, code) {
+			t.Errorf("code = %q: want a fresh code of our own", code)
+		}
+	})
+
+	t.Run("step 7: the client redeems the code for our session token", func(t *testing.T) {
+		resp := env.postForm(t, "/token", url.Values{
+			"grant_type":    {"authorization_code"},
+			"code":          {code},
+			"redirect_uri":  {redirectURI},
+			"client_id":     {clientID},
+			"code_verifier": {verifier},
+			"resource":      {env.url + "/sse"},
+		}, nil)
+		decodeJSON(t, resp, http.StatusOK, &tokens)
+		if tokens.TokenType != "Bearer" || tokens.ExpiresIn != 3600 || tokens.RefreshToken == "" || tokens.Scope != "mcp" {
+			t.Errorf("token response = %+v", tokens)
+		}
+		if resp.Header.Get("Cache-Control") != "no-store" {
+			t.Errorf("Cache-Control = %q, want no-store", resp.Header.Get("Cache-Control"))
+		}
+		// The token is readable by anyone who holds it: it must name a
+		// session, never the user.
+		claims := tokenClaims(t, tokens.AccessToken)
+		for _, secret := range []string{env.entra.user.oid, env.entra.tenantID, env.entra.user.name, env.entra.user.upn} {
+			if strings.Contains(fmt.Sprint(claims), secret) {
+				t.Errorf("session token claims %v reveal %q", claims, secret)
+			}
+		}
+		if claims["aud"] != env.url+"/sse" || claims["client_id"] != clientID || claims["scope"] != "mcp" {
+			t.Errorf("session token claims = %v", claims)
+		}
+	})
+
+	t.Run("step 8: the client opens the SSE stream with the session token", func(t *testing.T) {
+		conn = env.connectUntil(t, ctx, tokens.AccessToken)
+		if !strings.HasPrefix(conn.endpoint, "/message?sessionId=") {
+			t.Errorf("endpoint event = %q", conn.endpoint)
+		}
+	})
+
+	t.Run("step 9: initialize, initialized, tools/list", func(t *testing.T) {
+		var init struct {
+			ProtocolVersion string
+			ServerInfo      struct{ Name string }
+			Capabilities    map[string]any
+		}
+		conn.call(t, "initialize", `{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"test","version":"1"}}`, &init)
+		if init.ProtocolVersion != "2024-11-05" || init.ServerInfo.Name != "entra-mcp" || init.Capabilities["tools"] == nil {
+			t.Errorf("initialize = %+v", init)
+		}
+		if resp := conn.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`); resp.StatusCode != http.StatusAccepted {
+			t.Errorf("notifications/initialized = %d, want 202", resp.StatusCode)
+		}
+		var list struct{ Tools []tool }
+		conn.call(t, "tools/list", `{}`, &list)
+		if len(list.Tools) != 1 || list.Tools[0].Name != "getUserDetails" {
+			t.Errorf("tools/list = %+v", list)
+		}
+	})
+
+	t.Run("step 10: getUserDetails answers with the user's profile from Graph", func(t *testing.T) {
+		var result toolResult
+		conn.call(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, &result)
+		want := "Display name: Adele Vance\nMail: adele.vance@contoso.example\nUser principal name: adele.vance@contoso.example"
+		if result.IsError || len(result.Content) != 1 || result.Content[0].Text != want {
+			t.Errorf("tools/call = %+v, want the text %q", result, want)
+		}
+	})
+}
+
+// Step 1: the challenge.
+
+func TestChallengeRejectsBadTokens(t *testing.T) {
+	env := newTestEnv(t)
+	good := env.signIn(t, signInOptions{})
+	otherKey := newSessionCodec(randomBytes(32), env.url, env.clock.now)
+	claims := tokenClaims(t, good.AccessToken)
+	forge := func(c *sessionCodec, edit func(*sessionClaims)) string {
+		sc := sessionClaims{Audience: env.url, Subject: claims["sub"].(string), SessionID: claims["sid"].(string),
+			ClientID: claims["client_id"].(string), Scope: "mcp", IssuedAt: env.clock.now().Unix(), Expiry: env.clock.now().Add(time.Hour).Unix()}
+		edit(&sc)
+		return c.mint(sc)
+	}
+	header, payload, sig, _ := cut3(good.AccessToken)
+	noneHeader := base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"none","typ":"at+jwt","kid":"x","ver":1}`))
+
+	tests := []struct {
+		name, authorization, wantError string
+	}{
+		{"no token", "", ""},
+		{"another scheme", "Basic dXNlcjpwYXNz", ""},
+		{"garbage", "Bearer garbage", "invalid_token"},
+		{"tampered claims", "Bearer " + header + "." + payload + "x." + sig, "invalid_token"},
+		{"truncated signature", "Bearer " + header + "." + payload + "." + sig[:10], "invalid_token"},
+		{"alg none", "Bearer " + noneHeader + "." + payload + ".", "invalid_token"},
+		{"signed with another key", "Bearer " + forge(otherKey, func(*sessionClaims) {}), "invalid_token"},
+		{"for another resource", "Bearer " + forge(env.srv.tokens, func(c *sessionClaims) { c.Audience = env.url + "/mcp" }), "invalid_token"},
+		{"for another issuer", "Bearer " + newSessionCodec(env.srv.cfg.sessionKey, "https://evil.example", env.clock.now).mint(sessionClaims{Audience: env.url, SessionID: claims["sid"].(string), Expiry: env.clock.now().Add(time.Hour).Unix()}), "invalid_token"},
+		{"unknown session", "Bearer " + forge(env.srv.tokens, func(c *sessionClaims) { c.SessionID = "nope" }), "invalid_token"},
+		{"an Entra access token", "Bearer " + env.entra.lastAccessToken(), "invalid_token"},
+		{"an Entra id_token", "Bearer " + env.entra.mintIDToken(map[string]any{"aud": env.entra.clientID}), "invalid_token"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			for _, path := range []string{"/sse", "/message?sessionId=x"} {
+				method := map[string]string{"/sse": "GET", "/message?sessionId=x": "POST"}[path]
+				h := http.Header{}
+				if tt.authorization != "" {
+					h.Set("Authorization", tt.authorization)
+				}
+				resp := env.do(t, method, path, strings.NewReader(`{}`), h)
+				if resp.StatusCode != http.StatusUnauthorized {
+					t.Fatalf("%s %s = %d, want 401", method, path, resp.StatusCode)
+				}
+				challenge := resp.Header.Get("WWW-Authenticate")
+				if !strings.Contains(challenge, `resource_metadata="`+env.url+`/.well-known/oauth-protected-resource/sse"`) {
+					t.Errorf("%s %s: WWW-Authenticate = %q, want the /sse metadata", method, path, challenge)
+				}
+				if hasErr := strings.Contains(challenge, `error="invalid_token"`); hasErr != (tt.wantError != "") {
+					t.Errorf("%s %s: WWW-Authenticate = %q, want error=%q", method, path, challenge, tt.wantError)
+				}
+			}
+		})
+	}
+
+	t.Run("expired", func(t *testing.T) {
+		env.clock.advance(time.Hour)
+		resp := env.do(t, "GET", "/sse", nil, bearer(good.AccessToken))
+		if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(resp.Header.Get("WWW-Authenticate"), "expired") {
+			t.Errorf("GET /sse with an expired token = %d %q, want 401 invalid_token", resp.StatusCode, resp.Header.Get("WWW-Authenticate"))
+		}
+	})
+}
+
+func TestSessionTokenEncodingIsUnambiguous(t *testing.T) {
+	c := newSessionCodec(make([]byte, 32), "https://mcp.example", func() time.Time { return time.Unix(1e9, 0) })
+	token := c.mint(sessionClaims{Audience: "https://mcp.example", SessionID: "s", Expiry: 2e9})
+	if _, err := c.verify(token); err != nil {
+		t.Fatalf("verify(mint()) = %v", err)
+	}
+	header, payload, sig, _ := cut3(token)
+	// Moving the boundary between the parts must break the MAC, and so must
+	// any change to any part.
+	for _, bad := range []string{
+		header[:len(header)-1] + "." + header[len(header)-1:] + payload + "." + sig,
+		header + payload[:1] + "." + payload[1:] + "." + sig,
+		header + "." + payload + "." + sig + "A",
+		header + "." + payload + ".." + sig,
+		token + ".",
+	} {
+		if _, err := c.verify(bad); err == nil {
+			t.Errorf("verify(%q) = nil, want an error", bad)
+		}
+	}
+}
+
+// ExampleSessionCodec shows what a session token carries: a fixed header
+// with the key id and format version, and claims that name a session.
+func Example_sessionToken() {
+	c := newSessionCodec(make([]byte, 32), "http://localhost:3001", func() time.Time { return time.Unix(1e9, 0) })
+	token := c.mint(sessionClaims{Audience: "http://localhost:3001/sse", Subject: "QmFzZTY0U3ViamVjdA", SessionID: "SESSIONID",
+		ClientID: "CLIENTID", Scope: "mcp", IssuedAt: 1e9, Expiry: 1e9 + 3600})
+	header, payload, _, _ := cut3(token)
+	for _, part := range []string{header, payload} {
+		b, _ := base64.RawURLEncoding.DecodeString(part)
+		fmt.Println(string(b))
+	}
+	// Output:
+	// {"alg":"HS256","typ":"at+jwt","kid":"24672a10","ver":1}
+	// {"iss":"http://localhost:3001","aud":"http://localhost:3001/sse","sub":"QmFzZTY0U3ViamVjdA","sid":"SESSIONID","client_id":"CLIENTID","scope":"mcp","iat":1000000000,"exp":1000003600}
+}
+
+// Step 2: discovery.
+
+func TestDiscovery(t *testing.T) {
+	env := newTestEnv(t)
+	for path, resource := range map[string]string{
+		"/.well-known/oauth-protected-resource":     env.url,
+		"/.well-known/oauth-protected-resource/sse": env.url + "/sse",
+		"/.well-known/oauth-protected-resource/mcp": env.url + "/mcp",
+	} {
+		var prm resourceMetadata
+		env.getJSON(t, path, &prm)
+		if prm.Resource != resource || !slices.Equal(prm.AuthorizationServers, []string{env.url}) || !slices.Equal(prm.ScopesSupported, []string{"mcp"}) {
+			t.Errorf("GET %s = %+v, want resource %s", path, prm, resource)
+		}
+	}
+	var md map[string]any
+	env.getJSON(t, "/.well-known/oauth-authorization-server", &md)
+	want := map[string]any{
+		"issuer":                                env.url,
+		"revocation_endpoint":                   env.url + "/revoke",
+		"response_types_supported":              []any{"code"},
+		"grant_types_supported":                 []any{"authorization_code", "refresh_token"},
+		"code_challenge_methods_supported":      []any{"S256"},
+		"token_endpoint_auth_methods_supported": []any{"client_secret_basic", "client_secret_post", "none"},
+		"scopes_supported":                      []any{"mcp"},
+	}
+	for k, v := range want {
+		if fmt.Sprint(md[k]) != fmt.Sprint(v) {
+			t.Errorf("metadata %s = %v, want %v", k, md[k], v)
+		}
+	}
+}
+
+// Step 3: registration.
+
+func TestRegister(t *testing.T) {
+	env := newTestEnv(t)
+	t.Run("defaults", func(t *testing.T) {
+		reg := env.register(t, `{"redirect_uris":["https://vscode.dev/redirect","http://127.0.0.1/"],"unknown_field":1}`)
+		if reg["token_endpoint_auth_method"] != "client_secret_basic" || reg["client_secret"] == nil || reg["client_secret_expires_at"] != 0.0 {
+			t.Errorf("registration without token_endpoint_auth_method = %v, want a client_secret_basic client with a secret", reg)
+		}
+		if fmt.Sprint(reg["grant_types"]) != "[authorization_code refresh_token]" || fmt.Sprint(reg["response_types"]) != "[code]" || reg["scope"] != "mcp" {
+			t.Errorf("registration defaults = %v", reg)
+		}
+	})
+	t.Run("accepted redirect URIs", func(t *testing.T) {
+		for _, u := range []string{"cursor://anysphere.cursor-mcp/oauth/callback", "http://localhost:6274/oauth/callback", "http://[::1]:8080/cb", "https://claude.ai/api/mcp/auth_callback"} {
+			env.register(t, `{"redirect_uris":["`+u+`"],"token_endpoint_auth_method":"none"}`)
+		}
+	})
+
+	tests := []struct{ name, body, wantError string }{
+		{"not JSON", `redirect_uris=x`, "invalid_client_metadata"},
+		{"wrong type", `{"redirect_uris":"https://a.example/cb"}`, "invalid_client_metadata"},
+		{"no redirect URIs", `{"client_name":"x"}`, "invalid_redirect_uri"},
+		{"http, not loopback", `{"redirect_uris":["http://evil.example/cb"]}`, "invalid_redirect_uri"},
+		{"javascript", `{"redirect_uris":["javascript:alert(1)"]}`, "invalid_redirect_uri"},
+		{"fragment", `{"redirect_uris":["https://a.example/cb#x"]}`, "invalid_redirect_uri"},
+		{"relative", `{"redirect_uris":["/cb"]}`, "invalid_redirect_uri"},
+		{"unknown auth method", `{"redirect_uris":["https://a.example/cb"],"token_endpoint_auth_method":"private_key_jwt"}`, "invalid_client_metadata"},
+		{"implicit grant", `{"redirect_uris":["https://a.example/cb"],"grant_types":["implicit"]}`, "invalid_client_metadata"},
+		{"token response type", `{"redirect_uris":["https://a.example/cb"],"response_types":["token"]}`, "invalid_client_metadata"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := env.do(t, "POST", "/register", strings.NewReader(tt.body), http.Header{"Content-Type": {"application/json"}})
+			wantOAuthError(t, resp, http.StatusBadRequest, tt.wantError)
+		})
+	}
+}
+
+// Step 4: the authorization request and consent.
+
+func TestAuthorizeErrors(t *testing.T) {
+	env := newTestEnv(t)
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	valid := func(edit func(url.Values)) string {
+		q := url.Values{"response_type": {"code"}, "client_id": {c.id}, "redirect_uri": {c.redirectURI}, "state": {"st"},
+			"code_challenge": {oauth2.S256ChallengeFromVerifier(c.verifier)}, "code_challenge_method": {"S256"}}
+		edit(q)
+		return "/authorize?" + q.Encode()
+	}
+
+	// Until client_id and redirect_uri are known good: a page, never a redirect.
+	for name, edit := range map[string]func(url.Values){
+		"unknown client":          func(q url.Values) { q.Set("client_id", "nope") },
+		"missing client":          func(q url.Values) { q.Del("client_id") },
+		"unregistered redirect":   func(q url.Values) { q.Set("redirect_uri", "https://evil.example/cb") },
+		"redirect with more path": func(q url.Values) { q.Set("redirect_uri", c.redirectURI+"/x") },
+		"loopback, other host":    func(q url.Values) { q.Set("redirect_uri", "http://localhost:7777/callback") },
+		"duplicate parameter":     func(q url.Values) { q.Add("redirect_uri", "https://evil.example/cb") },
+	} {
+		t.Run(name, func(t *testing.T) {
+			resp := newBrowser(t).get(t, env.url+valid(edit))
+			if resp.StatusCode != http.StatusBadRequest || resp.Header.Get("Location") != "" || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") {
+				t.Errorf("GET /authorize = %d, Location %q; want a 400 page and no redirect", resp.StatusCode, resp.Header.Get("Location"))
+			}
+		})
+	}
+
+	// After that: an error redirect to the client, with its state.
+	for name, tt := range map[string]struct {
+		edit      func(url.Values)
+		wantError string
+	}{
+		"response_type token":      {func(q url.Values) { q.Set("response_type", "token") }, "unsupported_response_type"},
+		"no PKCE":                  {func(q url.Values) { q.Del("code_challenge"); q.Del("code_challenge_method") }, "invalid_request"},
+		"plain PKCE":               {func(q url.Values) { q.Set("code_challenge_method", "plain") }, "invalid_request"},
+		"malformed challenge":      {func(q url.Values) { q.Set("code_challenge", "short") }, "invalid_request"},
+		"foreign resource":         {func(q url.Values) { q.Set("resource", "https://graph.microsoft.com") }, "invalid_target"},
+		"resource with a sub-path": {func(q url.Values) { q.Set("resource", env.url+"/sse/x") }, "invalid_target"},
+	} {
+		t.Run(name, func(t *testing.T) {
+			u := location(t, newBrowser(t).get(t, env.url+valid(tt.edit)), http.StatusFound)
+			if got := u.Query(); got.Get("error") != tt.wantError || got.Get("state") != "st" || !strings.HasPrefix(u.String(), c.redirectURI+"?") {
+				t.Errorf("redirected to %s, want %s?error=%s&state=st", u, c.redirectURI, tt.wantError)
+			}
+		})
+	}
+
+	for name, edit := range map[string]func(url.Values){
+		"loopback on another port":        func(q url.Values) { q.Set("redirect_uri", "http://127.0.0.1:9999/callback") },
+		"no redirect_uri, one registered": func(q url.Values) { q.Del("redirect_uri") },
+		"no state, no scope":              func(q url.Values) { q.Del("state"); q.Del("scope") },
+		"resource with a trailing slash":  func(q url.Values) { q.Set("resource", env.url+"/") },
+		"resource in upper case":          func(q url.Values) { q.Set("resource", strings.ToUpper(env.url)+"/sse") },
+	} {
+		t.Run(name, func(t *testing.T) {
+			if resp := newBrowser(t).get(t, env.url+valid(edit)); resp.StatusCode != http.StatusOK {
+				t.Errorf("GET /authorize = %d, want 200 and the consent page", resp.StatusCode)
+			}
+		})
+	}
+}
+
+func TestConsent(t *testing.T) {
+	env := newTestEnv(t)
+	c := env.newClient(t, `"token_endpoint_auth_method":"none","client_name":"<script>alert(1)</script>"`)
+
+	t.Run("the page escapes the client's name", func(t *testing.T) {
+		page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil)))
+		if strings.Contains(page, "<script>") || !strings.Contains(page, "&lt;script&gt;") {
+			t.Errorf("consent page does not escape client_name:\n%s", page)
+		}
+	})
+	t.Run("deny redirects to the client with access_denied", func(t *testing.T) {
+		b := newBrowser(t)
+		id := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
+		u := location(t, b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"deny"}}), http.StatusSeeOther)
+		if u.Query().Get("error") != "access_denied" || u.Query().Get("state") != "client-state" {
+			t.Errorf("deny redirected to %s, want error=access_denied and the state", u)
+		}
+	})
+
+	tests := []struct {
+		name       string
+		post       func(t *testing.T, b *browser, consentID string) *http.Response
+		wantStatus int
+	}{
+		{"consent id used twice", func(t *testing.T, b *browser, id string) *http.Response {
+			b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}})
+			return b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}})
+		}, http.StatusBadRequest},
+		{"unknown consent id", func(t *testing.T, b *browser, id string) *http.Response {
+			return b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {"forged"}, "decision": {"approve"}})
+		}, http.StatusBadRequest},
+		{"expired consent id", func(t *testing.T, b *browser, id string) *http.Response {
+			env.clock.advance(consentTTL)
+			return b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}})
+		}, http.StatusBadRequest},
+		{"posted by another browser", func(t *testing.T, b *browser, id string) *http.Response {
+			return newBrowser(t).postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}})
+		}, http.StatusForbidden},
+		{"posted from another site", func(t *testing.T, b *browser, id string) *http.Response {
+			b.header = http.Header{"Sec-Fetch-Site": {"cross-site"}, "Origin": {"https://evil.example"}}
+			return b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}})
+		}, http.StatusForbidden},
+		{"no decision", func(t *testing.T, b *browser, id string) *http.Response {
+			return b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}})
+		}, http.StatusBadRequest},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			b := newBrowser(t)
+			id := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
+			resp := tt.post(t, b, id)
+			if resp.StatusCode != tt.wantStatus || resp.Header.Get("Location") != "" {
+				t.Errorf("POST /authorize = %d (Location %q), want %d and no redirect", resp.StatusCode, resp.Header.Get("Location"), tt.wantStatus)
+			}
+		})
+	}
+}
+
+// Steps 5 and 6: Entra ID and the callback.
+
+func TestCallbackErrors(t *testing.T) {
+	env := newTestEnv(t)
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+
+	t.Run("unknown state", func(t *testing.T) {
+		resp := newBrowser(t).get(t, env.url+"/auth/callback?code=x&state=forged")
+		if resp.StatusCode != http.StatusBadRequest || resp.Header.Get("Location") != "" {
+			t.Errorf("callback with a forged state = %d, want 400 and no redirect", resp.StatusCode)
+		}
+	})
+	t.Run("state used twice", func(t *testing.T) {
+		b := newBrowser(t)
+		callback := env.toCallback(t, b, c)
+		location(t, b.get(t, callback), http.StatusFound)
+		if resp := b.get(t, callback); resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("callback replayed = %d, want 400", resp.StatusCode)
+		}
+	})
+	t.Run("state expired", func(t *testing.T) {
+		b := newBrowser(t)
+		callback := env.toCallback(t, b, c)
+		env.clock.advance(flowTTL)
+		if resp := b.get(t, callback); resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("callback after %v = %d, want 400", flowTTL, resp.StatusCode)
+		}
+	})
+	t.Run("the Entra link opened in another browser", func(t *testing.T) {
+		// The attacker approves his own client, then mails the Entra link
+		// to a victim, whose browser Entra signs in silently.
+		attacker, victim := newBrowser(t), newBrowser(t)
+		callback := env.toCallback(t, attacker, c)
+		resp := victim.get(t, callback)
+		if resp.StatusCode != http.StatusForbidden || resp.Header.Get("Location") != "" {
+			t.Errorf("callback in the victim's browser = %d (Location %q), want 403 and no redirect", resp.StatusCode, resp.Header.Get("Location"))
+		}
+		if resp := attacker.get(t, callback); resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("the same callback afterwards = %d, want 400: the state was used up", resp.StatusCode)
+		}
+	})
+
+	// Entra's errors reach the client as spec-shaped errors, never with
+	// Entra's own text; the log gets the AADSTS code, trace id and a hint.
+	tests := []struct {
+		name      string
+		setup     func(f *fakeEntra)
+		wantError string
+		wantLog   string
+	}{
+		{"user cancelled", func(f *fakeEntra) { f.set(func() { f.authorizeError = "access_denied" }) }, "access_denied", "aadsts=50126"},
+		{"Entra unavailable", func(f *fakeEntra) { f.set(func() { f.authorizeError = "temporarily_unavailable" }) }, "temporarily_unavailable", "trace_id="},
+		{"consent required", func(f *fakeEntra) { f.set(func() { f.authorizeError = "consent_required" }) }, "server_error", "hint=\"the app needs consent"},
+		{"wrong client secret", func(f *fakeEntra) { f.set(func() { f.clientSecret = "rotated" }) }, "server_error", "aadsts=7000215"},
+		{"id_token for another app", func(f *fakeEntra) { f.set(func() { f.idTokenEdit = func(c map[string]any) { c["aud"] = "other" } }) }, "server_error", "audience"},
+		{"id_token from another issuer", func(f *fakeEntra) {
+			f.set(func() { f.idTokenEdit = func(c map[string]any) { c["iss"] = "https://evil.example/v2.0" } })
+		}, "server_error", "issuer"},
+		{"id_token with another nonce", func(f *fakeEntra) {
+			f.set(func() { f.idTokenEdit = func(c map[string]any) { c["nonce"] = "replayed" } })
+		}, "server_error", "nonce"},
+		{"id_token expired", func(f *fakeEntra) {
+			f.set(func() { f.idTokenEdit = func(c map[string]any) { c["exp"] = f.now().Add(-time.Hour).Unix() } })
+		}, "server_error", "expired"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := newTestEnv(t)
+			c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+			b := newBrowser(t)
+			tt.setup(env.entra)
+			u := location(t, b.get(t, env.toCallback(t, b, c)), http.StatusFound)
+			if u.Query().Get("error") != tt.wantError || u.Query().Get("state") != "client-state" || u.Query().Has("code") {
+				t.Errorf("callback redirected to %s, want error=%s and the client's state", u, tt.wantError)
+			}
+			if d := u.Query().Get("error_description"); strings.Contains(d, "AADSTS") {
+				t.Errorf("error_description %q passes on Entra's text", d)
+			}
+			if !strings.Contains(env.logs.String(), tt.wantLog) {
+				t.Errorf("log does not mention %q:\n%s", tt.wantLog, env.logs)
+			}
+		})
+	}
+}
+
+// Step 7: the token endpoint.
+
+func TestTokenErrors(t *testing.T) {
+	env := newTestEnv(t)
+	pub := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	other := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+
+	// code returns a fresh code for pub, and the token form that redeems it.
+	code := func(t *testing.T) url.Values {
+		return url.Values{"grant_type": {"authorization_code"}, "code": {env.codeFor(t, pub)}, "redirect_uri": {pub.redirectURI},
+			"client_id": {pub.id}, "code_verifier": {pub.verifier}}
+	}
+	tests := []struct {
+		name       string
+		form       func(t *testing.T) url.Values
+		wantStatus int
+		wantError  string
+	}{
+		{"wrong verifier", func(t *testing.T) url.Values {
+			f := code(t)
+			f.Set("code_verifier", oauth2.GenerateVerifier())
+			return f
+		}, 400, "invalid_grant"},
+		{"no verifier", func(t *testing.T) url.Values { f := code(t); f.Del("code_verifier"); return f }, 400, "invalid_grant"},
+		{"wrong redirect_uri", func(t *testing.T) url.Values {
+			f := code(t)
+			f.Set("redirect_uri", "http://127.0.0.1:7777/other")
+			return f
+		}, 400, "invalid_grant"},
+		{"another client's code", func(t *testing.T) url.Values { f := code(t); f.Set("client_id", other.id); return f }, 400, "invalid_grant"},
+		{"unknown code", func(t *testing.T) url.Values { f := code(t); f.Set("code", "forged"); return f }, 400, "invalid_grant"},
+		{"expired code", func(t *testing.T) url.Values { f := code(t); env.clock.advance(codeTTL); return f }, 400, "invalid_grant"},
+		{"another resource", func(t *testing.T) url.Values { f := code(t); f.Set("resource", env.url+"/mcp"); return f }, 400, "invalid_target"},
+		{"unknown client", func(t *testing.T) url.Values { f := code(t); f.Set("client_id", "nope"); return f }, 401, "invalid_client"},
+		{"no grant_type", func(t *testing.T) url.Values { f := code(t); f.Del("grant_type"); return f }, 400, "invalid_request"},
+		{"password grant", func(t *testing.T) url.Values { f := code(t); f.Set("grant_type", "password"); return f }, 400, "unsupported_grant_type"},
+		{"public client sends a secret", func(t *testing.T) url.Values { f := code(t); f.Set("client_secret", "x"); return f }, 401, "invalid_client"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			wantOAuthError(t, env.postForm(t, "/token", tt.form(t), nil), tt.wantStatus, tt.wantError)
+		})
+	}
+
+	t.Run("code used twice ends the session the first use created", func(t *testing.T) {
+		form := code(t)
+		var tokens tokenResponse
+		decodeJSON(t, env.postForm(t, "/token", form, nil), http.StatusOK, &tokens)
+		wantOAuthError(t, env.postForm(t, "/token", form, nil), 400, "invalid_grant")
+		if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET /sse with the first use's token = %d, want 401", resp.StatusCode)
+		}
+	})
+}
+
+func TestConfidentialClients(t *testing.T) {
+	env := newTestEnv(t)
+	for _, method := range []string{"client_secret_basic", "client_secret_post"} {
+		t.Run(method, func(t *testing.T) {
+			c := env.newClient(t, `"token_endpoint_auth_method":"`+method+`"`)
+			redeem := func(useBasic bool, secret string) *http.Response {
+				form := url.Values{"grant_type": {"authorization_code"}, "code": {env.codeFor(t, c)},
+					"redirect_uri": {c.redirectURI}, "code_verifier": {c.verifier}}
+				h := http.Header{}
+				if useBasic {
+					h.Set("Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(c.id)+":"+url.QueryEscape(secret))))
+				} else {
+					form.Set("client_id", c.id)
+					form.Set("client_secret", secret)
+				}
+				return env.postForm(t, "/token", form, h)
+			}
+			basic := method == "client_secret_basic"
+			resp := redeem(basic, "wrong")
+			wantOAuthError(t, resp, 401, "invalid_client")
+			if got := resp.Header.Get("WWW-Authenticate"); basic != strings.HasPrefix(got, "Basic") {
+				t.Errorf("WWW-Authenticate = %q after Basic=%v", got, basic)
+			}
+			wantOAuthError(t, redeem(!basic, c.secret), 401, "invalid_client") // not the registered method
+			var tokens tokenResponse
+			decodeJSON(t, redeem(basic, c.secret), http.StatusOK, &tokens)
+		})
+	}
+}
+
+func TestRefreshAndRevoke(t *testing.T) {
+	env := newTestEnv(t)
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	first := env.redeem(t, c, env.codeFor(t, c))
+	refresh := func(token, clientID string) *http.Response {
+		return env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {token}, "client_id": {clientID}}, nil)
+	}
+
+	var second tokenResponse
+	decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &second)
+	if second.RefreshToken == first.RefreshToken || second.AccessToken == "" {
+		t.Fatalf("refresh = %+v, want a new refresh token", second)
+	}
+	if tokenClaims(t, second.AccessToken)["sid"] != tokenClaims(t, first.AccessToken)["sid"] {
+		t.Errorf("a refreshed token names another session")
+	}
+	wantOAuthError(t, refresh(first.RefreshToken, c.id), 400, "invalid_grant") // rotated: single use
+	other := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	wantOAuthError(t, refresh(second.RefreshToken, other.id), 400, "invalid_grant")
+
+	// Revocation (RFC 7009): 200 for unknown tokens; revoking ends the session.
+	revoke := func(token string) {
+		resp := env.postForm(t, "/revoke", url.Values{"token": {token}, "client_id": {c.id}}, nil)
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("POST /revoke = %d, want 200", resp.StatusCode)
+		}
+	}
+	revoke("unknown")
+	revoke(second.AccessToken)
+	if resp := env.do(t, "GET", "/sse", nil, bearer(second.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("GET /sse after revocation = %d, want 401", resp.StatusCode)
+	}
+	wantOAuthError(t, refresh(second.RefreshToken, c.id), 400, "invalid_grant")
+}
+
+// Steps 8 and 9: the SSE transport.
+
+func TestSSESessions(t *testing.T) {
+	env := newTestEnv(t)
+	alice := env.signIn(t, signInOptions{})
+	env.entra.set(func() {
+		env.entra.user = fakeUser{oid: "22222222-2222-2222-2222-222222222222", name: "Bob", upn: "bob@contoso.example"}
+	})
+	bob := env.signIn(t, signInOptions{})
+	aliceConn := env.connect(t, alice.AccessToken)
+	bobConn := env.connect(t, bob.AccessToken)
+
+	t.Run("each stream gets its own answers", func(t *testing.T) {
+		var a, b toolResult
+		aliceConn.call(t, "tools/call", `{"name":"getUserDetails"}`, &a)
+		bobConn.call(t, "tools/call", `{"name":"getUserDetails"}`, &b)
+		if !strings.Contains(a.Content[0].Text, "Adele Vance") || !strings.Contains(b.Content[0].Text, "Bob") {
+			t.Errorf("alice got %q, bob got %q", a.Content[0].Text, b.Content[0].Text)
+		}
+	})
+
+	tests := []struct {
+		name        string
+		token, path string
+		contentType string
+		wantStatus  int
+	}{
+		{"another user's session", bob.AccessToken, aliceConn.endpoint, "application/json", http.StatusNotFound},
+		{"unknown session", alice.AccessToken, "/message?sessionId=nope", "application/json", http.StatusNotFound},
+		{"no session id", alice.AccessToken, "/message", "application/json", http.StatusBadRequest},
+		{"not JSON", alice.AccessToken, aliceConn.endpoint, "text/plain", http.StatusUnsupportedMediaType},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := env.do(t, "POST", tt.path, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`),
+				http.Header{"Authorization": {"Bearer " + tt.token}, "Content-Type": {tt.contentType}})
+			if resp.StatusCode != tt.wantStatus {
+				t.Errorf("POST %s = %d, want %d", tt.path, resp.StatusCode, tt.wantStatus)
+			}
+		})
+	}
+
+	t.Run("a closed stream ends its session", func(t *testing.T) {
+		st, ok := env.srv.streams.get(strings.TrimPrefix(aliceConn.endpoint, "/message?sessionId="))
+		if !ok {
+			t.Fatal("alice's stream is not registered")
+		}
+		aliceConn.close()
+		<-st.done // the handler has returned and unregistered the stream
+		if resp := aliceConn.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); resp.StatusCode != http.StatusNotFound {
+			t.Errorf("POST to a closed stream's session = %d, want 404", resp.StatusCode)
+		}
+	})
+
+	t.Run("revoking the session closes its stream", func(t *testing.T) {
+		resp := env.postForm(t, "/revoke", url.Values{"token": {bob.AccessToken}, "client_id": {bob.clientID}}, nil)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("revoke = %d", resp.StatusCode)
+		}
+		if _, err := bobConn.events.next(); !errors.Is(err, io.EOF) {
+			t.Errorf("bob's stream after revocation: %v, want EOF", err)
+		}
+	})
+}
+
+func TestSSEKeepAlive(t *testing.T) {
+	env := newTestEnv(t)
+	env.srv.keepAlive = time.Millisecond
+	tokens := env.signIn(t, signInOptions{})
+	conn := env.connect(t, tokens.AccessToken)
+	line, err := conn.events.r.ReadString('\n')
+	if err != nil || line != ": keep-alive\n" {
+		t.Errorf("next line = %q, %v; want a keep-alive comment", line, err)
+	}
+}
+
+// Steps 9 and 10: JSON-RPC and the tool.
+
+func TestJSONRPC(t *testing.T) {
+	env := newTestEnv(t)
+	tokens := env.signIn(t, signInOptions{})
+	conn := env.connect(t, tokens.AccessToken)
+
+	// Bodies that are not one JSON-RPC message get 400 and the error in
+	// the body, with a null id.
+	for _, tt := range []struct {
+		name, body string
+		wantCode   int
+		wantID     string
+	}{
+		{"malformed JSON", `{"jsonrpc":"2.0",`, codeParseError, "null"},
+		{"not an object", `"ping"`, codeInvalidRequest, "null"},
+		{"wrong version", `{"jsonrpc":"1.0","id":1,"method":"ping"}`, codeInvalidRequest, "1"},
+		{"null id", `{"jsonrpc":"2.0","id":null,"method":"ping"}`, codeInvalidRequest, "null"},
+		{"object id", `{"jsonrpc":"2.0","id":{},"method":"ping"}`, codeInvalidRequest, "null"},
+		{"no method", `{"jsonrpc":"2.0","id":"a"}`, codeInvalidRequest, `"a"`},
+		{"batch", `[{"jsonrpc":"2.0","id":1,"method":"ping"}]`, codeInvalidRequest, "null"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var r struct {
+				ID    json.RawMessage
+				Error rpcError
+			}
+			decodeJSON(t, conn.post(t, tt.body), http.StatusBadRequest, &r)
+			if r.Error.Code != tt.wantCode || string(r.ID) != tt.wantID {
+				t.Errorf("POST %s = id %s, error %+v; want id %s, code %d", tt.body, r.ID, r.Error, tt.wantID, tt.wantCode)
+			}
+		})
+	}
+
+	// Requests get their answer on the stream: a result or an error.
+	for _, tt := range []struct {
+		name, method, params string
+		wantCode             int
+		wantResult           string
+	}{
+		{"ping", "ping", ``, 0, `{}`},
+		{"newer version negotiates down", "initialize", `{"protocolVersion":"2099-01-01"}`, 0, `"protocolVersion":"2025-11-25"`},
+		{"supported version is kept", "initialize", `{"protocolVersion":"2025-06-18"}`, 0, `"protocolVersion":"2025-06-18"`},
+		{"initialize without params", "initialize", ``, codeInvalidParams, ``},
+		{"unknown method", "resources/list", `{}`, codeMethodNotFound, ``},
+		{"unknown tool", "tools/call", `{"name":"deleteEverything"}`, codeInvalidParams, ``},
+		{"tools/call without params", "tools/call", ``, codeInvalidParams, ``},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := conn.request(t, tt.method, tt.params)
+			if tt.wantCode != 0 {
+				if resp.Error == nil || resp.Error.Code != tt.wantCode {
+					t.Errorf("%s = %s, want error %d", tt.method, resp.raw, tt.wantCode)
+				}
+				return
+			}
+			if resp.Error != nil || !strings.Contains(string(resp.Result), tt.wantResult) {
+				t.Errorf("%s = %s, want a result with %s", tt.method, resp.raw, tt.wantResult)
+			}
+		})
+	}
+
+	t.Run("notifications get no answer", func(t *testing.T) {
+		for _, n := range []string{`{"jsonrpc":"2.0","method":"notifications/initialized"}`, `{"jsonrpc":"2.0","method":"notifications/unknown"}`,
+			`{"jsonrpc":"2.0","id":7,"result":{}}`} {
+			if resp := conn.post(t, n); resp.StatusCode != http.StatusAccepted {
+				t.Errorf("POST %s = %d, want 202", n, resp.StatusCode)
+			}
+		}
+		// The next event on the stream answers the next request: nothing was
+		// queued for the notifications.
+		if resp := conn.request(t, "ping", ""); string(resp.ID) != fmt.Sprint(conn.nextID-1) {
+			t.Errorf("next event = %s, want the ping's answer", resp.raw)
+		}
+	})
+}
+
+func TestToolGraphFailure(t *testing.T) {
+	tests := []struct {
+		name  string
+		setup func(f *fakeEntra)
+		want  string
+	}{
+		{"Graph refuses the token", func(f *fakeEntra) { f.set(func() { f.accessTokens = map[string]fakeGrant{} }) }, "401 InvalidAuthenticationToken"},
+		{"Graph is down", func(f *fakeEntra) { f.set(func() { f.graphStatus = http.StatusServiceUnavailable }) }, "503 serviceNotAvailable"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := newTestEnv(t)
+			conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
+			tt.setup(env.entra)
+			var result toolResult
+			conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+			if !result.IsError || !strings.Contains(result.Content[0].Text, tt.want) {
+				t.Errorf("tools/call = %+v, want isError and %q", result, tt.want)
+			}
+		})
+	}
+}
+
+// run: configuration, start and shutdown.
+
+func TestRunConfigErrors(t *testing.T) {
+	f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback"})
+	base := map[string]string{
+		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
+		"ENTRA_AUTHORITY": f.URL, "ADDR": "127.0.0.1:0",
+	}
+	tests := []struct {
+		name    string
+		env     map[string]string
+		wantErr string
+	}{
+		{"missing", map[string]string{"ENTRA_TENANT_ID": "", "ENTRA_CLIENT_SECRET": ""}, "ENTRA_TENANT_ID, ENTRA_CLIENT_SECRET not set"},
+		{"public URL with a path", map[string]string{"PUBLIC_URL": "https://mcp.example/x"}, "PUBLIC_URL"},
+		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
+		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
+		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
+		{"unknown tenant", map[string]string{"ENTRA_TENANT_ID": "not-a-tenant"}, "ENTRA_TENANT_ID"},
+		{"unreachable authority", map[string]string{"ENTRA_AUTHORITY": "http://127.0.0.1:1"}, "ENTRA_AUTHORITY"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := map[string]string{}
+			for k, v := range base {
+				env[k] = v
+			}
+			for k, v := range tt.env {
+				env[k] = v
+			}
+			var stderr bytes.Buffer
+			err := run(t.Context(), []string{"entra-mcp"}, func(k string) string { return env[k] }, io.Discard, &stderr)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || strings.Contains(err.Error(), "\n") {
+				t.Errorf("run() = %v, want one line naming %s", err, tt.wantErr)
+			}
+			if strings.Contains(fmt.Sprint(err)+stderr.String(), f.clientSecret) {
+				t.Errorf("the client secret leaked into %v %s", err, stderr.String())
+			}
+		})
+	}
+}
+
+func TestRunServesAndShutsDown(t *testing.T) {
+	f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback"})
+	env := map[string]string{
+		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
+		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL, "ADDR": "127.0.0.1:0",
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	logs, logWriter := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"entra-mcp"}, func(k string) string { return env[k] }, io.Discard, logWriter)
+		logWriter.Close()
+	}()
+
+	// The first log line says where to point the client and where we listen.
+	lines := bufio.NewScanner(logs)
+	if !lines.Scan() {
+		t.Fatalf("no log line from run: %v", <-done)
+	}
+	first := lines.Text()
+	if !strings.Contains(first, "url=http://localhost:3001/sse") {
+		t.Errorf("first log line = %q, want the URL to give the client", first)
+	}
+	addr := regexp.MustCompile(`addr=(\S+)`).FindStringSubmatch(first)[1]
+	go io.Copy(io.Discard, logs)
+
+	resp, err := http.Get("http://" + addr + "/.well-known/oauth-authorization-server")
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET metadata = %v, %v", resp, err)
+	}
+	resp.Body.Close()
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("run() after cancel = %v, want nil", err)
+	}
+}
+
+func TestShutdownClosesStreams(t *testing.T) {
+	env := newTestEnv(t)
+	conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
+	env.srv.closeStreams()
+	if _, err := conn.events.next(); !errors.Is(err, io.EOF) {
+		t.Errorf("stream after shutdown: %v, want EOF", err)
+	}
+}
+
+// TestDemo serves the real server on localhost:3001 against the fake Entra
+// ID until interrupted. Run it with: go test -run TestDemo -demo -timeout 0
+func TestDemo(t *testing.T) {
+	if !*demo {
+		t.Skip("run with -demo to try the server without an Entra tenant")
+	}
+	f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback", interactive: true, now: time.Now})
+	env := map[string]string{
+		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
+		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL,
+	}
+	fmt.Printf(`
+entra-mcp demo: the real server on http://localhost:3001, with a fake Entra ID at %s.
+Give your MCP client this URL:  http://localhost:3001/sse
+For example: npx @modelcontextprotocol/inspector, Transport Type "SSE", then Connect.
+You will sign in as the demo user %s (%s). Press Ctrl-C to stop.
+
+`, f.URL, f.user.name, f.user.upn)
+	if err := run(t.Context(), []string{"entra-mcp"}, func(k string) string { return env[k] }, os.Stdout, os.Stderr); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The test environment.
+
+// testEnv is one server under test, on loopback, with its own fake Entra ID
+// and clock.
+type testEnv struct {
+	url   string
+	srv   *server
+	entra *fakeEntra
+	clock *testClock
+	logs  *lockedBuffer
+}
+
+func newTestEnv(t *testing.T) *testEnv {
+	t.Helper()
+	clock := &testClock{t: time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)}
+	ts := httptest.NewUnstartedServer(nil)
+	publicURL := "http://" + ts.Listener.Addr().String()
+	entra := newFakeEntra(t, fakeEntraOptions{redirectURI: publicURL + "/auth/callback", now: clock.now})
+
+	cfg := config{
+		tenantID: entra.tenantID, clientID: entra.clientID, clientSecret: entra.clientSecret,
+		authority: entra.URL, graphURL: entra.URL, publicURL: publicURL,
+		sessionKey: randomBytes(32), accessTTL: time.Hour,
+	}
+	logs := &lockedBuffer{}
+	logger := slog.New(slog.NewTextHandler(io.MultiWriter(t.Output(), logs), nil))
+	ec, err := discoverEntra(t.Context(), cfg, &http.Client{Timeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := newServer(cfg, logger, ec, clock.now)
+	ts.Config.Handler = srv
+	ts.Start()
+	t.Cleanup(ts.Close)
+	t.Cleanup(srv.closeStreams) // before ts.Close, which waits for open streams
+	return &testEnv{url: publicURL, srv: srv, entra: entra, clock: clock, logs: logs}
+}
+
+// do sends a request to the server and returns the response; its body is
+// closed at the end of the test.
+func (e *testEnv) do(t *testing.T, method, path string, body io.Reader, h http.Header) *http.Response {
+	t.Helper()
+	resp := e.send(t, t.Context(), method, path, body, h)
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+// send sends a request in ctx; the caller closes the body.
+func (e *testEnv) send(t *testing.T, ctx context.Context, method, path string, body io.Reader, h http.Header) *http.Response {
+	t.Helper()
+	req, err := http.NewRequestWithContext(ctx, method, e.url+path, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, v := range h {
+		req.Header[k] = v
+	}
+	if method == "POST" && req.Header.Get("Content-Type") == "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp
+}
+
+func (e *testEnv) postForm(t *testing.T, path string, form url.Values, h http.Header) *http.Response {
+	t.Helper()
+	if h == nil {
+		h = http.Header{}
+	}
+	h.Set("Content-Type", "application/x-www-form-urlencoded")
+	return e.do(t, "POST", path, strings.NewReader(form.Encode()), h)
+}
+
+func (e *testEnv) getJSON(t *testing.T, path string, v any) {
+	t.Helper()
+	decodeJSON(t, e.do(t, "GET", path, nil, nil), http.StatusOK, v)
+}
+
+// register registers a client and returns the registration response.
+func (e *testEnv) register(t *testing.T, body string) map[string]any {
+	t.Helper()
+	var reg map[string]any
+	decodeJSON(t, e.do(t, "POST", "/register", strings.NewReader(body), nil), http.StatusCreated, &reg)
+	for k, v := range reg {
+		if v == nil {
+			t.Errorf("registration response has %s: null", k)
+		}
+	}
+	return reg
+}
+
+// testClient is a registered MCP client with its PKCE verifier.
+type testClient struct {
+	id, secret, redirectURI, verifier string
+}
+
+// newClient registers a client with the loopback redirect URI and the given
+// extra metadata fields.
+func (e *testEnv) newClient(t *testing.T, fields string) *testClient {
+	t.Helper()
+	c := &testClient{redirectURI: "http://127.0.0.1:7777/callback", verifier: oauth2.GenerateVerifier()}
+	reg := e.register(t, `{"redirect_uris":["`+c.redirectURI+`"],`+fields+`}`)
+	c.id = reg["client_id"].(string)
+	c.secret, _ = reg["client_secret"].(string)
+	return c
+}
+
+// authorizeURL is the path of a valid authorization request by c.
+func (c *testClient) authorizeURL(extra url.Values) string {
+	q := url.Values{"response_type": {"code"}, "client_id": {c.id}, "redirect_uri": {c.redirectURI}, "state": {"client-state"},
+		"code_challenge": {oauth2.S256ChallengeFromVerifier(c.verifier)}, "code_challenge_method": {"S256"}}
+	for k, v := range extra {
+		q[k] = v
+	}
+	return "/authorize?" + q.Encode()
+}
+
+// toCallback takes browser b through consent and Entra's sign-in and returns
+// the callback URL Entra redirected it to, not yet followed.
+func (e *testEnv) toCallback(t *testing.T, b *browser, c *testClient) string {
+	t.Helper()
+	id := consentIDFrom(t, readBody(t, b.get(t, e.url+c.authorizeURL(nil))))
+	entraURL := location(t, b.postForm(t, e.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}}), http.StatusSeeOther)
+	return location(t, b.get(t, entraURL.String()), http.StatusFound).String()
+}
+
+// codeFor signs in through c and returns our authorization code.
+func (e *testEnv) codeFor(t *testing.T, c *testClient) string {
+	t.Helper()
+	b := newBrowser(t)
+	u := location(t, b.get(t, e.toCallback(t, b, c)), http.StatusFound)
+	if u.Query().Get("code") == "" {
+		t.Fatalf("callback redirected to %s, want a code", u)
+	}
+	return u.Query().Get("code")
+}
+
+// redeem redeems a code for c's tokens.
+func (e *testEnv) redeem(t *testing.T, c *testClient, code string) tokenResponse {
+	t.Helper()
+	var tokens tokenResponse
+	resp := e.postForm(t, "/token", url.Values{"grant_type": {"authorization_code"}, "code": {code},
+		"redirect_uri": {c.redirectURI}, "client_id": {c.id}, "code_verifier": {c.verifier}}, nil)
+	decodeJSON(t, resp, http.StatusOK, &tokens)
+	return tokens
+}
+
+type signInOptions struct{}
+
+// signedIn is a signed-in public client's tokens.
+type signedIn struct {
+	tokenResponse
+	clientID string
+}
+
+// signIn runs steps 3 to 7 for a new public client and returns its tokens.
+func (e *testEnv) signIn(t *testing.T, _ signInOptions) signedIn {
+	t.Helper()
+	c := e.newClient(t, `"token_endpoint_auth_method":"none"`)
+	return signedIn{e.redeem(t, c, e.codeFor(t, c)), c.id}
+}
+
+// sseConn is an open SSE stream and the endpoint to POST to.
+type sseConn struct {
+	env      *testEnv
+	token    string
+	endpoint string
+	events   *eventReader
+	body     io.Closer
+	nextID   int
+}
+
+// connect opens GET /sse with the token, for as long as the test runs, and
+// reads the endpoint event.
+func (e *testEnv) connect(t *testing.T, token string) *sseConn {
+	t.Helper()
+	return e.connectUntil(t, t.Context(), token)
+}
+
+// connectUntil opens the stream until ctx is done.
+func (e *testEnv) connectUntil(t *testing.T, ctx context.Context, token string) *sseConn {
+	t.Helper()
+	resp := e.send(t, ctx, "GET", "/sse", nil, bearer(token))
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
+		t.Fatalf("GET /sse = %d %s, want 200 text/event-stream", resp.StatusCode, resp.Header.Get("Content-Type"))
+	}
+	events := &eventReader{r: bufio.NewReader(resp.Body)}
+	ev, err := events.next()
+	if err != nil || ev.event != "endpoint" {
+		t.Fatalf("first event = %+v, %v; want endpoint", ev, err)
+	}
+	return &sseConn{env: e, token: token, endpoint: ev.data, events: events, body: resp.Body, nextID: 1}
+}
+
+func (c *sseConn) close() { c.body.Close() }
+
+// post sends one raw message to the session's endpoint.
+func (c *sseConn) post(t *testing.T, body string) *http.Response {
+	t.Helper()
+	return c.env.do(t, "POST", c.endpoint, strings.NewReader(body), bearer(c.token))
+}
+
+// rpcReply is a response read from the stream.
+type rpcReply struct {
+	ID     json.RawMessage
+	Result json.RawMessage
+	Error  *rpcError
+	raw    string
+}
+
+// request sends a request, expects 202, and reads its answer from the stream.
+func (c *sseConn) request(t *testing.T, method, params string) rpcReply {
+	t.Helper()
+	msg := fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":%q`, c.nextID, method)
+	if params != "" {
+		msg += `,"params":` + params
+	}
+	c.nextID++
+	if resp := c.post(t, msg+"}"); resp.StatusCode != http.StatusAccepted {
+		t.Fatalf("POST %s = %d, want 202", method, resp.StatusCode)
+	}
+	ev, err := c.events.next()
+	if err != nil || ev.event != "message" {
+		t.Fatalf("event after %s = %+v, %v; want a message", method, ev, err)
+	}
+	reply := rpcReply{raw: ev.data}
+	if err := json.Unmarshal([]byte(ev.data), &reply); err != nil {
+		t.Fatalf("message %q: %v", ev.data, err)
+	}
+	return reply
+}
+
+// call sends a request and decodes its result into v.
+func (c *sseConn) call(t *testing.T, method, params string, v any) {
+	t.Helper()
+	reply := c.request(t, method, params)
+	if reply.Error != nil {
+		t.Fatalf("%s: error %+v", method, reply.Error)
+	}
+	if err := json.Unmarshal(reply.Result, v); err != nil {
+		t.Fatalf("%s result %s: %v", method, reply.Result, err)
+	}
+}
+
+// eventReader reads server-sent events, skipping comments.
+type eventReader struct{ r *bufio.Reader }
+
+type sseEvent struct{ event, data string }
+
+func (er *eventReader) next() (sseEvent, error) {
+	var ev sseEvent
+	for {
+		line, err := er.r.ReadString('\n')
+		if err != nil {
+			return ev, io.EOF
+		}
+		line = strings.TrimSuffix(line, "\n")
+		switch {
+		case line == "" && (ev.event != "" || ev.data != ""):
+			return ev, nil
+		case strings.HasPrefix(line, "event: "):
+			ev.event = strings.TrimPrefix(line, "event: ")
+		case strings.HasPrefix(line, "data: "):
+			ev.data = strings.TrimPrefix(line, "data: ")
+		}
+	}
+}
+
+// browser is a user's browser: it keeps cookies and stops at every
+// redirect, so that each hop of the flow is a step the test checks.
+type browser struct {
+	client *http.Client
+	header http.Header
+}
+
+func newBrowser(t *testing.T) *browser {
+	jar, _ := cookiejar.New(nil)
+	return &browser{client: &http.Client{
+		Jar:           jar,
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}}
+}
+
+func (b *browser) get(t *testing.T, u string) *http.Response {
+	t.Helper()
+	return b.send(t, "GET", u, nil, "")
+}
+
+func (b *browser) postForm(t *testing.T, u string, form url.Values) *http.Response {
+	t.Helper()
+	return b.send(t, "POST", u, strings.NewReader(form.Encode()), "application/x-www-form-urlencoded")
+}
+
+func (b *browser) send(t *testing.T, method, u string, body io.Reader, contentType string) *http.Response {
+	t.Helper()
+	req, err := http.NewRequestWithContext(t.Context(), method, u, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if contentType != "" {
+		req.Header.Set("Content-Type", contentType)
+	}
+	for k, v := range b.header {
+		req.Header[k] = v
+	}
+	resp, err := b.client.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { resp.Body.Close() })
+	return resp
+}
+
+// Assertions and small helpers.
+
+func bearer(token string) http.Header { return http.Header{"Authorization": {"Bearer " + token}} }
+
+func readBody(t *testing.T, resp *http.Response) string {
+	t.Helper()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+func decodeJSON(t *testing.T, resp *http.Response, wantStatus int, v any) {
+	t.Helper()
+	body := readBody(t, resp)
+	if resp.StatusCode != wantStatus {
+		t.Fatalf("%s %s = %d, want %d: %s", resp.Request.Method, resp.Request.URL.Path, resp.StatusCode, wantStatus, body)
+	}
+	if err := json.Unmarshal([]byte(body), v); err != nil {
+		t.Fatalf("%s %s: %v in %s", resp.Request.Method, resp.Request.URL.Path, err, body)
+	}
+}
+
+// wantOAuthError checks an OAuth JSON error response.
+func wantOAuthError(t *testing.T, resp *http.Response, wantStatus int, wantError string) {
+	t.Helper()
+	var e struct{ Error, ErrorDescription string }
+	decodeJSON(t, resp, wantStatus, &e)
+	if e.Error != wantError {
+		t.Errorf("%s %s: error = %q, want %q", resp.Request.Method, resp.Request.URL.Path, e.Error, wantError)
+	}
+	if resp.Header.Get("Cache-Control") != "no-store" {
+		t.Errorf("%s %s: Cache-Control = %q, want no-store", resp.Request.Method, resp.Request.URL.Path, resp.Header.Get("Cache-Control"))
+	}
+}
+
+// location checks that resp redirects with the status and returns where to.
+func location(t *testing.T, resp *http.Response, wantStatus int) *url.URL {
+	t.Helper()
+	if resp.StatusCode != wantStatus {
+		t.Fatalf("%s %s = %d, want %d: %s", resp.Request.Method, resp.Request.URL, resp.StatusCode, wantStatus, readBody(t, resp))
+	}
+	u, err := url.Parse(resp.Header.Get("Location"))
+	if err != nil || u.String() == "" {
+		t.Fatalf("Location %q: %v", resp.Header.Get("Location"), err)
+	}
+	return u
+}
+
+var consentIDPattern = regexp.MustCompile(`name="consent_id" value="([^"]+)"`)
+
+func consentIDFrom(t *testing.T, page string) string {
+	t.Helper()
+	m := consentIDPattern.FindStringSubmatch(page)
+	if m == nil {
+		t.Fatalf("no consent_id in page:\n%s", page)
+	}
+	return m[1]
+}
+
+// tokenClaims decodes a session token's claims without verifying it.
+func tokenClaims(t *testing.T, token string) map[string]any {
+	t.Helper()
+	_, payload, _, ok := cut3(token)
+	b, err := base64.RawURLEncoding.DecodeString(payload)
+	var claims map[string]any
+	if !ok || err != nil || json.Unmarshal(b, &claims) != nil {
+		t.Fatalf("token %q is not JWT-shaped", token)
+	}
+	return claims
+}
+
+// cut3 splits a JWT-shaped token into its three parts.
+func cut3(token string) (header, payload, sig string, ok bool) {
+	parts := strings.Split(token, ".")
+	if len(parts) != 3 {
+		return "", "", "", false
+	}
+	return parts[0], parts[1], parts[2], true
+}
+
+// testClock is the injected clock: tests move it; nothing sleeps.
+type testClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *testClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *testClock) advance(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.t = c.t.Add(d)
+}
+
+// lockedBuffer collects log output written from many goroutines.
+type lockedBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+// The fake Entra ID.
+
+// fakeUser is the user the fake signs in.
+type fakeUser struct{ oid, name, upn string }
+
+type fakeEntraOptions struct {
+	redirectURI string           // the one redirect URI of the app registration
+	interactive bool             // show a sign-in page instead of signing in at once (demo)
+	now         func() time.Time // the fake's clock
+}
+
+// fakeEntra is a local Microsoft Entra ID (v2.0 endpoints) with one tenant,
+// one app registration (a Web app with a secret) and one user, plus
+// Microsoft Graph's /v1.0/me. Its checks follow Entra's, in Entra's order,
+// with Entra's errors (error, AADSTS code, trace and correlation ids).
+type fakeEntra struct {
+	*httptest.Server
+	tenantID, clientID string
+	redirectURI        string
+	interactive        bool
+	now                func() time.Time
+	key                *rsa.PrivateKey
+
+	mu             sync.Mutex
+	clientSecret   string
+	user           fakeUser
+	codes          map[string]*fakeCode
+	refreshTokens  map[string]fakeGrant
+	accessTokens   map[string]fakeGrant
+	lastAT         string
+	authorizeError string               // knob: the next sign-ins fail with this error
+	idTokenEdit    func(map[string]any) // knob: tamper with issued id_tokens
+	graphStatus    int                  // knob: Graph fails with this status
+}
+
+type fakeCode struct {
+	clientID, redirectURI, scope, challenge, method, nonce string
+	user                                                   fakeUser
+	expires                                                time.Time
+	used                                                   bool
+}
+
+type fakeGrant struct {
+	user    fakeUser
+	scope   string
+	expires time.Time
+}
+
+func newFakeEntra(t *testing.T, opts fakeEntraOptions) *fakeEntra {
+	t.Helper()
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if opts.now == nil {
+		opts.now = time.Now
+	}
+	f := &fakeEntra{
+		tenantID:      "11111111-1111-1111-1111-111111111111",
+		clientID:      "33333333-3333-3333-3333-333333333333",
+		clientSecret:  "fake~secret~" + rand.Text(),
+		redirectURI:   opts.redirectURI,
+		interactive:   opts.interactive,
+		now:           opts.now,
+		key:           key,
+		user:          fakeUser{oid: "44444444-4444-4444-4444-444444444444", name: "Adele Vance", upn: "adele.vance@contoso.example"},
+		codes:         map[string]*fakeCode{},
+		refreshTokens: map[string]fakeGrant{},
+		accessTokens:  map[string]fakeGrant{},
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{tenant}/v2.0/.well-known/openid-configuration", f.discovery)
+	mux.HandleFunc("GET /{tenant}/discovery/v2.0/keys", f.keys)
+	mux.HandleFunc("GET /{tenant}/oauth2/v2.0/authorize", f.authorize)
+	mux.HandleFunc("/{tenant}/oauth2/v2.0/token", f.token)
+	mux.HandleFunc("GET /v1.0/me", f.me)
+	f.Server = httptest.NewServer(mux)
+	t.Cleanup(f.Close)
+	return f
+}
+
+// set changes the fake's state under its lock.
+func (f *fakeEntra) set(change func()) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	change()
+}
+
+func (f *fakeEntra) lastAccessToken() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.lastAT
+}
+
+// knownTenant reports whether the path's tenant segment names this tenant.
+func (f *fakeEntra) knownTenant(r *http.Request) bool {
+	t := r.PathValue("tenant")
+	return t == f.tenantID || t == "organizations" || t == "common"
+}
+
+func (f *fakeEntra) discovery(w http.ResponseWriter, r *http.Request) {
+	if !f.knownTenant(r) {
+		f.tokenError(w, http.StatusBadRequest, "invalid_tenant", 90002, "Tenant not found.")
+		return
+	}
+	issuer := f.URL + "/" + f.tenantID + "/v2.0"
+	if t := r.PathValue("tenant"); t != f.tenantID {
+		issuer = f.URL + "/{tenantid}/v2.0" // the template issuer of organizations and common
+	}
+	base := f.URL + "/" + r.PathValue("tenant")
+	json.NewEncoder(w).Encode(map[string]any{
+		"issuer":                                issuer,
+		"authorization_endpoint":                base + "/oauth2/v2.0/authorize",
+		"token_endpoint":                        base + "/oauth2/v2.0/token",
+		"jwks_uri":                              base + "/discovery/v2.0/keys",
+		"response_types_supported":              []string{"code", "id_token", "code id_token", "id_token token"},
+		"subject_types_supported":               []string{"pairwise"},
+		"id_token_signing_alg_values_supported": []string{"RS256"},
+		"scopes_supported":                      []string{"openid", "profile", "email", "offline_access"},
+		"token_endpoint_auth_methods_supported": []string{"client_secret_post", "private_key_jwt", "client_secret_basic"},
+	})
+}
+
+func (f *fakeEntra) keys(w http.ResponseWriter, r *http.Request) {
+	pub := f.key.PublicKey
+	json.NewEncoder(w).Encode(map[string]any{"keys": []map[string]any{{
+		"kty": "RSA", "use": "sig", "kid": f.kid(), "x5t": f.kid(),
+		"n": base64.RawURLEncoding.EncodeToString(pub.N.Bytes()),
+		"e": base64.RawURLEncoding.EncodeToString(big.NewInt(int64(pub.E)).Bytes()),
+	}}})
+}
+
+func (f *fakeEntra) kid() string {
+	sum := sha256.Sum256(f.key.PublicKey.N.Bytes())
+	return base64.RawURLEncoding.EncodeToString(sum[:20])
+}
+
+// authorize is Entra's authorize endpoint. Problems with the tenant, client
+// or redirect URI are shown on Entra's own page; the rest are redirected.
+func (f *fakeEntra) authorize(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
+	switch {
+	case !f.knownTenant(r):
+		f.errorPage(w, 90002, "Tenant not found.")
+		return
+	case q.Get("client_id") != f.clientID:
+		f.errorPage(w, 700016, "Application not found in the directory.")
+		return
+	case q.Get("redirect_uri") != f.redirectURI:
+		f.errorPage(w, 50011, "The redirect URI specified in the request does not match the redirect URIs configured for the application.")
+		return
+	}
+	fail := func(code string, aadsts int, msg string) {
+		f.redirectError(w, r, code, aadsts, msg)
+	}
+	scopes := strings.Fields(q.Get("scope"))
+	switch {
+	case q.Get("response_type") != "code":
+		fail("unsupported_response_type", 700054, "response_type is not enabled for the application.")
+		return
+	case len(scopes) == 0:
+		fail("invalid_request", 900144, "The request body must contain the following parameter: 'scope'.")
+		return
+	case slices.ContainsFunc(scopes, func(s string) bool {
+		return !slices.Contains([]string{"openid", "profile", "email", "offline_access", "User.Read", "https://graph.microsoft.com/User.Read"}, s)
+	}):
+		fail("invalid_scope", 70011, "The provided value for the input parameter 'scope' is not valid.")
+		return
+	case q.Has("code_challenge") && (!slices.Contains([]string{"S256", "plain"}, q.Get("code_challenge_method")) || !isPKCEValue(q.Get("code_challenge"))):
+		fail("invalid_request", 501491, "Invalid size of Code_Challenge parameter.")
+		return
+	case q.Has("resource"):
+		fail("invalid_target", 9010010, "The resource parameter provided in the request doesn't match with the requested scopes.")
+		return
+	}
+
+	if f.interactive && q.Get("fake_decision") == "" {
+		f.signInPage(w, q)
+		return
+	}
+	f.mu.Lock()
+	authErr, user := f.authorizeError, f.user
+	f.mu.Unlock()
+	switch {
+	case q.Get("fake_decision") == "cancel" || authErr == "access_denied":
+		fail("access_denied", 50126, "The user canceled the authentication.")
+		return
+	case authErr == "consent_required":
+		fail("consent_required", 65001, "The user or administrator has not consented to use the application.")
+		return
+	case authErr != "":
+		fail(authErr, 90033, "A transient error has occurred. Please try again.")
+		return
+	}
+
+	code := "0.AAAA" + rand.Text() + rand.Text()
+	f.mu.Lock()
+	f.codes[code] = &fakeCode{clientID: q.Get("client_id"), redirectURI: q.Get("redirect_uri"), scope: q.Get("scope"),
+		challenge: q.Get("code_challenge"), method: q.Get("code_challenge_method"), nonce: q.Get("nonce"), user: user,
+		expires: f.now().Add(10 * time.Minute)}
+	f.mu.Unlock()
+	u, _ := url.Parse(q.Get("redirect_uri"))
+	u.RawQuery = url.Values{"code": {code}, "state": {q.Get("state")}, "session_state": {fakeGUID()}}.Encode()
+	http.Redirect(w, r, u.String(), http.StatusFound)
+}
+
+// signInPage stands in for Entra's sign-in page in the demo.
+func (f *fakeEntra) signInPage(w http.ResponseWriter, q url.Values) {
+	f.mu.Lock()
+	user := f.user
+	f.mu.Unlock()
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	fakeSignInPage.Execute(w, struct {
+		User   fakeUser
+		Params url.Values
+	}{user, q})
+}
+
+var fakeSignInPage = template.Must(template.New("signin").Parse(`<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>Sign in (fake Entra ID)</title>
+<style>body{font-family:system-ui,sans-serif;max-width:30rem;margin:3rem auto}button{font-size:1rem;padding:.5rem 1.2rem}</style></head><body>
+<p><em>Fake Microsoft Entra ID, for the local demo.</em></p>
+<h1>Sign in</h1><p>Sign in as <strong>{{.User.Name}}</strong> ({{.User.UPN}})?</p>
+<form method="get">{{range $k, $vs := .Params}}{{range $vs}}<input type="hidden" name="{{$k}}" value="{{.}}">{{end}}{{end}}
+<button name="fake_decision" value="signin">Sign in</button> <button name="fake_decision" value="cancel">Cancel</button></form>
+</body></html>`))
+
+// Name and UPN are exported for the template.
+func (u fakeUser) Name() string { return u.name }
+func (u fakeUser) UPN() string  { return u.upn }
+
+func (f *fakeEntra) errorPage(w http.ResponseWriter, aadsts int, msg string) {
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.WriteHeader(http.StatusBadRequest)
+	fmt.Fprintf(w, "<p>Sorry, but we're having trouble signing you in.</p><p>AADSTS%d: %s</p>", aadsts, template.HTMLEscapeString(msg))
+}
+
+func (f *fakeEntra) redirectError(w http.ResponseWriter, r *http.Request, code string, aadsts int, msg string) {
+	u, _ := url.Parse(r.URL.Query().Get("redirect_uri"))
+	u.RawQuery = url.Values{
+		"error":             {code},
+		"error_description": {f.description(aadsts, msg)},
+		"error_uri":         {fmt.Sprintf("https://login.microsoftonline.com/error?code=%d", aadsts)},
+		"state":             {r.URL.Query().Get("state")},
+	}.Encode()
+	http.Redirect(w, r, u.String(), http.StatusFound)
+}
+
+func (f *fakeEntra) description(aadsts int, msg string) string {
+	return fmt.Sprintf("AADSTS%d: %s\r\nTrace ID: %s\r\nCorrelation ID: %s\r\nTimestamp: %s",
+		aadsts, msg, fakeGUID(), fakeGUID(), f.now().UTC().Format("2006-01-02 15:04:05Z"))
+}
+
+// tokenError writes Entra's token-endpoint error JSON.
+func (f *fakeEntra) tokenError(w http.ResponseWriter, status int, code string, aadsts int, msg string) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(map[string]any{
+		"error": code, "error_description": f.description(aadsts, msg), "error_codes": []int{aadsts},
+		"timestamp": f.now().UTC().Format("2006-01-02 15:04:05Z"), "trace_id": fakeGUID(), "correlation_id": fakeGUID(),
+		"error_uri": fmt.Sprintf("https://login.microsoftonline.com/error?code=%d", aadsts),
+	})
+}
+
+// token is Entra's token endpoint: client authentication, then the grant.
+func (f *fakeEntra) token(w http.ResponseWriter, r *http.Request) {
+	if r.Method != http.MethodPost {
+		f.tokenError(w, 400, "invalid_request", 900561, "The endpoint only accepts POST requests.")
+		return
+	}
+	if err := r.ParseForm(); err != nil {
+		f.tokenError(w, 400, "invalid_request", 900144, "The request body must be form-encoded.")
+		return
+	}
+	form := r.PostForm
+	grant := form.Get("grant_type")
+	if grant == "" {
+		f.tokenError(w, 400, "invalid_request", 900144, "The request body must contain the following parameter: 'grant_type'.")
+		return
+	}
+	if grant != "authorization_code" && grant != "refresh_token" {
+		f.tokenError(w, 400, "unsupported_grant_type", 70003, "The app requested an unsupported grant type.")
+		return
+	}
+	id, secret, basic := r.BasicAuth()
+	if basic && form.Has("client_secret") {
+		f.tokenError(w, 400, "invalid_request", 90014, "Use one client authentication method.")
+		return
+	}
+	if !basic {
+		id, secret = form.Get("client_id"), form.Get("client_secret")
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch {
+	case id != f.clientID:
+		f.tokenError(w, 400, "unauthorized_client", 700016, "Application not found in the directory.")
+		return
+	case secret == "":
+		f.tokenError(w, 401, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.")
+		return
+	case secret != f.clientSecret:
+		f.tokenError(w, 401, "invalid_client", 7000215, "Invalid client secret provided.")
+		return
+	}
+
+	var user fakeUser
+	var scope, nonce string
+	if grant == "authorization_code" {
+		c, ok := f.codes[form.Get("code")]
+		switch {
+		case !ok:
+			f.tokenError(w, 400, "invalid_grant", 9002313, "Invalid request. Request is malformed or invalid.")
+			return
+		case c.used:
+			f.tokenError(w, 400, "invalid_grant", 54005, "OAuth2 Authorization code was already redeemed.")
+			return
+		case !f.now().Before(c.expires):
+			f.tokenError(w, 400, "invalid_grant", 70008, "The provided authorization code or refresh token has expired due to inactivity.")
+			return
+		case c.clientID != id:
+			f.tokenError(w, 400, "invalid_grant", 70000, "The provided grant is invalid or malformed.")
+			return
+		case form.Get("redirect_uri") != c.redirectURI:
+			f.tokenError(w, 400, "invalid_grant", 50011, "The reply address does not match the reply address provided when requesting the authorization code.")
+			return
+		case c.challenge != "" && !pkceMatches(form.Get("code_verifier"), c.challenge, c.method):
+			f.tokenError(w, 400, "invalid_grant", 501481, "The Code_Verifier does not match the code_challenge supplied in the authorization request.")
+			return
+		}
+		c.used = true // only on success, as Entra does
+		user, scope, nonce = c.user, c.scope, c.nonce
+	} else {
+		g, ok := f.refreshTokens[form.Get("refresh_token")]
+		if !ok || !f.now().Before(g.expires) {
+			f.tokenError(w, 400, "invalid_grant", 9002313, "Invalid request. Request is malformed or invalid.")
+			return
+		}
+		user, scope = g.user, g.scope // Entra rotates but leaves the old refresh token valid
+	}
+
+	scopes := strings.Fields(scope)
+	at := "fake-at." + rand.Text() // opaque: nothing can parse it, as with real Graph tokens
+	f.accessTokens[at] = fakeGrant{user: user, scope: scope, expires: f.now().Add(time.Hour)}
+	f.lastAT = at
+	resp := map[string]any{
+		"token_type": "Bearer", "scope": "openid profile offline_access https://graph.microsoft.com/User.Read",
+		"expires_in": 3600, "ext_expires_in": 3600, "access_token": at,
+	}
+	if slices.Contains(scopes, "offline_access") {
+		rt := "1.AAAA" + rand.Text() + rand.Text()
+		f.refreshTokens[rt] = fakeGrant{user: user, scope: scope, expires: f.now().Add(90 * 24 * time.Hour)}
+		resp["refresh_token"] = rt
+	}
+	if slices.Contains(scopes, "openid") {
+		resp["id_token"] = f.signIDToken(user, nonce)
+	}
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-store, no-cache")
+	json.NewEncoder(w).Encode(resp)
+}
+
+func pkceMatches(verifier, challenge, method string) bool {
+	if !isPKCEValue(verifier) {
+		return false
+	}
+	if method == "plain" {
+		return verifier == challenge
+	}
+	return s256(verifier) == challenge
+}
+
+// signIDToken mints an RS256 id_token with Entra's v2.0 claims; f.mu is held.
+func (f *fakeEntra) signIDToken(user fakeUser, nonce string) string {
+	now := f.now()
+	claims := map[string]any{
+		"aud": f.clientID, "iss": f.URL + "/" + f.tenantID + "/v2.0", "iat": now.Unix(), "nbf": now.Unix(),
+		"exp": now.Add(time.Hour).Unix(), "name": user.name, "oid": user.oid, "preferred_username": user.upn,
+		"sub": base64.RawURLEncoding.EncodeToString([]byte(user.oid))[:43], "tid": f.tenantID, "ver": "2.0",
+		"rh": "0.AAAA", "uti": rand.Text(), "aio": rand.Text(),
+	}
+	if nonce != "" {
+		claims["nonce"] = nonce
+	}
+	if f.idTokenEdit != nil {
+		f.idTokenEdit(claims)
+	}
+	return f.sign(claims)
+}
+
+// mintIDToken signs arbitrary claims, for tests that present an Entra token.
+func (f *fakeEntra) mintIDToken(claims map[string]any) string {
+	return f.sign(claims)
+}
+
+func (f *fakeEntra) sign(claims map[string]any) string {
+	header, _ := json.Marshal(map[string]string{"typ": "JWT", "alg": "RS256", "kid": f.kid()})
+	payload, _ := json.Marshal(claims)
+	signed := base64.RawURLEncoding.EncodeToString(header) + "." + base64.RawURLEncoding.EncodeToString(payload)
+	sum := sha256.Sum256([]byte(signed))
+	sig, _ := rsa.SignPKCS1v15(nil, f.key, crypto.SHA256, sum[:])
+	return signed + "." + base64.RawURLEncoding.EncodeToString(sig)
+}
+
+// me is Microsoft Graph's GET /v1.0/me: only access tokens this fake issued,
+// unexpired, with User.Read.
+func (f *fakeEntra) me(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	graphError := func(status int, code, msg string) {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("request-id", fakeGUID())
+		if status == http.StatusUnauthorized {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="", authorization_uri="https://login.microsoftonline.com/common/oauth2/authorize", client_id="00000003-0000-0000-c000-000000000000"`)
+		}
+		w.WriteHeader(status)
+		json.NewEncoder(w).Encode(map[string]any{"error": map[string]any{"code": code, "message": msg}})
+	}
+	if f.graphStatus != 0 {
+		graphError(f.graphStatus, "serviceNotAvailable", "Service unavailable.")
+		return
+	}
+	token, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+	g, known := f.accessTokens[token]
+	switch {
+	case !ok || token == "":
+		graphError(401, "InvalidAuthenticationToken", "Access token is empty.")
+	case !known:
+		graphError(401, "InvalidAuthenticationToken", "IDX14100: JWT is not well formed.")
+	case !f.now().Before(g.expires):
+		graphError(401, "InvalidAuthenticationToken", "Lifetime validation failed, the token is expired.")
+	case !strings.Contains(g.scope, "User.Read"):
+		graphError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
+	default:
+		w.Header().Set("Content-Type", "application/json;odata.metadata=minimal")
+		json.NewEncoder(w).Encode(map[string]any{
+			"@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users/$entity",
+			"businessPhones": []string{}, "displayName": g.user.name, "givenName": strings.Fields(g.user.name)[0],
+			"jobTitle": nil, "mail": g.user.upn, "mobilePhone": nil, "officeLocation": nil, "preferredLanguage": nil,
+			"surname": nil, "userPrincipalName": g.user.upn, "id": g.user.oid,
+		})
+	}
+}
+
+func fakeGUID() string {
+	b := randomBytes(16)
+	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:])
+}

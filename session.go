@@ -1,0 +1,386 @@
+package main
+
+import (
+	"crypto/hkdf"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/oauth2"
+)
+
+// Session mapping: steps 1 and 7 of the flow.
+//
+// After a sign-in, the Entra tokens stay here, in a [session]. The client gets
+// a session token instead: a JWT-shaped string, HMAC-signed by this server,
+// that names the session and nothing else about the user. Every MCP request
+// carries it (step 1 checks it); the server maps it back to the session and,
+// from there, to the Entra token (step 10).
+//
+// This is the "session binding" of MCP 2025-03-26 "Third-Party Authorization
+// Flow": the client never sees, and can never present, a token from Entra ID
+// (MCP 2025-06-18 "Token Passthrough").
+
+// A session is one sign-in of one user through one client.
+type session struct {
+	id       string
+	subject  string // opaque user id for tokens and logs, derived from tid+oid
+	user     entraUser
+	clientID string
+	scope    string
+	resource string             // the audience of the session's tokens
+	entra    oauth2.TokenSource // the Entra tokens; refreshes them when they expire
+}
+
+// entraUser is who signed in, read from the verified id_token. It stays on the
+// server: no token the client holds contains it.
+type entraUser struct {
+	tenantID string // tid
+	objectID string // oid
+	name     string
+	username string // preferred_username
+}
+
+// refreshGrant is what a refresh token stands for.
+type refreshGrant struct {
+	sessionID string
+	clientID  string
+}
+
+// Lifetimes of the server's own state.
+const (
+	consentTTL = 10 * time.Minute    // a consent page stays usable
+	flowTTL    = 10 * time.Minute    // a sign-in at Entra may take
+	codeTTL    = 2 * time.Minute     // our authorization codes (OAuth 2.1 §4.1.2: short)
+	refreshTTL = 14 * 24 * time.Hour // refresh tokens, and the sessions they keep alive
+)
+
+// Step 1: the challenge.
+
+// authenticate checks the bearer token of a request to an MCP endpoint and
+// returns its session. Otherwise it answers 401 with the challenge of RFC 9728
+// §5.1, which points the client at the protected-resource metadata of that
+// endpoint (MCP 2025-06-18 "Authorization Server Location"), and returns nil.
+//
+// A token is good here if its MAC and expiry check out, its audience is this
+// server or this endpoint, and its session still exists. Nothing else is a
+// token: Entra tokens, whatever their shape, fail the MAC.
+func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint string) *session {
+	challenge := fmt.Sprintf(`Bearer resource_metadata="%s/.well-known/oauth-protected-resource%s", scope="%s"`,
+		s.cfg.publicURL, endpoint, serverScope)
+
+	auth := r.Header.Get("Authorization")
+	scheme, token, _ := strings.Cut(auth, " ")
+	if auth == "" || !strings.EqualFold(scheme, "Bearer") {
+		// RFC 6750 §3.1: no error code when the request carried no token.
+		w.Header().Set("WWW-Authenticate", challenge)
+		writeJSON(w, http.StatusUnauthorized, &oauthError{Code: "unauthorized", Description: "sign in first: this endpoint needs a bearer token"})
+		return nil
+	}
+	reject := func(description string) *session {
+		w.Header().Set("WWW-Authenticate", challenge+fmt.Sprintf(`, error="invalid_token", error_description="%s"`, description))
+		writeJSON(w, http.StatusUnauthorized, &oauthError{Code: "invalid_token", Description: description})
+		return nil
+	}
+
+	claims, err := s.tokens.verify(strings.TrimSpace(token))
+	switch {
+	case errors.Is(err, errTokenExpired):
+		return reject("the access token expired")
+	case err != nil:
+		return reject("the access token is invalid")
+	case claims.Audience != s.cfg.publicURL && claims.Audience != s.cfg.publicURL+endpoint:
+		return reject("the access token is for another resource")
+	}
+	sess, ok := s.sessions.get(claims.SessionID)
+	if !ok || sess.clientID != claims.ClientID {
+		return reject("the session has ended; sign in again")
+	}
+	return sess
+}
+
+// Step 7: the server's own tokens.
+
+// tokenResponse is the successful token response (RFC 6749 §5.1).
+type tokenResponse struct {
+	AccessToken  string `json:"access_token"`
+	TokenType    string `json:"token_type"`
+	ExpiresIn    int64  `json:"expires_in"`
+	RefreshToken string `json:"refresh_token,omitempty"`
+	Scope        string `json:"scope"`
+}
+
+// issueTokens mints a session token for sess and, for clients registered for
+// the refresh_token grant, a refresh token. The refresh token is a random
+// string; only its hash is kept.
+func (s *server) issueTokens(c *client, sess *session) *tokenResponse {
+	now := s.now()
+	resp := &tokenResponse{
+		AccessToken: s.tokens.mint(sessionClaims{
+			Audience:  sess.resource,
+			Subject:   sess.subject,
+			SessionID: sess.id,
+			ClientID:  sess.clientID,
+			Scope:     sess.scope,
+			IssuedAt:  now.Unix(),
+			Expiry:    now.Add(s.cfg.accessTTL).Unix(),
+		}),
+		TokenType: "Bearer",
+		ExpiresIn: int64(s.cfg.accessTTL / time.Second),
+		Scope:     sess.scope,
+	}
+	ttl := s.cfg.accessTTL
+	if c.allows("refresh_token") {
+		resp.RefreshToken = newSecret()
+		s.refreshes.put(hashKey(resp.RefreshToken), refreshGrant{sessionID: sess.id, clientID: c.ID}, refreshTTL)
+		ttl = refreshTTL
+	}
+	s.sessions.put(sess.id, sess, ttl)
+	return resp
+}
+
+// endSession forgets a session and closes its streams: its access and refresh
+// tokens stop working at once, wherever they are.
+func (s *server) endSession(id string) {
+	s.sessions.delete(id)
+	s.streams.closeSession(id)
+}
+
+// The session token.
+//
+// Format: base64url(header) "." base64url(claims) "." base64url(mac), where mac
+// is HMAC-SHA256 over the first two parts joined by the dot, as in a JWS
+// (RFC 7515). The base64url alphabet has no dot, so the MAC input splits one
+// way only: bytes cannot move between header and claims without changing it.
+// (golang.org/x/net/xsrftoken once joined raw fields with ":" and had to fix
+// the resulting collisions, golang/go#34308.)
+//
+// The header is fixed per key: the verifier compares it byte for byte and
+// never reads an "alg" from the token, so alg=none and algorithm swaps fail.
+
+// sessionClaims is the claims part. It names a session, never the user: the
+// token is readable by anyone who holds it.
+type sessionClaims struct {
+	Issuer    string `json:"iss"`
+	Audience  string `json:"aud"`
+	Subject   string `json:"sub"`
+	SessionID string `json:"sid"`
+	ClientID  string `json:"client_id"`
+	Scope     string `json:"scope"`
+	IssuedAt  int64  `json:"iat"`
+	Expiry    int64  `json:"exp"`
+}
+
+// tokenHeader is the header part; ver is the format version, kid names the key.
+type tokenHeader struct {
+	Alg string `json:"alg"`
+	Typ string `json:"typ"`
+	Kid string `json:"kid"`
+	Ver int    `json:"ver"`
+}
+
+var (
+	errTokenMalformed = errors.New("session token: malformed")
+	errTokenSignature = errors.New("session token: bad signature")
+	errTokenExpired   = errors.New("session token: expired")
+	errTokenIssuer    = errors.New("session token: wrong issuer")
+)
+
+// maxTokenLen bounds what verify reads: real tokens are about 400 bytes.
+const maxTokenLen = 4096
+
+// sessionCodec mints and verifies session tokens.
+type sessionCodec struct {
+	macKey     []byte // signs tokens
+	subjectKey []byte // derives opaque subjects from Entra ids
+	header     string // base64url of the fixed header
+	issuer     string
+	now        func() time.Time
+}
+
+// newSessionCodec derives one key per purpose from SESSION_KEY (HKDF,
+// RFC 5869), so the token MAC and the subject ids never share a key.
+func newSessionCodec(secret []byte, issuer string, now func() time.Time) *sessionCodec {
+	derive := func(purpose string) []byte {
+		key, err := hkdf.Key(sha256.New, secret, nil, "entra-mcp "+purpose, 32)
+		if err != nil {
+			panic(err) // only for impossible lengths
+		}
+		return key
+	}
+	c := &sessionCodec{
+		macKey:     derive("session token v1"),
+		subjectKey: derive("subject v1"),
+		issuer:     issuer,
+		now:        now,
+	}
+	kid := sha256.Sum256(c.macKey) // names the key without revealing it
+	header, _ := json.Marshal(tokenHeader{Alg: "HS256", Typ: "at+jwt", Kid: hex.EncodeToString(kid[:4]), Ver: 1})
+	c.header = base64.RawURLEncoding.EncodeToString(header)
+	return c
+}
+
+// mint returns a signed token carrying claims, with the issuer filled in.
+func (c *sessionCodec) mint(claims sessionClaims) string {
+	claims.Issuer = c.issuer
+	payload, _ := json.Marshal(claims)
+	signed := c.header + "." + base64.RawURLEncoding.EncodeToString(payload)
+	return signed + "." + base64.RawURLEncoding.EncodeToString(c.mac(signed))
+}
+
+// verify checks a token's header, MAC, issuer and expiry, in that order, and
+// returns its claims. The caller checks the audience and the session.
+func (c *sessionCodec) verify(token string) (sessionClaims, error) {
+	if len(token) > maxTokenLen {
+		return sessionClaims{}, errTokenMalformed
+	}
+	rest, ok := strings.CutPrefix(token, c.header+".")
+	if !ok {
+		return sessionClaims{}, errTokenMalformed
+	}
+	payload, sig, ok := strings.Cut(rest, ".")
+	if !ok {
+		return sessionClaims{}, errTokenMalformed
+	}
+	gotMAC, err := base64.RawURLEncoding.DecodeString(sig)
+	if err != nil {
+		return sessionClaims{}, errTokenMalformed
+	}
+	if !hmac.Equal(gotMAC, c.mac(token[:len(token)-len(sig)-1])) {
+		return sessionClaims{}, errTokenSignature
+	}
+
+	// Only now, with the MAC checked, is the payload ours to parse.
+	raw, err := base64.RawURLEncoding.DecodeString(payload)
+	if err != nil {
+		return sessionClaims{}, errTokenMalformed
+	}
+	var claims sessionClaims
+	if err := json.Unmarshal(raw, &claims); err != nil {
+		return sessionClaims{}, errTokenMalformed
+	}
+	if claims.Issuer != c.issuer {
+		return sessionClaims{}, errTokenIssuer
+	}
+	if !c.now().Before(time.Unix(claims.Expiry, 0)) {
+		return sessionClaims{}, errTokenExpired
+	}
+	return claims, nil
+}
+
+func (c *sessionCodec) mac(signed string) []byte {
+	m := hmac.New(sha256.New, c.macKey)
+	m.Write([]byte(signed))
+	return m.Sum(nil)
+}
+
+// subject derives the opaque, stable user id of a token's "sub" from the
+// Entra tenant and object ids: the same user gets the same subject for as long
+// as SESSION_KEY stays the same, and nobody can tell who it is.
+func (c *sessionCodec) subject(u entraUser) string {
+	m := hmac.New(sha256.New, c.subjectKey)
+	m.Write([]byte(u.tenantID))
+	m.Write([]byte{0}) // GUIDs hold no NUL: the pair encodes one way only
+	m.Write([]byte(u.objectID))
+	return base64.RawURLEncoding.EncodeToString(m.Sum(nil)[:16])
+}
+
+// Secrets and the maps that hold short-lived state.
+
+// newSecret returns a random string with at least 128 bits of entropy, for
+// ids, states, codes, client secrets and refresh tokens.
+func newSecret() string { return rand.Text() }
+
+func randomBytes(n int) []byte {
+	b := make([]byte, n)
+	rand.Read(b) // never fails (crypto/rand, Go 1.24+)
+	return b
+}
+
+// hashKey is the map key under which a secret is stored. Keeping hashes, not
+// the secrets, means a memory dump yields no usable code or refresh token,
+// and a lookup's timing says nothing about the secret.
+func hashKey(secret string) string {
+	sum := sha256.Sum256([]byte(secret))
+	return string(sum[:])
+}
+
+// sameSecret compares two secrets in constant time.
+func sameSecret(a, b string) bool {
+	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
+}
+
+// ttlMap is a map whose entries expire: a lookup past an entry's deadline
+// finds nothing. Every flow step keeps its state in one.
+type ttlMap[V any] struct {
+	mu      sync.Mutex
+	now     func() time.Time
+	entries map[string]ttlEntry[V]
+}
+
+type ttlEntry[V any] struct {
+	value   V
+	expires time.Time // zero: never
+}
+
+func newTTLMap[V any](now func() time.Time) *ttlMap[V] {
+	return &ttlMap[V]{now: now, entries: make(map[string]ttlEntry[V])}
+}
+
+// put stores v under key for ttl; a ttl of 0 keeps it until deleted.
+func (m *ttlMap[V]) put(key string, v V, ttl time.Duration) {
+	var expires time.Time
+	if ttl > 0 {
+		expires = m.now().Add(ttl)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.entries[key] = ttlEntry[V]{v, expires}
+}
+
+// get returns the live entry under key.
+func (m *ttlMap[V]) get(key string) (V, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.live(key)
+}
+
+// take returns the live entry under key and deletes it: whatever take finds
+// is used once.
+func (m *ttlMap[V]) take(key string) (V, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	v, ok := m.live(key)
+	delete(m.entries, key)
+	return v, ok
+}
+
+func (m *ttlMap[V]) delete(key string) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	delete(m.entries, key)
+}
+
+// live looks key up; m.mu must be held. An expired entry is removed.
+func (m *ttlMap[V]) live(key string) (V, bool) {
+	e, ok := m.entries[key]
+	if ok && !e.expires.IsZero() && !m.now().Before(e.expires) {
+		delete(m.entries, key)
+		ok = false
+	}
+	if !ok {
+		var zero V
+		return zero, false
+	}
+	return e.value, true
+}
