@@ -29,6 +29,7 @@ import (
 	"io"
 	"log/slog"
 	"math/big"
+	"net"
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
@@ -946,10 +947,18 @@ func TestRunConfigErrors(t *testing.T) {
 }
 
 func TestRunServesAndShutsDown(t *testing.T) {
-	f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback"})
+	// run needs its public URL before it listens; take a free port first.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	publicURL := "http://" + addr
+	f := newFakeEntra(t, fakeEntraOptions{redirectURI: publicURL + "/auth/callback"})
 	env := map[string]string{
 		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
-		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL, "ADDR": "127.0.0.1:0",
+		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL, "ADDR": addr, "PUBLIC_URL": publicURL,
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	logs, logWriter := io.Pipe()
@@ -959,24 +968,30 @@ func TestRunServesAndShutsDown(t *testing.T) {
 		logWriter.Close()
 	}()
 
-	// The first log line says where to point the client and where we listen.
+	// Once listening, one log line says which URL to give the client.
 	lines := bufio.NewScanner(logs)
 	if !lines.Scan() {
 		t.Fatalf("no log line from run: %v", <-done)
 	}
-	first := lines.Text()
-	if !strings.Contains(first, "url=http://localhost:3001/sse") {
+	if first := lines.Text(); !strings.Contains(first, "url="+publicURL+"/sse") {
 		t.Errorf("first log line = %q, want the URL to give the client", first)
 	}
-	addr := regexp.MustCompile(`addr=(\S+)`).FindStringSubmatch(first)[1]
 	go io.Copy(io.Discard, logs)
 
-	resp, err := http.Get("http://" + addr + "/.well-known/oauth-authorization-server")
-	if err != nil || resp.StatusCode != http.StatusOK {
-		t.Fatalf("GET metadata = %v, %v", resp, err)
+	// A client signs in through the real server and holds a stream open.
+	client := &testEnv{url: publicURL, entra: f}
+	conn := client.connect(t, client.signIn(t, signInOptions{}).AccessToken)
+	var result toolResult
+	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	if result.IsError {
+		t.Fatalf("tools/call through run = %+v", result)
 	}
-	resp.Body.Close()
+
+	// Shutting down ends the open stream and returns cleanly.
 	cancel()
+	if _, err := conn.events.next(); !errors.Is(err, io.EOF) {
+		t.Errorf("stream after shutdown: %v, want EOF", err)
+	}
 	if err := <-done; err != nil {
 		t.Errorf("run() after cancel = %v, want nil", err)
 	}
