@@ -254,6 +254,9 @@ func (c *client) matchRedirectURI(requested string) (string, bool) {
 		}
 		return "", false
 	}
+	if strings.Contains(requested, "#") {
+		return "", false // RFC 6749 §3.1.2: never a fragment
+	}
 	for _, registered := range c.RedirectURIs {
 		if requested == registered || sameLoopbackURI(requested, registered) {
 			return requested, true
@@ -292,10 +295,14 @@ type authRequest struct {
 // handleAuthorize validates an authorization request (OAuth 2.1 §4.1.1) and
 // shows the consent page.
 //
-// Until client_id and redirect_uri are known good, errors are shown as a page
-// and never redirected: redirecting to an unvalidated URI would make this
-// server an open redirector (OAuth 2.1 §4.1.2.1). After that, errors go back
-// to the client as RFC 6749 §4.1.2.1 error redirects.
+// Every error here is shown as a page, never redirected. Before client_id and
+// redirect_uri are validated, a redirect would make this server an open
+// redirector (OAuth 2.1 §4.1.2.1). After that, it still could: registration
+// is open, so a registered redirect URI proves nothing about its owner, and an
+// authorization server must not redirect automatically to a URI it does not
+// trust (RFC 9700 §4.11.2). Once the user has seen the redirect host on the
+// consent page and decided, errors go back to the client as RFC 6749 §4.1.2.1
+// error redirects.
 func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	for _, name := range []string{"client_id", "redirect_uri", "response_type", "state", "code_challenge", "code_challenge_method", "scope", "resource"} {
@@ -325,17 +332,17 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 		resource:      s.cfg.publicURL,
 	}
 	if q.Get("response_type") != "code" {
-		s.redirectError(w, r, req, "unsupported_response_type", "response_type must be code")
+		s.requestErrorPage(w, "unsupported_response_type", "response_type must be code.")
 		return
 	}
 	if q.Get("code_challenge_method") != "S256" || !isPKCEValue(req.challenge) || len(req.challenge) != 43 {
-		s.redirectError(w, r, req, "invalid_request", "PKCE is required: send code_challenge with code_challenge_method=S256")
+		s.requestErrorPage(w, "invalid_request", "PKCE is required: send a code_challenge with code_challenge_method=S256.")
 		return
 	}
 	if q.Has("resource") {
 		resource, ok := s.canonicalResource(q.Get("resource"))
 		if !ok {
-			s.redirectError(w, r, req, "invalid_target", "resource must be this server's URL, its /sse or its /mcp endpoint")
+			s.requestErrorPage(w, "invalid_target", "resource must be this server's URL, its /sse or its /mcp endpoint.")
 			return
 		}
 		req.resource = resource
@@ -379,8 +386,19 @@ func isPKCEValue(v string) bool {
 }
 
 // browserCookieName names the cookie that ties a consent, and the sign-in
-// that follows it, to one browser.
-const browserCookieName = "entra_mcp_browser"
+// that follows it, to one browser. Over https it carries the __Host- prefix,
+// so that no other site (a sibling subdomain, a network attacker on plain
+// http) can plant one of its own choosing (RFC 6265bis §4.1.3.2). Browsers
+// have no such protection for http://localhost, where every local service
+// shares the cookie jar.
+func (s *server) browserCookieName() string {
+	if s.secureCookies() {
+		return "__Host-entra_mcp_browser"
+	}
+	return "entra_mcp_browser"
+}
+
+func (s *server) secureCookies() bool { return strings.HasPrefix(s.cfg.publicURL, "https://") }
 
 // browserCookie returns this browser's id, setting the cookie if it has none.
 //
@@ -393,26 +411,26 @@ const browserCookieName = "entra_mcp_browser"
 // Strict, because the callback is a top-level redirect from Entra's site.
 func (s *server) browserCookie(w http.ResponseWriter, r *http.Request) string {
 	id := ""
-	if c, err := r.Cookie(browserCookieName); err == nil && len(c.Value) == len(newSecret()) {
+	if c, err := r.Cookie(s.browserCookieName()); err == nil && len(c.Value) == len(newSecret()) {
 		id = c.Value
 	} else {
 		id = newSecret()
 	}
 	http.SetCookie(w, &http.Cookie{
-		Name:     browserCookieName,
+		Name:     s.browserCookieName(),
 		Value:    id,
 		Path:     "/",
-		MaxAge:   int(flowTTL / time.Second),
+		MaxAge:   int((consentTTL + flowTTL) / time.Second), // outlives the consent page and the sign-in
 		HttpOnly: true,
-		Secure:   strings.HasPrefix(s.cfg.publicURL, "https://"),
+		Secure:   s.secureCookies(),
 		SameSite: http.SameSiteLaxMode,
 	})
 	return id
 }
 
 // sameBrowser reports whether r carries the browser cookie id.
-func sameBrowser(r *http.Request, id string) bool {
-	c, err := r.Cookie(browserCookieName)
+func (s *server) sameBrowser(r *http.Request, id string) bool {
+	c, err := r.Cookie(s.browserCookieName())
 	return err == nil && sameSecret(c.Value, id)
 }
 
@@ -454,7 +472,7 @@ func (s *server) handleConsent(w http.ResponseWriter, r *http.Request) {
 		s.errorPage(w, http.StatusBadRequest, "Consent expired", "This consent page has expired or was already used. Start the sign-in again from your MCP client.")
 		return
 	}
-	if !sameBrowser(r, req.browser) {
+	if !s.sameBrowser(r, req.browser) {
 		s.errorPage(w, http.StatusForbidden, "Consent refused", "This consent was not given in the browser that opened the page. Start the sign-in again from your MCP client.")
 		return
 	}
@@ -508,7 +526,7 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 		s.errorPage(w, http.StatusBadRequest, "Sign-in expired", "This sign-in is unknown, expired, or already finished. Start again from your MCP client.")
 		return
 	}
-	if !sameBrowser(r, flow.browser) {
+	if !s.sameBrowser(r, flow.browser) {
 		s.log.Warn("callback from another browser than the one that approved", "client_id", flow.req.clientID)
 		s.errorPage(w, http.StatusForbidden, "Sign-in refused", "This sign-in was started in another browser. Start again from your MCP client, in this browser.")
 		return
@@ -794,13 +812,15 @@ func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
 }
 
 // authenticateClient identifies the client of a token or revocation request
-// and checks its credentials the way it registered (RFC 7591 §2): HTTP Basic
-// (client_secret_basic), the form body (client_secret_post), or client_id
-// alone for a public client (none). Failures are 401 invalid_client (RFC 6749
-// §5.2), which tells MCP clients to register again.
+// and checks its credentials (RFC 6749 §2.3): a client registered with a
+// secret sends it by HTTP Basic (client_secret_basic) or in the form body
+// (client_secret_post), whichever it registered, and either is accepted, since
+// clients that omit token_endpoint_auth_method at registration often post the
+// secret anyway; a public client (none) sends client_id alone, and no secret.
+// Failures are 401 invalid_client (RFC 6749 §5.2), which tells MCP clients to
+// register again.
 func (s *server) authenticateClient(r *http.Request) (*client, error) {
 	id, secret, basic := r.BasicAuth()
-	method := "client_secret_basic"
 	if basic {
 		// RFC 6749 §2.3.1: the Basic credentials are form-encoded first.
 		var errID, errSecret error
@@ -814,17 +834,17 @@ func (s *server) authenticateClient(r *http.Request) (*client, error) {
 		}
 	} else {
 		id, secret = r.PostForm.Get("client_id"), r.PostForm.Get("client_secret")
-		method = "client_secret_post"
-		if !r.PostForm.Has("client_secret") {
-			method = "none"
-		}
 	}
 	invalid := &oauthError{status: http.StatusUnauthorized, Code: "invalid_client", Description: "client authentication failed", basic: basic}
 	c, ok := s.clients.get(id)
-	if !ok || method != c.TokenEndpointAuthMethod {
+	switch {
+	case !ok:
 		return nil, invalid
-	}
-	if c.secretHash != "" && !sameSecret(hashKey(secret), c.secretHash) {
+	case c.secretHash == "": // a public client: a secret means confusion, not proof
+		if basic || secret != "" {
+			return nil, invalid
+		}
+	case !sameSecret(hashKey(secret), c.secretHash):
 		return nil, invalid
 	}
 	return c, nil
@@ -838,16 +858,17 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	if !ok {
 		return nil, badRequest("invalid_grant", "the code is invalid or expired")
 	}
+	// Another client presenting the code learns nothing and changes nothing.
+	req := code.req
+	if req.clientID != c.ID {
+		return nil, badRequest("invalid_grant", "the code is invalid or expired")
+	}
 	// Each code works once. A second use means it leaked: end the session
 	// the first use created (OAuth 2.1 §4.1.3).
 	if code.redeemed.Swap(true) {
 		s.log.Warn("authorization code used twice; ending its session", "client_id", c.ID)
-		s.endSession(code.session.id)
+		s.endSession(code.session)
 		return nil, badRequest("invalid_grant", "the code was already used")
-	}
-	req := code.req
-	if req.clientID != c.ID {
-		return nil, badRequest("invalid_grant", "the code was issued to another client")
 	}
 	if got := form.Get("redirect_uri"); (req.redirectGiven || got != "") && got != req.redirectURI {
 		return nil, badRequest("invalid_grant", "redirect_uri does not match the authorization request")
@@ -873,12 +894,17 @@ func s256(verifier string) string {
 // redeemRefreshToken is the refresh_token grant (OAuth 2.1 §4.3): the refresh
 // token is single-use and is replaced by a new one with each access token.
 func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse, error) {
-	grant, ok := s.refreshes.take(hashKey(form.Get("refresh_token")))
-	if !ok || grant.clientID != c.ID {
+	key := hashKey(form.Get("refresh_token"))
+	if grant, ok := s.refreshes.get(key); !ok || grant.clientID != c.ID {
+		// Another client's token stays usable by its owner.
+		return nil, badRequest("invalid_grant", "the refresh token is invalid or expired")
+	}
+	grant, ok := s.refreshes.take(key)
+	if !ok {
 		return nil, badRequest("invalid_grant", "the refresh token is invalid or expired")
 	}
 	sess, ok := s.sessions.get(grant.sessionID)
-	if !ok {
+	if !ok || sess.ended.Load() {
 		return nil, badRequest("invalid_grant", "the session has ended; sign in again")
 	}
 	if form.Has("resource") {
@@ -904,10 +930,14 @@ func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	token := r.PostForm.Get("token")
+	sessionID := ""
 	if claims, err := s.tokens.verify(token); err == nil && claims.ClientID == c.ID {
-		s.endSession(claims.SessionID)
+		sessionID = claims.SessionID
 	} else if grant, ok := s.refreshes.get(hashKey(token)); ok && grant.clientID == c.ID {
-		s.endSession(grant.sessionID)
+		sessionID = grant.sessionID
+	}
+	if sess, ok := s.sessions.get(sessionID); ok {
+		s.endSession(sess)
 	}
 	w.WriteHeader(http.StatusOK)
 }
@@ -968,6 +998,12 @@ func (s *server) redirectToClient(w http.ResponseWriter, r *http.Request, req *a
 	}
 	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, u.String(), status)
+}
+
+// requestErrorPage shows an invalid authorization request, with its OAuth
+// error code for the developer of the client.
+func (s *server) requestErrorPage(w http.ResponseWriter, code, message string) {
+	s.errorPage(w, http.StatusBadRequest, "Invalid authorization request", "The application sent an invalid request ("+code+"): "+message)
 }
 
 // errorPage shows an error to the user in the browser, for errors that must

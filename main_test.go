@@ -15,6 +15,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -28,6 +29,7 @@ import (
 	"html/template"
 	"io"
 	"log/slog"
+	"maps"
 	"math/big"
 	"net"
 	"net/http"
@@ -318,7 +320,7 @@ func TestSessionTokenEncodingIsUnambiguous(t *testing.T) {
 func Example_sessionToken() {
 	c := newSessionCodec(make([]byte, 32), "http://localhost:3001", func() time.Time { return time.Unix(1e9, 0) })
 	token := c.mint(sessionClaims{Audience: "http://localhost:3001/sse", Subject: "QmFzZTY0U3ViamVjdA", SessionID: "SESSIONID",
-		ClientID: "CLIENTID", Scope: "mcp", IssuedAt: 1e9, Expiry: 1e9 + 3600})
+		ClientID: "CLIENTID", Scope: "mcp", IssuedAt: 1e9, Expiry: 1e9 + 3600, TokenID: "TOKENID"})
 	header, payload, _, _ := cut3(token)
 	for _, part := range []string{header, payload} {
 		b, _ := base64.RawURLEncoding.DecodeString(part)
@@ -326,7 +328,7 @@ func Example_sessionToken() {
 	}
 	// Output:
 	// {"alg":"HS256","typ":"at+jwt","kid":"24672a10","ver":1}
-	// {"iss":"http://localhost:3001","aud":"http://localhost:3001/sse","sub":"QmFzZTY0U3ViamVjdA","sid":"SESSIONID","client_id":"CLIENTID","scope":"mcp","iat":1000000000,"exp":1000003600}
+	// {"iss":"http://localhost:3001","aud":"http://localhost:3001/sse","sub":"QmFzZTY0U3ViamVjdA","sid":"SESSIONID","client_id":"CLIENTID","scope":"mcp","iat":1000000000,"exp":1000003600,"jti":"TOKENID"}
 }
 
 // Step 2: discovery.
@@ -413,39 +415,28 @@ func TestAuthorizeErrors(t *testing.T) {
 		return "/authorize?" + q.Encode()
 	}
 
-	// Until client_id and redirect_uri are known good: a page, never a redirect.
+	// Before the user has approved the client, every error is a page, never
+	// a redirect: first the redirect URI is unvalidated, then it is merely
+	// registered, which anyone can do (RFC 9700 §4.11.2).
 	for name, edit := range map[string]func(url.Values){
-		"unknown client":          func(q url.Values) { q.Set("client_id", "nope") },
-		"missing client":          func(q url.Values) { q.Del("client_id") },
-		"unregistered redirect":   func(q url.Values) { q.Set("redirect_uri", "https://evil.example/cb") },
-		"redirect with more path": func(q url.Values) { q.Set("redirect_uri", c.redirectURI+"/x") },
-		"loopback, other host":    func(q url.Values) { q.Set("redirect_uri", "http://localhost:7777/callback") },
-		"duplicate parameter":     func(q url.Values) { q.Add("redirect_uri", "https://evil.example/cb") },
+		"unknown client":           func(q url.Values) { q.Set("client_id", "nope") },
+		"missing client":           func(q url.Values) { q.Del("client_id") },
+		"unregistered redirect":    func(q url.Values) { q.Set("redirect_uri", "https://evil.example/cb") },
+		"redirect with more path":  func(q url.Values) { q.Set("redirect_uri", c.redirectURI+"/x") },
+		"loopback, other host":     func(q url.Values) { q.Set("redirect_uri", "http://localhost:7777/callback") },
+		"loopback with a fragment": func(q url.Values) { q.Set("redirect_uri", "http://127.0.0.1:9999/callback#x") },
+		"duplicate parameter":      func(q url.Values) { q.Add("redirect_uri", "https://evil.example/cb") },
+		"response_type token":      func(q url.Values) { q.Set("response_type", "token") },
+		"no PKCE":                  func(q url.Values) { q.Del("code_challenge"); q.Del("code_challenge_method") },
+		"plain PKCE":               func(q url.Values) { q.Set("code_challenge_method", "plain") },
+		"malformed challenge":      func(q url.Values) { q.Set("code_challenge", "short") },
+		"foreign resource":         func(q url.Values) { q.Set("resource", "https://graph.microsoft.com") },
+		"resource with a sub-path": func(q url.Values) { q.Set("resource", env.url+"/sse/x") },
 	} {
 		t.Run(name, func(t *testing.T) {
 			resp := newBrowser(t).get(t, env.url+valid(edit))
 			if resp.StatusCode != http.StatusBadRequest || resp.Header.Get("Location") != "" || !strings.HasPrefix(resp.Header.Get("Content-Type"), "text/html") {
 				t.Errorf("GET /authorize = %d, Location %q; want a 400 page and no redirect", resp.StatusCode, resp.Header.Get("Location"))
-			}
-		})
-	}
-
-	// After that: an error redirect to the client, with its state.
-	for name, tt := range map[string]struct {
-		edit      func(url.Values)
-		wantError string
-	}{
-		"response_type token":      {func(q url.Values) { q.Set("response_type", "token") }, "unsupported_response_type"},
-		"no PKCE":                  {func(q url.Values) { q.Del("code_challenge"); q.Del("code_challenge_method") }, "invalid_request"},
-		"plain PKCE":               {func(q url.Values) { q.Set("code_challenge_method", "plain") }, "invalid_request"},
-		"malformed challenge":      {func(q url.Values) { q.Set("code_challenge", "short") }, "invalid_request"},
-		"foreign resource":         {func(q url.Values) { q.Set("resource", "https://graph.microsoft.com") }, "invalid_target"},
-		"resource with a sub-path": {func(q url.Values) { q.Set("resource", env.url+"/sse/x") }, "invalid_target"},
-	} {
-		t.Run(name, func(t *testing.T) {
-			u := location(t, newBrowser(t).get(t, env.url+valid(tt.edit)), http.StatusFound)
-			if got := u.Query(); got.Get("error") != tt.wantError || got.Get("state") != "st" || !strings.HasPrefix(u.String(), c.redirectURI+"?") {
-				t.Errorf("redirected to %s, want %s?error=%s&state=st", u, c.redirectURI, tt.wantError)
 			}
 		})
 	}
@@ -520,6 +511,31 @@ func TestConsent(t *testing.T) {
 				t.Errorf("POST /authorize = %d (Location %q), want %d and no redirect", resp.StatusCode, resp.Header.Get("Location"), tt.wantStatus)
 			}
 		})
+	}
+}
+
+func TestBrowserCookie(t *testing.T) {
+	for _, tt := range []struct {
+		publicURL, wantName string
+		wantSecure          bool
+	}{
+		{"http://localhost:3001", "entra_mcp_browser", false},
+		{"https://mcp.example", "__Host-entra_mcp_browser", true},
+	} {
+		srv := newServer(config{publicURL: tt.publicURL, sessionKey: randomBytes(32)}, slog.New(slog.DiscardHandler), nil, time.Now)
+		rec := httptest.NewRecorder()
+		srv.browserCookie(rec, httptest.NewRequest("GET", "/authorize", nil))
+		cookies := rec.Result().Cookies()
+		if len(cookies) != 1 {
+			t.Fatalf("%s: cookies = %v", tt.publicURL, cookies)
+		}
+		c := cookies[0]
+		// Lax, not Strict: the callback is a top-level redirect from Entra's
+		// site, and must carry the cookie.
+		if c.Name != tt.wantName || c.Secure != tt.wantSecure || !c.HttpOnly || c.SameSite != http.SameSiteLaxMode ||
+			c.Path != "/" || c.Domain != "" || c.MaxAge < int((consentTTL+flowTTL)/time.Second) {
+			t.Errorf("%s: cookie = %+v", tt.publicURL, c)
+		}
 	}
 }
 
@@ -652,6 +668,15 @@ func TestTokenErrors(t *testing.T) {
 		})
 	}
 
+	t.Run("another client's attempt leaves the code to its owner", func(t *testing.T) {
+		form := code(t)
+		stolen := maps.Clone(form)
+		stolen.Set("client_id", other.id)
+		wantOAuthError(t, env.postForm(t, "/token", stolen, nil), 400, "invalid_grant")
+		var tokens tokenResponse
+		decodeJSON(t, env.postForm(t, "/token", form, nil), http.StatusOK, &tokens)
+	})
+
 	t.Run("code used twice ends the session the first use created", func(t *testing.T) {
 		form := code(t)
 		var tokens tokenResponse
@@ -666,30 +691,32 @@ func TestTokenErrors(t *testing.T) {
 func TestConfidentialClients(t *testing.T) {
 	env := newTestEnv(t)
 	for _, method := range []string{"client_secret_basic", "client_secret_post"} {
-		t.Run(method, func(t *testing.T) {
-			c := env.newClient(t, `"token_endpoint_auth_method":"`+method+`"`)
-			redeem := func(useBasic bool, secret string) *http.Response {
-				form := url.Values{"grant_type": {"authorization_code"}, "code": {env.codeFor(t, c)},
-					"redirect_uri": {c.redirectURI}, "code_verifier": {c.verifier}}
-				h := http.Header{}
-				if useBasic {
-					h.Set("Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(c.id)+":"+url.QueryEscape(secret))))
-				} else {
-					form.Set("client_id", c.id)
-					form.Set("client_secret", secret)
+		c := env.newClient(t, `"token_endpoint_auth_method":"`+method+`"`)
+		redeem := func(useBasic bool, secret string) *http.Response {
+			form := url.Values{"grant_type": {"authorization_code"}, "code": {env.codeFor(t, c)},
+				"redirect_uri": {c.redirectURI}, "code_verifier": {c.verifier}}
+			h := http.Header{}
+			if useBasic {
+				h.Set("Authorization", "Basic "+base64.StdEncoding.EncodeToString([]byte(url.QueryEscape(c.id)+":"+url.QueryEscape(secret))))
+			} else {
+				form.Set("client_id", c.id)
+				form.Set("client_secret", secret)
+			}
+			return env.postForm(t, "/token", form, h)
+		}
+		for _, basic := range []bool{true, false} {
+			t.Run(fmt.Sprintf("%s, sent by Basic=%v", method, basic), func(t *testing.T) {
+				for _, secret := range []string{"wrong", ""} {
+					resp := redeem(basic, secret)
+					wantOAuthError(t, resp, 401, "invalid_client")
+					if got := resp.Header.Get("WWW-Authenticate"); basic != strings.HasPrefix(got, "Basic") {
+						t.Errorf("WWW-Authenticate = %q after Basic=%v", got, basic)
+					}
 				}
-				return env.postForm(t, "/token", form, h)
-			}
-			basic := method == "client_secret_basic"
-			resp := redeem(basic, "wrong")
-			wantOAuthError(t, resp, 401, "invalid_client")
-			if got := resp.Header.Get("WWW-Authenticate"); basic != strings.HasPrefix(got, "Basic") {
-				t.Errorf("WWW-Authenticate = %q after Basic=%v", got, basic)
-			}
-			wantOAuthError(t, redeem(!basic, c.secret), 401, "invalid_client") // not the registered method
-			var tokens tokenResponse
-			decodeJSON(t, redeem(basic, c.secret), http.StatusOK, &tokens)
-		})
+				var tokens tokenResponse
+				decodeJSON(t, redeem(basic, c.secret), http.StatusOK, &tokens)
+			})
+		}
 	}
 }
 
@@ -712,6 +739,7 @@ func TestRefreshAndRevoke(t *testing.T) {
 	wantOAuthError(t, refresh(first.RefreshToken, c.id), 400, "invalid_grant") // rotated: single use
 	other := env.newClient(t, `"token_endpoint_auth_method":"none"`)
 	wantOAuthError(t, refresh(second.RefreshToken, other.id), 400, "invalid_grant")
+	decodeJSON(t, refresh(second.RefreshToken, c.id), http.StatusOK, &second) // still its owner's
 
 	// Revocation (RFC 7009): 200 for unknown tokens; revoking ends the session.
 	revoke := func(token string) {
@@ -726,6 +754,24 @@ func TestRefreshAndRevoke(t *testing.T) {
 		t.Errorf("GET /sse after revocation = %d, want 401", resp.StatusCode)
 	}
 	wantOAuthError(t, refresh(second.RefreshToken, c.id), 400, "invalid_grant")
+}
+
+func TestEndedSessionStaysEnded(t *testing.T) {
+	env := newTestEnv(t)
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	tokens := env.redeem(t, c, env.codeFor(t, c))
+	sess, _ := env.srv.sessions.get(tokenClaims(t, tokens.AccessToken)["sid"].(string))
+	client, _ := env.srv.clients.get(c.id)
+
+	// A token request that loses the race with a revocation puts the
+	// session back after endSession; its tokens must still not work.
+	env.srv.endSession(sess)
+	late := env.srv.issueTokens(client, sess)
+	if resp := env.do(t, "GET", "/sse", nil, bearer(late.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("GET /sse with a token of an ended session = %d, want 401", resp.StatusCode)
+	}
+	resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {late.RefreshToken}, "client_id": {c.id}}, nil)
+	wantOAuthError(t, resp, 400, "invalid_grant")
 }
 
 // Steps 8 and 9: the SSE transport.
@@ -879,6 +925,31 @@ func TestJSONRPC(t *testing.T) {
 			t.Errorf("next event = %s, want the ping's answer", resp.raw)
 		}
 	})
+}
+
+func TestToolRefreshesTheEntraToken(t *testing.T) {
+	env := newTestEnv(t)
+	// Entra tokens that expire within golang.org/x/oauth2's 10-second margin
+	// are stale as soon as they arrive: every use refreshes first.
+	env.entra.set(func() { env.entra.expiresIn = 5 })
+	conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
+
+	var result toolResult
+	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	if result.IsError || !strings.Contains(result.Content[0].Text, "Adele Vance") {
+		t.Fatalf("tools/call = %+v", result)
+	}
+	env.entra.mu.Lock()
+	defer env.entra.mu.Unlock()
+	if len(env.entra.refreshes) != 1 {
+		t.Fatalf("Entra got %d refresh_token grants, want 1", len(env.entra.refreshes))
+	}
+	if form := env.entra.refreshes[0]; form.Get("client_id") != env.entra.clientID || form.Get("client_secret") != env.entra.clientSecret {
+		t.Errorf("the refresh did not authenticate as the app in the body (AuthStyleInParams): %v", slices.Collect(maps.Keys(form)))
+	}
+	if env.entra.graphToken != env.entra.lastAT {
+		t.Errorf("Graph was called with an older Entra token, not the refreshed one")
+	}
 }
 
 func TestToolGraphFailure(t *testing.T) {
@@ -1496,6 +1567,9 @@ type fakeEntra struct {
 	authorizeError string               // knob: the next sign-ins fail with this error
 	idTokenEdit    func(map[string]any) // knob: tamper with issued id_tokens
 	graphStatus    int                  // knob: Graph fails with this status
+	expiresIn      int                  // knob: lifetime of access tokens in seconds (default 3600)
+	refreshes      []url.Values         // refresh_token grants received, for assertions
+	graphToken     string               // the last access token Graph accepted
 }
 
 type fakeCode struct {
@@ -1802,15 +1876,17 @@ func (f *fakeEntra) token(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		user, scope = g.user, g.scope // Entra rotates but leaves the old refresh token valid
+		f.refreshes = append(f.refreshes, form)
 	}
 
 	scopes := strings.Fields(scope)
+	expiresIn := cmp.Or(f.expiresIn, 3600)
 	at := "fake-at." + rand.Text() // opaque: nothing can parse it, as with real Graph tokens
-	f.accessTokens[at] = fakeGrant{user: user, scope: scope, expires: f.now().Add(time.Hour)}
+	f.accessTokens[at] = fakeGrant{user: user, scope: scope, expires: f.now().Add(time.Duration(expiresIn) * time.Second)}
 	f.lastAT = at
 	resp := map[string]any{
 		"token_type": "Bearer", "scope": "openid profile offline_access https://graph.microsoft.com/User.Read",
-		"expires_in": 3600, "ext_expires_in": 3600, "access_token": at,
+		"expires_in": expiresIn, "ext_expires_in": expiresIn, "access_token": at,
 	}
 	if slices.Contains(scopes, "offline_access") {
 		rt := "1.AAAA" + rand.Text() + rand.Text()
@@ -1897,6 +1973,7 @@ func (f *fakeEntra) me(w http.ResponseWriter, r *http.Request) {
 	case !strings.Contains(g.scope, "User.Read"):
 		graphError(403, "Authorization_RequestDenied", "Insufficient privileges to complete the operation.")
 	default:
+		f.graphToken = token
 		w.Header().Set("Content-Type", "application/json;odata.metadata=minimal")
 		json.NewEncoder(w).Encode(map[string]any{
 			"@odata.context": "https://graph.microsoft.com/v1.0/$metadata#users/$entity",

@@ -14,6 +14,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -40,6 +41,7 @@ type session struct {
 	scope    string
 	resource string             // the audience of the session's tokens
 	entra    oauth2.TokenSource // the Entra tokens; refreshes them when they expire
+	ended    atomic.Bool        // set once by endSession; an ended session never comes back
 }
 
 // entraUser is who signed in, read from the verified id_token. It stays on the
@@ -103,7 +105,7 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint s
 		return reject("the access token is for another resource")
 	}
 	sess, ok := s.sessions.get(claims.SessionID)
-	if !ok || sess.clientID != claims.ClientID {
+	if !ok || sess.ended.Load() || sess.clientID != claims.ClientID {
 		return reject("the session has ended; sign in again")
 	}
 	return sess
@@ -149,11 +151,14 @@ func (s *server) issueTokens(c *client, sess *session) *tokenResponse {
 	return resp
 }
 
-// endSession forgets a session and closes its streams: its access and refresh
-// tokens stop working at once, wherever they are.
-func (s *server) endSession(id string) {
-	s.sessions.delete(id)
-	s.streams.closeSession(id)
+// endSession ends a session and closes its streams: its access and refresh
+// tokens stop working at once, wherever they are. The flag, not only the
+// deletion, is what counts: a token request racing with endSession may put
+// the session back, ended.
+func (s *server) endSession(sess *session) {
+	sess.ended.Store(true)
+	s.sessions.delete(sess.id)
+	s.streams.closeSession(sess.id)
 }
 
 // The session token.
@@ -179,6 +184,7 @@ type sessionClaims struct {
 	Scope     string `json:"scope"`
 	IssuedAt  int64  `json:"iat"`
 	Expiry    int64  `json:"exp"`
+	TokenID   string `json:"jti"` // unique per token (RFC 9068 §2.2)
 }
 
 // tokenHeader is the header part; ver is the format version, kid names the key.
@@ -230,9 +236,13 @@ func newSessionCodec(secret []byte, issuer string, now func() time.Time) *sessio
 	return c
 }
 
-// mint returns a signed token carrying claims, with the issuer filled in.
+// mint returns a signed token carrying claims, with the issuer and a fresh
+// token id filled in.
 func (c *sessionCodec) mint(claims sessionClaims) string {
 	claims.Issuer = c.issuer
+	if claims.TokenID == "" {
+		claims.TokenID = newSecret()
+	}
 	payload, _ := json.Marshal(claims)
 	signed := c.header + "." + base64.RawURLEncoding.EncodeToString(payload)
 	return signed + "." + base64.RawURLEncoding.EncodeToString(c.mac(signed))
