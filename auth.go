@@ -779,20 +779,15 @@ type authCode struct {
 }
 
 // handleToken is the token endpoint (OAuth 2.1 §3.2): it authenticates the
-// client as it registered, then redeems a code (§4.1.3) or a refresh token
-// (§4.3). Errors are RFC 6749 §5.2 JSON.
+// client, then redeems a code (§4.1.3) or a refresh token (§4.3). Errors are
+// RFC 6749 §5.2 JSON.
 func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
-	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
-	if err := r.ParseForm(); err != nil {
-		writeOAuthError(w, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded"))
-		return
-	}
-	c, err := s.authenticateClient(r)
-	if err != nil {
-		writeOAuthError(w, err)
+	c, ok := s.clientRequest(w, r)
+	if !ok {
 		return
 	}
 	var resp *tokenResponse
+	var err error
 	switch grant := r.PostForm.Get("grant_type"); grant {
 	case "authorization_code":
 		resp, err = s.redeemCode(c, r.PostForm)
@@ -809,6 +804,22 @@ func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
 	}
 	w.Header().Set("Pragma", "no-cache")
 	writeJSON(w, http.StatusOK, resp)
+}
+
+// clientRequest reads the form of a token or revocation request and
+// authenticates its client; on failure it writes the error and returns false.
+func (s *server) clientRequest(w http.ResponseWriter, r *http.Request) (*client, bool) {
+	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+	if err := r.ParseForm(); err != nil {
+		writeOAuthError(w, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded"))
+		return nil, false
+	}
+	c, err := s.authenticateClient(r)
+	if err != nil {
+		writeOAuthError(w, err)
+		return nil, false
+	}
+	return c, true
 }
 
 // authenticateClient identifies the client of a token or revocation request
@@ -919,14 +930,8 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 // a session ends the whole session. Unknown tokens get 200 too (§2.2), so the
 // endpoint says nothing about which tokens exist.
 func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
-	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
-	if err := r.ParseForm(); err != nil {
-		writeOAuthError(w, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded"))
-		return
-	}
-	c, err := s.authenticateClient(r)
-	if err != nil {
-		writeOAuthError(w, err)
+	c, ok := s.clientRequest(w, r)
+	if !ok {
 		return
 	}
 	token := r.PostForm.Get("token")

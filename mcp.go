@@ -29,6 +29,7 @@ const (
 	codeInvalidRequest  = -32600 // JSON, but not a JSON-RPC 2.0 request
 	codeMethodNotFound  = -32601 // no such method
 	codeInvalidParams   = -32602 // wrong params, or an unknown tool
+	codeInternalError   = -32603 // a bug here, not in the request
 	codeSessionNotFound = -32001 // unknown or ended MCP session (SDK convention)
 )
 
@@ -287,13 +288,4 @@ func (s *server) userDetails(ctx context.Context, sess *session) (string, error)
 // errors that belong to no request id.
 func writeRPCError(w http.ResponseWriter, status, code int, message string) {
 	writeJSON(w, status, &rpcResponse{JSONRPC: "2.0", Error: &rpcError{Code: code, Message: message}})
-}
-
-// mustMarshal encodes a response; the types here always encode.
-func mustMarshal(v any) []byte {
-	b, err := json.Marshal(v)
-	if err != nil {
-		panic(err)
-	}
-	return b
 }

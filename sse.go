@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -172,8 +173,14 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if resp := s.dispatch(r.Context(), st.mcp, sess, msg); resp != nil {
+		out, err := json.Marshal(resp)
+		if err != nil {
+			s.log.Error("encode JSON-RPC response", "method", msg.Method, "err", err)
+			writeRPCError(w, http.StatusInternalServerError, codeInternalError, "internal error")
+			return
+		}
 		select {
-		case st.out <- mustMarshal(resp):
+		case st.out <- out:
 		case <-st.done:
 			writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session ended")
 			return
