@@ -280,6 +280,7 @@ func TestChallengeRejectsBadTokens(t *testing.T) {
 				if hasErr := strings.Contains(challenge, `error="invalid_token"`); hasErr != (tt.wantError != "") {
 					t.Errorf("%s %s: WWW-Authenticate = %q, want error=%q", method, path, challenge, tt.wantError)
 				}
+				wantOAuthError(t, resp, http.StatusUnauthorized, cmp.Or(tt.wantError, "unauthorized"))
 			}
 		})
 	}
@@ -883,6 +884,15 @@ func TestJSONRPC(t *testing.T) {
 			}
 		})
 	}
+
+	t.Run("too large", func(t *testing.T) {
+		body := `{"jsonrpc":"2.0","id":1,"method":"ping","params":{"pad":"` + strings.Repeat("x", maxMessageSize) + `"}}`
+		var r struct{ Error rpcError }
+		decodeJSON(t, conn.post(t, body), http.StatusRequestEntityTooLarge, &r)
+		if r.Error.Code != codeInvalidRequest {
+			t.Errorf("oversized message: error %+v", r.Error)
+		}
+	})
 
 	// Requests get their answer on the stream: a result or an error.
 	for _, tt := range []struct {
