@@ -110,7 +110,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err != nil {
 		return fmt.Errorf("ADDR %q: %w", cfg.addr, err)
 	}
-	logger.Info("listening; give your MCP client this URL", "url", cfg.publicURL+"/sse", "addr", ln.Addr().String())
+	logger.Info("listening; give your MCP client this URL", "url", cfg.publicURL+"/mcp", "legacy_sse_url", cfg.publicURL+"/sse", "addr", ln.Addr().String())
 
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- httpServer.Serve(ln) }()
@@ -145,6 +145,8 @@ Usage: go run .   (configured from the environment)
   ADDR                 default localhost:3001 (listen address)
   SESSION_KEY          default random per start (hex or base64, at least 32 bytes)
   ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues)
+  ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp
+                       and /sse, besides PUBLIC_URL's and loopback ones)
 
 See README.md for the walkthrough.
 `
@@ -152,15 +154,16 @@ See README.md for the walkthrough.
 // config is the validated configuration. It flows from run into the server;
 // nothing reads the environment after start.
 type config struct {
-	tenantID     string
-	clientID     string
-	clientSecret string
-	authority    string // e.g. https://login.microsoftonline.com, no trailing slash
-	graphURL     string // e.g. https://graph.microsoft.com, no trailing slash
-	publicURL    string // origin clients reach us at, no trailing slash
-	addr         string
-	sessionKey   []byte
-	accessTTL    time.Duration
+	tenantID       string
+	clientID       string
+	clientSecret   string
+	authority      string // e.g. https://login.microsoftonline.com, no trailing slash
+	graphURL       string // e.g. https://graph.microsoft.com, no trailing slash
+	publicURL      string // origin clients reach us at, no trailing slash
+	addr           string
+	sessionKey     []byte
+	accessTTL      time.Duration
+	allowedOrigins []string // extra browser origins allowed on the MCP endpoints
 }
 
 // loadConfig reads and validates the configuration. Each error is one line
@@ -211,6 +214,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 	ttl := env("ACCESS_TOKEN_TTL", "1h")
 	if cfg.accessTTL, err = time.ParseDuration(ttl); err != nil || cfg.accessTTL < time.Minute || cfg.accessTTL > 24*time.Hour {
 		return config{}, fmt.Errorf("ACCESS_TOKEN_TTL %q: want a Go duration between 1m and 24h, such as 1h", ttl)
+	}
+	for o := range strings.SplitSeq(env("ALLOWED_ORIGINS", ""), ",") {
+		if o = strings.TrimSpace(o); o == "" {
+			continue
+		}
+		if u, err := url.Parse(o); err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") || u.Path != "" || u.RawQuery != "" {
+			return config{}, fmt.Errorf("ALLOWED_ORIGINS: %q is not an origin; list origins such as https://app.example.com, separated by commas", o)
+		}
+		cfg.allowedOrigins = append(cfg.allowedOrigins, o)
 	}
 	return cfg, nil
 }
@@ -281,7 +293,7 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		codes:     newTTLMap[*authCode](now),
 		sessions:  newTTLMap[*session](now),
 		refreshes: newTTLMap[refreshGrant](now),
-		streams:   newStreamRegistry(),
+		mcp:       newMCPSessions(),
 		keepAlive: 15 * time.Second,
 		closing:   make(chan struct{}),
 	}
@@ -302,7 +314,11 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 	// Step 7: our own tokens; and their revocation (RFC 7009).
 	mux.HandleFunc("POST /token", s.handleToken)
 	mux.HandleFunc("POST /revoke", s.handleRevoke)
-	// Steps 8 to 10: MCP over HTTP+SSE (MCP 2024-11-05).
+	// Steps 8 to 10: MCP over Streamable HTTP (MCP 2025-03-26 and later)...
+	mux.HandleFunc("POST /mcp", s.handleMCPPost)
+	mux.HandleFunc("DELETE /mcp", s.handleMCPDelete)
+	mux.HandleFunc("/mcp", s.handleMCPOther) // GET and the rest: 405, after auth
+	// ... and over HTTP+SSE (MCP 2024-11-05), for older clients.
 	mux.HandleFunc("GET /sse", s.handleSSE)
 	mux.HandleFunc("POST /message", s.handleMessage)
 	s.mux = mux
@@ -326,9 +342,9 @@ type server struct {
 	sessions  *ttlMap[*session]     // step 7: signed-in sessions, by session id
 	refreshes *ttlMap[refreshGrant] // step 7: refresh tokens, by hash
 
-	streams   *streamRegistry // step 8: open SSE streams
-	keepAlive time.Duration   // interval of SSE keep-alive comments
-	closing   chan struct{}   // closed when the server shuts down
+	mcp       *mcpSessions  // steps 8 and 9: MCP sessions of both transports
+	keepAlive time.Duration // interval of SSE keep-alive comments
+	closing   chan struct{} // closed when the server shuts down
 	closeOnce sync.Once
 }
 

@@ -818,12 +818,12 @@ func TestSSESessions(t *testing.T) {
 	}
 
 	t.Run("a closed stream ends its session", func(t *testing.T) {
-		st, ok := env.srv.streams.get(strings.TrimPrefix(aliceConn.endpoint, "/message?sessionId="))
+		ms, ok := env.srv.mcp.get(strings.TrimPrefix(aliceConn.endpoint, "/message?sessionId="), tokenClaims(t, alice.AccessToken)["sid"].(string))
 		if !ok {
-			t.Fatal("alice's stream is not registered")
+			t.Fatal("alice's session is not registered")
 		}
 		aliceConn.close()
-		<-st.done // the handler has returned and unregistered the stream
+		<-ms.stream.done // the handler has returned and unregistered the session
 		if resp := aliceConn.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); resp.StatusCode != http.StatusNotFound {
 			t.Errorf("POST to a closed stream's session = %d, want 404", resp.StatusCode)
 		}
@@ -1054,7 +1054,7 @@ func TestRunServesAndShutsDown(t *testing.T) {
 	if !lines.Scan() {
 		t.Fatalf("no log line from run: %v", <-done)
 	}
-	if first := lines.Text(); !strings.Contains(first, "url="+publicURL+"/sse") {
+	if first := lines.Text(); !strings.Contains(first, "url="+publicURL+"/mcp") {
 		t.Errorf("first log line = %q, want the URL to give the client", first)
 	}
 	go io.Copy(io.Discard, logs)
@@ -1100,8 +1100,8 @@ func TestDemo(t *testing.T) {
 	}
 	fmt.Printf(`
 entra-mcp demo: the real server on http://localhost:3001, with a fake Entra ID at %s.
-Give your MCP client this URL:  http://localhost:3001/sse
-For example: npx @modelcontextprotocol/inspector, Transport Type "SSE", then Connect.
+Give your MCP client this URL:  http://localhost:3001/mcp  (older, SSE-only clients: http://localhost:3001/sse)
+For example: npx @modelcontextprotocol/inspector, Transport Type "Streamable HTTP", then Connect.
 You will sign in as the demo user %s (%s). Press Ctrl-C to stop.
 
 `, f.URL, f.user.name, f.user.upn)
@@ -1122,7 +1122,8 @@ type testEnv struct {
 	logs  *lockedBuffer
 }
 
-func newTestEnv(t *testing.T) *testEnv {
+// newTestEnv starts a server; opts may change its configuration.
+func newTestEnv(t *testing.T, opts ...func(*config)) *testEnv {
 	t.Helper()
 	clock := &testClock{t: time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)}
 	ts := httptest.NewUnstartedServer(nil)
@@ -1133,6 +1134,9 @@ func newTestEnv(t *testing.T) *testEnv {
 		tenantID: entra.tenantID, clientID: entra.clientID, clientSecret: entra.clientSecret,
 		authority: entra.URL, graphURL: entra.URL, publicURL: publicURL,
 		sessionKey: randomBytes(32), accessTTL: time.Hour,
+	}
+	for _, opt := range opts {
+		opt(&cfg)
 	}
 	logs := &lockedBuffer{}
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(t.Output(), logs), nil))
@@ -1204,9 +1208,11 @@ func (e *testEnv) register(t *testing.T, body string) map[string]any {
 	return reg
 }
 
-// testClient is a registered MCP client with its PKCE verifier.
+// testClient is a registered MCP client with its PKCE verifier, and the
+// resource it asks tokens for (RFC 8707), if any.
 type testClient struct {
 	id, secret, redirectURI, verifier string
+	resource                          string
 }
 
 // newClient registers a client with the loopback redirect URI and the given
@@ -1224,6 +1230,9 @@ func (e *testEnv) newClient(t *testing.T, fields string) *testClient {
 func (c *testClient) authorizeURL(extra url.Values) string {
 	q := url.Values{"response_type": {"code"}, "client_id": {c.id}, "redirect_uri": {c.redirectURI}, "state": {"client-state"},
 		"code_challenge": {oauth2.S256ChallengeFromVerifier(c.verifier)}, "code_challenge_method": {"S256"}}
+	if c.resource != "" {
+		q.Set("resource", c.resource)
+	}
 	for k, v := range extra {
 		q[k] = v
 	}
@@ -1260,7 +1269,10 @@ func (e *testEnv) redeem(t *testing.T, c *testClient, code string) tokenResponse
 	return tokens
 }
 
-type signInOptions struct{}
+// signInOptions changes how signIn signs in.
+type signInOptions struct {
+	resource string // the resource to ask for; none by default
+}
 
 // signedIn is a signed-in public client's tokens.
 type signedIn struct {
@@ -1269,9 +1281,10 @@ type signedIn struct {
 }
 
 // signIn runs steps 3 to 7 for a new public client and returns its tokens.
-func (e *testEnv) signIn(t *testing.T, _ signInOptions) signedIn {
+func (e *testEnv) signIn(t *testing.T, opts signInOptions) signedIn {
 	t.Helper()
 	c := e.newClient(t, `"token_endpoint_auth_method":"none"`)
+	c.resource = opts.resource
 	return signedIn{e.redeem(t, c, e.codeFor(t, c)), c.id}
 }
 

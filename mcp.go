@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -9,17 +10,20 @@ import (
 	"io"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 )
 
-// Steps 9 and 10: the MCP layer, JSON-RPC 2.0 written out by hand.
+// Steps 9 and 10: the MCP layer, JSON-RPC 2.0 written out by hand, shared by
+// both transports (sse.go).
 //
-// The transport hands each decoded message to [server.dispatch], which answers
-// initialize (version negotiation), ping, tools/list and tools/call. The one
-// tool, getUserDetails, calls Microsoft Graph with the Entra token of the
-// caller's session (step 10): the token that arrived with the request is our
-// own and never goes anywhere else (MCP 2025-06-18 "Token Passthrough").
+// A transport reads a POST body, decodes it with [decodeBody] and hands it to
+// [server.run], which dispatches each message: initialize (version
+// negotiation), ping, tools/list and tools/call. The one tool,
+// getUserDetails, calls Microsoft Graph with the Entra token of the caller's
+// session (step 10): the token that arrived with the request is our own and
+// never goes anywhere else (MCP 2025-06-18 "Token Passthrough").
 //
 // Specs: JSON-RPC 2.0; MCP "Lifecycle" and "Tools" (2024-11-05 to 2025-11-25).
 
@@ -34,7 +38,22 @@ const (
 )
 
 // supportedVersions are the MCP revisions this server speaks, newest first.
+// MCP 2026-07-28 drops sessions and initialize; a client of that revision gets
+// a plain 400 here and falls back to initialize with one of these.
 var supportedVersions = []string{"2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"}
+
+// checkVersionHeader checks the MCP-Protocol-Version header that clients send
+// on requests after initialize (MCP 2025-06-18 "Protocol Version Header"): an
+// unsupported value is a 400 whose error lists the supported versions. The
+// code is not -32022 (UnsupportedProtocolVersion of MCP 2026-07-28), so that
+// clients of that revision fall back to initialize.
+func checkVersionHeader(r *http.Request) *rpcResponse {
+	v := r.Header.Get("MCP-Protocol-Version")
+	if v == "" || slices.Contains(supportedVersions, v) {
+		return nil
+	}
+	return errorResponse(nil, codeInvalidRequest, "unsupported MCP-Protocol-Version "+strconv.Quote(v)+"; this server supports "+strings.Join(supportedVersions, ", "))
+}
 
 // serverInfo names this server in the initialize result.
 var serverInfo = struct {
@@ -42,13 +61,71 @@ var serverInfo = struct {
 	Version string `json:"version"`
 }{"entra-mcp", "0.1.0"}
 
-// mcpSession is one MCP session: what initialize negotiated, for whom.
+// mcpSession is one MCP session, on either transport: what initialize
+// negotiated, for whom.
 type mcpSession struct {
-	id    string // random; the transport's session id
-	owner string // id of the signed-in session that opened it
+	id     string  // random; the transport's session id
+	owner  string  // id of the signed-in session that opened it
+	stream *stream // HTTP+SSE: the stream its answers go to; nil on Streamable HTTP
 
 	mu              sync.Mutex
 	protocolVersion string // negotiated by initialize
+}
+
+// version returns the negotiated protocol version, or "" before initialize.
+func (ms *mcpSession) version() string {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	return ms.protocolVersion
+}
+
+// mcpSessions holds the live MCP sessions of both transports by id.
+type mcpSessions struct {
+	mu sync.Mutex
+	m  map[string]*mcpSession
+}
+
+func newMCPSessions() *mcpSessions { return &mcpSessions{m: make(map[string]*mcpSession)} }
+
+func (reg *mcpSessions) add(ms *mcpSession) {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	reg.m[ms.id] = ms
+}
+
+func (reg *mcpSessions) remove(ms *mcpSession) {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	delete(reg.m, ms.id)
+}
+
+// get returns the MCP session id if it belongs to the signed-in session
+// owner. Another user's session looks exactly like an unknown one: a session
+// id is never proof of identity (MCP security best practices, "Session
+// Hijacking").
+func (reg *mcpSessions) get(id, owner string) (*mcpSession, bool) {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	ms, ok := reg.m[id]
+	if !ok || ms.owner != owner {
+		return nil, false
+	}
+	return ms, true
+}
+
+// endOwner ends every MCP session of the signed-in session owner, closing
+// their streams.
+func (reg *mcpSessions) endOwner(owner string) {
+	reg.mu.Lock()
+	defer reg.mu.Unlock()
+	for id, ms := range reg.m {
+		if ms.owner == owner {
+			delete(reg.m, id)
+			if ms.stream != nil {
+				ms.stream.end()
+			}
+		}
+	}
 }
 
 // rpcMessage is any JSON-RPC 2.0 message: a request (method and id), a
@@ -75,18 +152,90 @@ type rpcError struct {
 	Message string `json:"message"`
 }
 
+func errorResponse(id json.RawMessage, code int, message string) *rpcResponse {
+	return &rpcResponse{JSONRPC: "2.0", ID: id, Error: &rpcError{Code: code, Message: message}}
+}
+
+// rpcBody is a decoded POST body: one message, or a batch (JSON-RPC 2.0 §6).
+type rpcBody struct {
+	messages []*rpcMessage
+	invalid  []*rpcResponse // errors for a batch's invalid members, answered with the rest
+	batch    bool
+}
+
+// decodeBody parses a POST body. A body that is neither a message nor a
+// batch of them gets the error response to send back instead, with HTTP 400.
+func decodeBody(body []byte) (*rpcBody, *rpcResponse) {
+	if !json.Valid(body) {
+		return nil, errorResponse(nil, codeParseError, "parse error: the body is not valid JSON")
+	}
+	if !bytes.HasPrefix(bytes.TrimSpace(body), []byte("[")) {
+		m, errResp := decodeMessage(body)
+		if errResp != nil {
+			return nil, errResp
+		}
+		return &rpcBody{messages: []*rpcMessage{m}}, nil
+	}
+	var raws []json.RawMessage
+	if err := json.Unmarshal(body, &raws); err != nil || len(raws) == 0 {
+		return nil, errorResponse(nil, codeInvalidRequest, "invalid request: a batch must hold at least one message")
+	}
+	b := &rpcBody{batch: true}
+	for _, raw := range raws {
+		if m, errResp := decodeMessage(raw); errResp != nil {
+			b.invalid = append(b.invalid, errResp)
+		} else {
+			b.messages = append(b.messages, m)
+		}
+	}
+	return b, nil
+}
+
+// isInitialize reports whether the body is a single initialize request.
+func (b *rpcBody) isInitialize() bool { return !b.batch && b.messages[0].Method == "initialize" }
+
+// checkBatch enforces the batch rules: batches exist only in MCP 2025-03-26
+// (2025-06-18 removed them), and initialize is never part of one.
+func (b *rpcBody) checkBatch(ms *mcpSession) *rpcResponse {
+	if !b.batch {
+		return nil
+	}
+	if ms.version() != "2025-03-26" {
+		return errorResponse(nil, codeInvalidRequest, "batches are only supported in MCP 2025-03-26 sessions: send one message per request")
+	}
+	for _, m := range b.messages {
+		if m.Method == "initialize" {
+			return errorResponse(nil, codeInvalidRequest, "initialize cannot be part of a batch")
+		}
+	}
+	return nil
+}
+
+// run dispatches every message of a body for sess in the MCP session ms and
+// returns what to answer: nil when nothing asks for an answer (only
+// notifications and responses), one response, or for a batch an array.
+func (s *server) run(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) any {
+	replies := b.invalid
+	for _, m := range b.messages {
+		if resp := s.dispatch(ctx, ms, sess, m); resp != nil {
+			replies = append(replies, resp)
+		}
+	}
+	switch {
+	case len(replies) == 0:
+		return nil
+	case !b.batch:
+		return replies[0]
+	}
+	return replies
+}
+
 // decodeMessage parses one JSON-RPC message. Input that is not one gets the
 // error response to send back instead, with a null id unless the id could be
 // read (JSON-RPC 2.0 §5).
 func decodeMessage(body []byte) (*rpcMessage, *rpcResponse) {
 	fail := func(id json.RawMessage, code int, message string) (*rpcMessage, *rpcResponse) {
-		return nil, &rpcResponse{JSONRPC: "2.0", ID: id, Error: &rpcError{Code: code, Message: message}}
-	}
-	if !json.Valid(body) {
-		return fail(nil, codeParseError, "parse error: the body is not valid JSON")
-	}
-	if bytes.HasPrefix(bytes.TrimSpace(body), []byte("[")) {
-		return fail(nil, codeInvalidRequest, "batches are not supported: send one message per request")
+		return nil, errorResponse(id, code, message)
 	}
 	var m rpcMessage
 	if err := json.Unmarshal(body, &m); err != nil {
@@ -145,9 +294,9 @@ func (s *server) call(ctx context.Context, ms *mcpSession, sess *session, method
 	case "ping":
 		return struct{}{}, nil
 	case "tools/list":
-		return toolsList, nil
+		return listTools(ms.version()), nil
 	case "tools/call":
-		return s.callTool(ctx, sess, params)
+		return s.callTool(ctx, ms, sess, params)
 	}
 	return nil, &rpcError{Code: codeMethodNotFound, Message: "method not found"}
 }
@@ -186,26 +335,53 @@ func (ms *mcpSession) initialize(params json.RawMessage) (any, *rpcError) {
 
 // tool describes a tool in tools/list.
 type tool struct {
-	Name        string          `json:"name"`
-	Description string          `json:"description"`
-	InputSchema json.RawMessage `json:"inputSchema"`
+	Name         string          `json:"name"`
+	Description  string          `json:"description"`
+	InputSchema  json.RawMessage `json:"inputSchema"`
+	OutputSchema json.RawMessage `json:"outputSchema,omitempty"` // MCP 2025-06-18 and later
 }
 
-// toolsList is the tools/list result: one tool, without arguments.
-var toolsList = struct {
-	Tools []tool `json:"tools"`
-}{[]tool{{
+// userDetailsTool is the one tool: no arguments; its structured result is a
+// userDetails object.
+var userDetailsTool = tool{
 	Name:        "getUserDetails",
 	Description: "Returns the signed-in user's display name, mail and user principal name from Microsoft Graph.",
 	InputSchema: json.RawMessage(`{"type":"object","properties":{},"additionalProperties":false}`),
-}}}
+	OutputSchema: json.RawMessage(`{"type":"object","properties":{` +
+		`"displayName":{"type":"string"},"mail":{"type":"string"},"userPrincipalName":{"type":"string"}},` +
+		`"required":["displayName","mail","userPrincipalName"]}`),
+}
+
+// structuredResults reports whether a session's version knows structured
+// tool results (outputSchema and structuredContent, MCP 2025-06-18). Older
+// clients get text only. The versions are dates, so they compare as strings.
+func structuredResults(version string) bool { return version >= "2025-06-18" }
+
+// listTools is the tools/list result for a session of the given version.
+func listTools(version string) any {
+	t := userDetailsTool
+	if !structuredResults(version) {
+		t.OutputSchema = nil
+	}
+	return struct {
+		Tools []tool `json:"tools"`
+	}{[]tool{t}}
+}
 
 // toolResult is the result of tools/call. A tool that fails says so here,
 // with IsError, so the model can read what went wrong (MCP "Tools", Error
 // Handling); JSON-RPC errors are for calls that could not be made at all.
 type toolResult struct {
-	Content []textContent `json:"content"`
-	IsError bool          `json:"isError,omitempty"`
+	Content           []textContent `json:"content"`
+	StructuredContent any           `json:"structuredContent,omitempty"`
+	IsError           bool          `json:"isError,omitempty"`
+}
+
+// userDetails is the structured result of getUserDetails.
+type userDetails struct {
+	DisplayName       string `json:"displayName"`
+	Mail              string `json:"mail"`
+	UserPrincipalName string `json:"userPrincipalName"`
 }
 
 type textContent struct {
@@ -214,7 +390,7 @@ type textContent struct {
 }
 
 // callTool runs tools/call.
-func (s *server) callTool(ctx context.Context, sess *session, params json.RawMessage) (any, *rpcError) {
+func (s *server) callTool(ctx context.Context, ms *mcpSession, sess *session, params json.RawMessage) (any, *rpcError) {
 	var p struct {
 		Name string `json:"name"`
 	}
@@ -224,37 +400,43 @@ func (s *server) callTool(ctx context.Context, sess *session, params json.RawMes
 	if p.Name != "getUserDetails" {
 		return nil, &rpcError{Code: codeInvalidParams, Message: "unknown tool"}
 	}
-	text, err := s.userDetails(ctx, sess)
+	me, err := s.userDetails(ctx, sess)
 	if err != nil {
 		return toolResult{Content: []textContent{{"text", "getUserDetails failed: " + err.Error()}}, IsError: true}, nil
 	}
-	return toolResult{Content: []textContent{{"text", text}}}, nil
+	orNone := func(v string) string { return cmp.Or(strings.TrimSpace(v), "(none)") }
+	result := toolResult{Content: []textContent{{"text", fmt.Sprintf("Display name: %s\nMail: %s\nUser principal name: %s",
+		orNone(me.DisplayName), orNone(me.Mail), orNone(me.UserPrincipalName))}}}
+	if structuredResults(ms.version()) {
+		result.StructuredContent = me
+	}
+	return result, nil
 }
 
 // userDetails is step 10: GET {GRAPH_URL}/v1.0/me with the session's Entra
 // access token, which the session's token source refreshes first if it has
 // expired. Errors are written for the user; the log gets the details.
-func (s *server) userDetails(ctx context.Context, sess *session) (string, error) {
+func (s *server) userDetails(ctx context.Context, sess *session) (*userDetails, error) {
 	tok, err := sess.entra.Token()
 	if err != nil {
 		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
-		return "", errors.New("your Microsoft sign-in could not be renewed; sign in again")
+		return nil, errors.New("your Microsoft sign-in could not be renewed; sign in again")
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.entra.graphURL+"/v1.0/me", nil)
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	req.Header.Set("Authorization", "Bearer "+tok.AccessToken)
 	req.Header.Set("Accept", "application/json")
 	resp, err := s.entra.httpClient.Do(req)
 	if err != nil {
 		s.log.Warn("Microsoft Graph unreachable", "err", err)
-		return "", errors.New("could not reach Microsoft Graph; try again later")
+		return nil, errors.New("could not reach Microsoft Graph; try again later")
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
-		return "", errors.New("could not read the answer of Microsoft Graph; try again later")
+		return nil, errors.New("could not read the answer of Microsoft Graph; try again later")
 	}
 	if resp.StatusCode != http.StatusOK {
 		// Graph errors look like {"error":{"code":"…","message":"…"}}; the
@@ -264,28 +446,18 @@ func (s *server) userDetails(ctx context.Context, sess *session) (string, error)
 		}
 		json.Unmarshal(body, &e)
 		s.log.Warn("Microsoft Graph error", "status", resp.StatusCode, "code", e.Error.Code, "request_id", resp.Header.Get("request-id"))
-		return "", fmt.Errorf("the call to Microsoft Graph failed: %d %s", resp.StatusCode, e.Error.Code)
+		return nil, fmt.Errorf("the call to Microsoft Graph failed: %d %s", resp.StatusCode, e.Error.Code)
 	}
-	var me struct {
-		DisplayName       string `json:"displayName"`
-		Mail              string `json:"mail"`
-		UserPrincipalName string `json:"userPrincipalName"`
-	}
+	// Graph sends null for unset properties; they decode as "".
+	var me userDetails
 	if err := json.Unmarshal(body, &me); err != nil {
-		return "", errors.New("the answer of Microsoft Graph was not a user profile")
+		return nil, errors.New("the answer of Microsoft Graph was not a user profile")
 	}
-	orNone := func(v string) string {
-		if strings.TrimSpace(v) == "" {
-			return "(none)"
-		}
-		return v
-	}
-	return fmt.Sprintf("Display name: %s\nMail: %s\nUser principal name: %s",
-		orNone(me.DisplayName), orNone(me.Mail), orNone(me.UserPrincipalName)), nil
+	return &me, nil
 }
 
 // writeRPCError answers an HTTP request with a JSON-RPC error, for transport
 // errors that belong to no request id.
 func writeRPCError(w http.ResponseWriter, status, code int, message string) {
-	writeJSON(w, status, &rpcResponse{JSONRPC: "2.0", Error: &rpcError{Code: code, Message: message}})
+	writeJSON(w, status, errorResponse(nil, code, message))
 }

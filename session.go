@@ -158,7 +158,7 @@ func (s *server) issueTokens(c *client, sess *session) *tokenResponse {
 func (s *server) endSession(sess *session) {
 	sess.ended.Store(true)
 	s.sessions.delete(sess.id)
-	s.streams.closeSession(sess.id)
+	s.mcp.endOwner(sess.id)
 }
 
 // The session token.

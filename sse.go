@@ -7,27 +7,89 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"net/url"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 )
 
-// Steps 8 and 9: the HTTP+SSE transport of MCP 2024-11-05 ("HTTP with SSE").
+// Steps 8 and 9: the two HTTP transports of MCP. Both carry the session
+// token on every request (step 1 checks it) and hand JSON-RPC to the same
+// dispatcher (mcp.go); this file owns only the HTTP and the framing.
 //
-// The client opens GET /sse with its session token (step 8). The stream's
-// first event, "endpoint", names where to POST: /message?sessionId=<id>. Each
-// JSON-RPC message the client POSTs there (step 9) gets 202 Accepted, and its
-// response arrives on the stream as a "message" event. The stream is the MCP
-// session: when it closes, the session ends and its id stops working.
+// HTTP+SSE (MCP 2024-11-05, "HTTP with SSE"), for older clients: the client
+// opens GET /sse (step 8). The stream's first event, "endpoint", names where
+// to POST: /message?sessionId=<id>. Each message POSTed there (step 9) gets
+// 202 Accepted, and its answer arrives on the stream as a "message" event.
+// The stream is the MCP session: when it closes, the session ends.
+//
+// Streamable HTTP (MCP 2025-03-26 to 2025-11-25, "Streamable HTTP"), for
+// current clients: every message is a POST to /mcp, answered in the response
+// body as application/json. initialize returns an Mcp-Session-Id that later
+// requests carry; DELETE /mcp ends the session. This server sends nothing on
+// its own initiative, so it offers no GET stream (405).
 //
 // Server-sent events are framed as in the WHATWG HTML standard, §9.2
 // "Server-sent events": "event:" and "data:" lines, then a blank line.
 
-// maxMessageSize bounds a POSTed JSON-RPC message.
+// maxMessageSize bounds a POSTed JSON-RPC body.
 const maxMessageSize = 1 << 20
 
-// stream is one open SSE stream and the MCP session that lives on it.
+// checkOrigin answers 403 to a browser request from a foreign page and
+// reports whether the request may go on. A page on another site must not
+// reach an MCP server on this machine through the user's browser, for example
+// by rebinding its own DNS name to 127.0.0.1 (MCP 2025-11-25 "Transports",
+// Security Warning). Allowed are PUBLIC_URL's origin, loopback origins on
+// any port, and ALLOWED_ORIGINS. Requests without Origin come from programs,
+// not pages, and pass.
+func (s *server) checkOrigin(w http.ResponseWriter, r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return true
+	}
+	u, err := url.Parse(origin)
+	ok := err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" &&
+		(strings.EqualFold(origin, s.cfg.publicURL) || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, origin))
+	if !ok {
+		writeRPCError(w, http.StatusForbidden, codeInvalidRequest, "origin not allowed: "+origin)
+	}
+	return ok
+}
+
+// readBody reads and decodes a POSTed JSON-RPC body, answering transport
+// errors itself: 415 for a body that is not JSON, 413 for one too large, 400
+// for an unsupported MCP-Protocol-Version or a body that is not JSON-RPC.
+func (s *server) readBody(w http.ResponseWriter, r *http.Request) (*rpcBody, bool) {
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+		writeRPCError(w, http.StatusUnsupportedMediaType, codeInvalidRequest, "Content-Type must be application/json")
+		return nil, false
+	}
+	if errResp := checkVersionHeader(r); errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return nil, false
+	}
+	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxMessageSize))
+	if err != nil {
+		if errors.As(err, new(*http.MaxBytesError)) {
+			writeRPCError(w, http.StatusRequestEntityTooLarge, codeInvalidRequest, "message too large")
+		} else {
+			writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "the body could not be read")
+		}
+		return nil, false
+	}
+	body, errResp := decodeBody(raw)
+	if errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return nil, false
+	}
+	return body, true
+}
+
+// HTTP+SSE.
+
+// stream is the open event stream of an HTTP+SSE session.
 type stream struct {
-	mcp  *mcpSession
 	out  chan []byte   // JSON-RPC messages waiting to be sent as "message" events
 	done chan struct{} // closed when the stream ends
 	once sync.Once
@@ -36,62 +98,22 @@ type stream struct {
 // end makes the stream's handler return.
 func (st *stream) end() { st.once.Do(func() { close(st.done) }) }
 
-// streamRegistry holds the open streams by MCP session id.
-type streamRegistry struct {
-	mu      sync.Mutex
-	streams map[string]*stream
-}
-
-func newStreamRegistry() *streamRegistry {
-	return &streamRegistry{streams: make(map[string]*stream)}
-}
-
-func (reg *streamRegistry) add(st *stream) {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	reg.streams[st.mcp.id] = st
-}
-
-func (reg *streamRegistry) remove(st *stream) {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	delete(reg.streams, st.mcp.id)
-}
-
-func (reg *streamRegistry) get(id string) (*stream, bool) {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	st, ok := reg.streams[id]
-	return st, ok
-}
-
-// closeSession ends every stream opened with the signed-in session owner.
-func (reg *streamRegistry) closeSession(owner string) {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	for _, st := range reg.streams {
-		if st.mcp.owner == owner {
-			st.end()
-		}
-	}
-}
-
-// handleSSE is step 8: it opens the event stream of one MCP session and
-// writes its events until the client goes away, the session ends or the
-// server shuts down.
+// handleSSE is step 8 on HTTP+SSE: it opens the event stream of a new MCP
+// session and writes its events until the client goes away, the session ends
+// or the server shuts down.
 func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
+	if !s.checkOrigin(w, r) {
+		return
+	}
 	sess := s.authenticate(w, r, "/sse")
 	if sess == nil {
 		return
 	}
-	st := &stream{
-		mcp:  &mcpSession{id: newSecret(), owner: sess.id},
-		out:  make(chan []byte, 32),
-		done: make(chan struct{}),
-	}
-	s.streams.add(st)
-	defer st.end()             // second: mark the stream ended
-	defer s.streams.remove(st) // first: unregister it
+	st := &stream{out: make(chan []byte, 32), done: make(chan struct{})}
+	ms := &mcpSession{id: newSecret(), owner: sess.id, stream: st}
+	s.mcp.add(ms)
+	defer st.end()         // second: mark the stream ended
+	defer s.mcp.remove(ms) // first: unregister the session
 
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
@@ -102,7 +124,7 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	// The endpoint event must come first. A path-absolute URL resolves
 	// against the /sse URL, which keeps it on the same origin, as clients
 	// require.
-	writeEvent(w, "endpoint", []byte("/message?sessionId="+st.mcp.id))
+	writeEvent(w, "endpoint", []byte("/message?sessionId="+ms.id))
 	rc := http.NewResponseController(w)
 	keepAlive := time.NewTicker(s.keepAlive)
 	defer keepAlive.Stop()
@@ -132,11 +154,14 @@ func writeEvent(w io.Writer, event string, data []byte) {
 	fmt.Fprintf(w, "event: %s\ndata: %s\n\n", event, data)
 }
 
-// handleMessage is step 9: it takes one JSON-RPC message for the session
-// named by ?sessionId=, runs it, and queues the response on that session's
-// stream. The POST itself is answered 202 once the response is queued, so
-// the HTTP status can still report failures found while handling it.
+// handleMessage is step 9 on HTTP+SSE: it runs the body POSTed for the
+// session named by ?sessionId= and queues the answer on that session's
+// stream. The POST is answered 202 once the answer is queued, so the HTTP
+// status can still report failures found while handling it.
 func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
+	if !s.checkOrigin(w, r) {
+		return
+	}
 	// A 401 here points at the /sse metadata: /message is part of the /sse
 	// resource, and clients re-authorize against the URL they connected to.
 	sess := s.authenticate(w, r, "/sse")
@@ -148,40 +173,29 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "sessionId is missing")
 		return
 	}
-	// Another user's session looks exactly like an unknown one: a session id
-	// is never proof of identity (MCP security best practices, "Session
-	// Hijacking").
-	st, ok := s.streams.get(id)
-	if !ok || st.mcp.owner != sess.id {
+	ms, ok := s.mcp.get(id, sess.id)
+	if !ok || ms.stream == nil {
 		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
 		return
 	}
-	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
-		writeRPCError(w, http.StatusUnsupportedMediaType, codeInvalidRequest, "Content-Type must be application/json")
+	body, ok := s.readBody(w, r)
+	if !ok {
 		return
 	}
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxMessageSize))
-	if err != nil {
-		if errors.As(err, new(*http.MaxBytesError)) {
-			writeRPCError(w, http.StatusRequestEntityTooLarge, codeInvalidRequest, "message too large")
-		}
-		return
-	}
-	msg, errResp := decodeMessage(body)
-	if errResp != nil {
+	if errResp := body.checkBatch(ms); errResp != nil {
 		writeJSON(w, http.StatusBadRequest, errResp)
 		return
 	}
-	if resp := s.dispatch(r.Context(), st.mcp, sess, msg); resp != nil {
-		out, err := json.Marshal(resp)
+	if reply := s.run(r.Context(), ms, sess, body); reply != nil {
+		out, err := json.Marshal(reply)
 		if err != nil {
-			s.log.Error("encode JSON-RPC response", "method", msg.Method, "err", err)
+			s.log.Error("encode JSON-RPC response", "err", err)
 			writeRPCError(w, http.StatusInternalServerError, codeInternalError, "internal error")
 			return
 		}
 		select {
-		case st.out <- out:
-		case <-st.done:
+		case ms.stream.out <- out:
+		case <-ms.stream.done:
 			writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session ended")
 			return
 		case <-r.Context().Done():
@@ -190,4 +204,127 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(http.StatusAccepted)
 	io.WriteString(w, "Accepted")
+}
+
+// Streamable HTTP.
+
+// handleMCPPost is steps 8 and 9 on Streamable HTTP: a POST to /mcp carries
+// one JSON-RPC message (or, in a 2025-03-26 session, a batch), and its answer
+// comes back in the response. initialize starts a session; every later request
+// names it in Mcp-Session-Id.
+func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
+	if !s.checkOrigin(w, r) {
+		return
+	}
+	sess := s.authenticate(w, r, "/mcp")
+	if sess == nil {
+		return
+	}
+	if !acceptsJSONAndEvents(r.Header.Values("Accept")) {
+		writeRPCError(w, http.StatusNotAcceptable, codeInvalidRequest, "Accept must allow application/json and text/event-stream")
+		return
+	}
+	body, ok := s.readBody(w, r)
+	if !ok {
+		return
+	}
+
+	id := r.Header.Get("Mcp-Session-Id")
+	var ms *mcpSession
+	switch {
+	case body.isInitialize() && id != "":
+		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "this session is already initialized; send initialize without Mcp-Session-Id to start a new one")
+		return
+	case body.isInitialize():
+		ms = &mcpSession{id: newSecret(), owner: sess.id}
+	case id == "":
+		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "Mcp-Session-Id is missing: send initialize first")
+		return
+	default:
+		// Unknown, ended, another user's, or an HTTP+SSE session: 404 tells
+		// the client to start a new session (MCP "Session Management").
+		if ms, ok = s.mcp.get(id, sess.id); !ok || ms.stream != nil {
+			writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
+			return
+		}
+	}
+	if errResp := body.checkBatch(ms); errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return
+	}
+
+	reply := s.run(r.Context(), ms, sess, body)
+	if body.isInitialize() {
+		if resp, ok := reply.(*rpcResponse); ok && resp.Error == nil {
+			s.mcp.add(ms)
+			w.Header().Set("Mcp-Session-Id", ms.id)
+		}
+	}
+	if reply == nil {
+		// Only notifications and responses: nothing to answer.
+		w.WriteHeader(http.StatusAccepted)
+		return
+	}
+	writeJSON(w, http.StatusOK, reply)
+}
+
+// acceptsJSONAndEvents reports whether the Accept header allows both answers
+// Streamable HTTP may give: application/json and text/event-stream. Clients
+// must list both; a missing header, */* and application/* are taken to allow
+// them too, since this server only ever answers JSON.
+func acceptsJSONAndEvents(accept []string) bool {
+	var jsonOK, eventsOK bool
+	for _, v := range accept {
+		for part := range strings.SplitSeq(v, ",") {
+			mt, _, _ := mime.ParseMediaType(strings.TrimSpace(part))
+			switch mt {
+			case "*/*", "application/*":
+				jsonOK, eventsOK = true, true
+			case "application/json":
+				jsonOK = true
+			case "text/event-stream", "text/*":
+				eventsOK = true
+			}
+		}
+	}
+	return len(accept) == 0 || jsonOK && eventsOK
+}
+
+// handleMCPDelete ends a Streamable HTTP session (MCP "Session Management"):
+// 204, and the session id gets 404 from then on.
+func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
+	if !s.checkOrigin(w, r) {
+		return
+	}
+	sess := s.authenticate(w, r, "/mcp")
+	if sess == nil {
+		return
+	}
+	id := r.Header.Get("Mcp-Session-Id")
+	if id == "" {
+		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "Mcp-Session-Id is missing")
+		return
+	}
+	ms, ok := s.mcp.get(id, sess.id)
+	if !ok || ms.stream != nil {
+		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
+		return
+	}
+	s.mcp.remove(ms)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// handleMCPOther answers every other method on /mcp, GET included, with 405
+// once the request is authenticated: this server opens no server-to-client
+// stream, which MCP allows (2025-06-18 "Listening for Messages from the
+// Server").
+func (s *server) handleMCPOther(w http.ResponseWriter, r *http.Request) {
+	if !s.checkOrigin(w, r) {
+		return
+	}
+	if s.authenticate(w, r, "/mcp") == nil {
+		return
+	}
+	w.Header().Set("Allow", "POST, DELETE")
+	writeRPCError(w, http.StatusMethodNotAllowed, codeInvalidRequest, "method not allowed: use POST, or DELETE to end the session")
 }
