@@ -37,6 +37,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"reflect"
 	"regexp"
 	"slices"
 	"strings"
@@ -851,6 +852,217 @@ func TestSSEKeepAlive(t *testing.T) {
 	}
 }
 
+// Steps 8 and 9 on Streamable HTTP.
+
+// TestStreamableWalkthrough is steps 1 and 8 to 10 over Streamable HTTP at
+// /mcp, as current clients run them (steps 2 to 7 are the same as in
+// TestWalkthrough).
+func TestStreamableWalkthrough(t *testing.T) {
+	env := newTestEnv(t)
+	var tokens signedIn
+	var c *mcpClient
+
+	t.Run("step 1: POST /mcp without a token gets 401 pointing at the /mcp metadata", func(t *testing.T) {
+		resp := env.do(t, "POST", "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize"}`), nil)
+		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/mcp", scope="mcp"`
+		if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") != want {
+			t.Errorf("POST /mcp = %d %q, want 401 %q", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), want)
+		}
+	})
+	t.Run("steps 2 to 7: sign in for the /mcp resource", func(t *testing.T) {
+		tokens = env.signIn(t, signInOptions{resource: env.url + "/mcp"})
+	})
+	t.Run("step 8: initialize starts a session", func(t *testing.T) {
+		c = &mcpClient{env: env, token: tokens.AccessToken}
+		resp := c.post(t, `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}`, nil)
+		var init rpcReply
+		decodeJSON(t, resp, http.StatusOK, &init)
+		c.sessionID, c.version = resp.Header.Get("Mcp-Session-Id"), "2025-06-18"
+		if !regexp.MustCompile(`^[\x21-\x7e]{20,}$`).MatchString(c.sessionID) {
+			t.Errorf("Mcp-Session-Id = %q, want a long visible-ASCII id", c.sessionID)
+		}
+		if !strings.Contains(string(init.Result), `"protocolVersion":"2025-06-18"`) || resp.Header.Get("Content-Type") != "application/json" {
+			t.Errorf("initialize = %s (%s)", init.Result, resp.Header.Get("Content-Type"))
+		}
+	})
+	t.Run("step 9: initialized gets 202, tools/list the tool", func(t *testing.T) {
+		resp := c.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`, nil)
+		if resp.StatusCode != http.StatusAccepted || readBody(t, resp) != "" {
+			t.Errorf("notifications/initialized = %d, want 202 and no body", resp.StatusCode)
+		}
+		var list struct{ Tools []tool }
+		c.call(t, "tools/list", "", &list)
+		if len(list.Tools) != 1 || list.Tools[0].Name != "getUserDetails" || list.Tools[0].OutputSchema == nil {
+			t.Errorf("tools/list = %+v, want getUserDetails with an outputSchema (2025-06-18)", list)
+		}
+	})
+	t.Run("step 10: getUserDetails, with structured content", func(t *testing.T) {
+		var result struct {
+			toolResult
+			StructuredContent userDetails `json:"structuredContent"`
+		}
+		c.call(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, &result)
+		if result.IsError || !strings.Contains(result.Content[0].Text, "Adele Vance") || result.StructuredContent.DisplayName != "Adele Vance" {
+			t.Errorf("tools/call = %+v", result)
+		}
+	})
+	t.Run("DELETE ends the session; its id then gets 404", func(t *testing.T) {
+		resp := env.do(t, "DELETE", "/mcp", nil, c.headers(nil))
+		if resp.StatusCode != http.StatusNoContent {
+			t.Fatalf("DELETE /mcp = %d, want 204", resp.StatusCode)
+		}
+		if resp := c.post(t, `{"jsonrpc":"2.0","id":9,"method":"ping"}`, nil); resp.StatusCode != http.StatusNotFound {
+			t.Errorf("ping after DELETE = %d, want 404", resp.StatusCode)
+		}
+	})
+}
+
+func TestStreamableHTTPErrors(t *testing.T) {
+	env := newTestEnv(t, func(c *config) { c.allowedOrigins = []string{"https://app.example"} })
+	alice := env.signIn(t, signInOptions{resource: env.url + "/mcp"})
+	bob := env.signIn(t, signInOptions{})
+	a := &mcpClient{env: env, token: alice.AccessToken}
+	a.initialize(t, "2025-11-25")
+	b := &mcpClient{env: env, token: bob.AccessToken}
+	b.initialize(t, "2025-11-25")
+	sse := env.connect(t, bob.AccessToken) // bob's token is for the whole server
+	sseID := strings.TrimPrefix(sse.endpoint, "/message?sessionId=")
+	ping := `{"jsonrpc":"2.0","id":1,"method":"ping"}`
+
+	tests := []struct {
+		name       string
+		client     *mcpClient
+		method     string
+		body       string
+		header     http.Header // added to, or replacing, the client's headers
+		wantStatus int
+		wantCode   int // JSON-RPC error code in the body, if any
+	}{
+		{"ping", a, "POST", ping, nil, 200, 0},
+		{"no Accept header", a, "POST", ping, http.Header{"Accept": nil}, 200, 0},
+		{"Accept */*", a, "POST", ping, http.Header{"Accept": {"*/*"}}, 200, 0},
+		{"Accept application/*", a, "POST", ping, http.Header{"Accept": {"application/*"}}, 200, 0},
+		{"Accept JSON only", a, "POST", ping, http.Header{"Accept": {"application/json"}}, 406, codeInvalidRequest},
+		{"Accept events only", a, "POST", ping, http.Header{"Accept": {"text/event-stream"}}, 406, codeInvalidRequest},
+		{"not JSON", a, "POST", ping, http.Header{"Content-Type": {"text/plain"}}, 415, codeInvalidRequest},
+		{"no session id", a, "POST", ping, http.Header{"Mcp-Session-Id": nil}, 400, codeInvalidRequest},
+		{"unknown session id", a, "POST", ping, http.Header{"Mcp-Session-Id": {"nope"}}, 404, codeSessionNotFound},
+		{"another user's session", b, "POST", ping, http.Header{"Mcp-Session-Id": {a.sessionID}}, 404, codeSessionNotFound},
+		{"an HTTP+SSE session id", b, "POST", ping, http.Header{"Mcp-Session-Id": {sseID}}, 404, codeSessionNotFound},
+		{"initialize again", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`, nil, 400, codeInvalidRequest},
+		{"no version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": nil}, 200, 0},
+		{"unsupported version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": {"1999-01-01"}}, 400, codeInvalidRequest},
+		{"2026-07-28 probe", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}`,
+			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Mcp-Session-Id": nil, "Mcp-Method": {"server/discover"}}, 400, codeInvalidRequest},
+		{"2026-07-28 probe without a token", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover"}`,
+			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Authorization": nil}, 401, 0},
+		{"batch outside 2025-03-26", a, "POST", "[" + ping + "]", nil, 400, codeInvalidRequest},
+		{"notification", a, "POST", `{"jsonrpc":"2.0","method":"notifications/progress"}`, nil, 202, 0},
+		{"client response", a, "POST", `{"jsonrpc":"2.0","id":5,"result":{}}`, nil, 202, 0},
+		{"GET", a, "GET", "", nil, 405, codeInvalidRequest},
+		{"PUT", a, "PUT", ping, nil, 405, codeInvalidRequest},
+		{"GET without a token", a, "GET", "", http.Header{"Authorization": nil}, 401, 0},
+		{"DELETE without a session id", a, "DELETE", "", http.Header{"Mcp-Session-Id": nil}, 400, codeInvalidRequest},
+		{"DELETE another user's session", b, "DELETE", "", http.Header{"Mcp-Session-Id": {a.sessionID}}, 404, codeSessionNotFound},
+		{"a token for /sse", a, "POST", ping, bearerFor(env, signInOptions{resource: env.url + "/sse"}, t), 401, 0},
+		{"foreign Origin", a, "POST", ping, http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
+		{"null Origin", a, "POST", ping, http.Header{"Origin": {"null"}}, 403, codeInvalidRequest},
+		{"loopback Origin", a, "POST", ping, http.Header{"Origin": {"http://localhost:6274"}}, 200, 0},
+		{"our own Origin", a, "POST", ping, http.Header{"Origin": {env.url}}, 200, 0},
+		{"an allowed Origin", a, "POST", ping, http.Header{"Origin": {"https://app.example"}}, 200, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := env.do(t, tt.method, "/mcp", strings.NewReader(tt.body), tt.client.headers(tt.header))
+			body := readBody(t, resp)
+			if resp.StatusCode != tt.wantStatus {
+				t.Fatalf("%s /mcp = %d, want %d: %s", tt.method, resp.StatusCode, tt.wantStatus, body)
+			}
+			if tt.wantCode != 0 {
+				var r rpcReply
+				if err := json.Unmarshal([]byte(body), &r); err != nil || r.Error == nil || r.Error.Code != tt.wantCode {
+					t.Errorf("%s /mcp body = %s, want JSON-RPC error %d", tt.method, body, tt.wantCode)
+				}
+			}
+			if resp.StatusCode == http.StatusMethodNotAllowed && resp.Header.Get("Allow") != "POST, DELETE" {
+				t.Errorf("Allow = %q", resp.Header.Get("Allow"))
+			}
+		})
+	}
+
+	t.Run("the version error lists the supported versions", func(t *testing.T) {
+		resp := env.do(t, "POST", "/mcp", strings.NewReader(ping), a.headers(http.Header{"Mcp-Protocol-Version": {"2026-07-28"}}))
+		if body := readBody(t, resp); !strings.Contains(body, "2025-11-25, 2025-06-18, 2025-03-26, 2024-11-05") || strings.Contains(body, "-32022") {
+			t.Errorf("body = %s", body)
+		}
+	})
+	t.Run("Origin is checked on /sse and /message too", func(t *testing.T) {
+		evil := http.Header{"Origin": {"https://evil.example"}, "Authorization": {"Bearer " + bob.AccessToken}}
+		for _, r := range []struct{ method, path string }{{"GET", "/sse"}, {"POST", sse.endpoint}} {
+			if resp := env.do(t, r.method, r.path, strings.NewReader(ping), evil); resp.StatusCode != http.StatusForbidden {
+				t.Errorf("%s %s from a foreign Origin = %d, want 403", r.method, r.path, resp.StatusCode)
+			}
+		}
+	})
+}
+
+func TestBatchesOnlyIn20250326(t *testing.T) {
+	env := newTestEnv(t)
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-03-26")
+	var replies []rpcReply
+	resp := c.post(t, `[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"},
+		{"jsonrpc":"2.0","id":2,"method":"tools/list"},{"jsonrpc":"1.0","id":3,"method":"ping"}]`, nil)
+	decodeJSON(t, resp, http.StatusOK, &replies)
+	ids := []string{}
+	for _, r := range replies {
+		ids = append(ids, string(r.ID))
+	}
+	slices.Sort(ids)
+	if !slices.Equal(ids, []string{"1", "2", "3"}) || replies[0].Error == nil || replies[0].Error.Code != codeInvalidRequest {
+		t.Errorf("batch replies = %+v, want answers to 1 and 2 and an error for the invalid 3, first", replies)
+	}
+	for _, body := range []string{`[{"jsonrpc":"2.0","method":"notifications/initialized"}]`} {
+		if resp := c.post(t, body, nil); resp.StatusCode != http.StatusAccepted {
+			t.Errorf("a batch of notifications = %d, want 202", resp.StatusCode)
+		}
+	}
+	for _, body := range []string{`[]`, `[{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26"}}]`} {
+		if resp := c.post(t, body, nil); resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("POST %s = %d, want 400", body, resp.StatusCode)
+		}
+	}
+}
+
+// TestOneTokenBothTransports shows that one sign-in serves both transports
+// in the same process, through the same MCP core, and that ending the session
+// ends both.
+func TestOneTokenBothTransports(t *testing.T) {
+	env := newTestEnv(t)
+	tokens := env.signIn(t, signInOptions{resource: env.url}) // the root resource covers /mcp and /sse
+	sse := env.connect(t, tokens.AccessToken)
+	streamable := &mcpClient{env: env, token: tokens.AccessToken}
+	streamable.initialize(t, "2025-03-26")
+
+	var viaSSE, viaMCP toolResult
+	sse.call(t, "tools/call", `{"name":"getUserDetails"}`, &viaSSE)
+	streamable.call(t, "tools/call", `{"name":"getUserDetails"}`, &viaMCP)
+	if viaSSE.IsError || !reflect.DeepEqual(viaSSE, viaMCP) {
+		t.Errorf("tools/call over /sse = %+v, over /mcp = %+v; want the same result", viaSSE, viaMCP)
+	}
+
+	resp := env.postForm(t, "/revoke", url.Values{"token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("revoke = %d", resp.StatusCode)
+	}
+	if _, err := sse.events.next(); !errors.Is(err, io.EOF) {
+		t.Errorf("SSE stream after revocation: %v, want EOF", err)
+	}
+	if resp := streamable.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`, nil); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("POST /mcp after revocation = %d, want 401", resp.StatusCode)
+	}
+}
+
 // Steps 9 and 10: JSON-RPC and the tool.
 
 func TestJSONRPC(t *testing.T) {
@@ -1368,6 +1580,79 @@ func (c *sseConn) call(t *testing.T, method, params string, v any) {
 	if err := json.Unmarshal(reply.Result, v); err != nil {
 		t.Fatalf("%s result %s: %v", method, reply.Result, err)
 	}
+}
+
+// mcpClient is a Streamable HTTP client of /mcp.
+type mcpClient struct {
+	env       *testEnv
+	token     string
+	sessionID string
+	version   string
+	nextID    int
+}
+
+// headers returns the headers of the client's next request: its token,
+// session and version, changed by extra (a nil value deletes a header).
+func (c *mcpClient) headers(extra http.Header) http.Header {
+	h := http.Header{
+		"Authorization": {"Bearer " + c.token},
+		"Content-Type":  {"application/json"},
+		"Accept":        {"application/json, text/event-stream"},
+	}
+	if c.sessionID != "" {
+		h.Set("Mcp-Session-Id", c.sessionID)
+	}
+	if c.version != "" && c.version != "2025-03-26" {
+		h.Set("Mcp-Protocol-Version", c.version)
+	}
+	for k, v := range extra {
+		if v == nil {
+			h.Del(k)
+		} else {
+			h[http.CanonicalHeaderKey(k)] = v
+		}
+	}
+	return h
+}
+
+func (c *mcpClient) post(t *testing.T, body string, extra http.Header) *http.Response {
+	t.Helper()
+	return c.env.do(t, "POST", "/mcp", strings.NewReader(body), c.headers(extra))
+}
+
+// initialize starts a session at the given version.
+func (c *mcpClient) initialize(t *testing.T, version string) {
+	t.Helper()
+	resp := c.post(t, `{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"`+version+`"}}`, nil)
+	var r rpcReply
+	decodeJSON(t, resp, http.StatusOK, &r)
+	c.sessionID, c.version = resp.Header.Get("Mcp-Session-Id"), version
+	if c.sessionID == "" || !strings.Contains(string(r.Result), version) {
+		t.Fatalf("initialize %s = %s, session %q", version, r.Result, c.sessionID)
+	}
+}
+
+// call sends a request and decodes its result into v.
+func (c *mcpClient) call(t *testing.T, method, params string, v any) {
+	t.Helper()
+	c.nextID++
+	msg := fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":%q`, c.nextID, method)
+	if params != "" {
+		msg += `,"params":` + params
+	}
+	var r rpcReply
+	decodeJSON(t, c.post(t, msg+"}", nil), http.StatusOK, &r)
+	if r.Error != nil {
+		t.Fatalf("%s: error %+v", method, r.Error)
+	}
+	if err := json.Unmarshal(r.Result, v); err != nil {
+		t.Fatalf("%s result %s: %v", method, r.Result, err)
+	}
+}
+
+// bearerFor signs in a new client with opts and returns its bearer header.
+func bearerFor(env *testEnv, opts signInOptions, t *testing.T) http.Header {
+	return http.Header{"Authorization": {"Bearer " + env.signIn(t, opts).AccessToken}}
 }
 
 // eventReader reads server-sent events, skipping comments.
