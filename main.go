@@ -20,10 +20,11 @@
 //  7. Token: the client redeems that code for the server's session token, an
 //     HMAC-signed token that maps to the server-side session (auth.go,
 //     session.go).
-//  8. Connect: the client opens the SSE stream with the session token
+//  8. Connect: the client starts an MCP session with the session token: an
+//     initialize POSTed to /mcp (Streamable HTTP), or GET /sse (HTTP+SSE)
 //     (sse.go).
-//  9. Messages: JSON-RPC requests arrive on /message and their answers on the
-//     stream (sse.go, mcp.go).
+//  9. Messages: JSON-RPC requests POSTed to /mcp, answered in the response;
+//     or POSTed to /message, answered on the SSE stream (sse.go, mcp.go).
 //  10. Tool: getUserDetails calls Microsoft Graph with the session's Entra
 //     token (mcp.go).
 //

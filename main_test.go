@@ -55,7 +55,6 @@ var demo = flag.Bool("demo", false, "serve the server on localhost:3001 against 
 // its first 401 to the signed-in user's name from Microsoft Graph.
 func TestWalkthrough(t *testing.T) {
 	env := newTestEnv(t)
-	ctx := t.Context() // the stream opened in step 8 lives on through step 10
 	browser := newBrowser(t)
 	var (
 		clientID    string
@@ -67,15 +66,15 @@ func TestWalkthrough(t *testing.T) {
 		callbackURL string
 		code        string
 		tokens      tokenResponse
-		conn        *sseConn
+		c           *mcpClient
 	)
 
 	t.Run("step 1: an MCP request without a token gets 401 and a pointer to the metadata", func(t *testing.T) {
-		resp := env.do(t, "GET", "/sse", nil, nil)
+		resp := env.do(t, "POST", "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize"}`), nil)
 		if resp.StatusCode != http.StatusUnauthorized {
-			t.Fatalf("GET /sse = %d, want 401", resp.StatusCode)
+			t.Fatalf("POST /mcp = %d, want 401", resp.StatusCode)
 		}
-		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/sse", scope="mcp"`
+		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/mcp", scope="mcp"`
 		if got := resp.Header.Get("WWW-Authenticate"); got != want {
 			t.Errorf("WWW-Authenticate = %q, want %q", got, want)
 		}
@@ -83,9 +82,9 @@ func TestWalkthrough(t *testing.T) {
 
 	t.Run("step 2: discovery: protected-resource and authorization-server metadata", func(t *testing.T) {
 		var prm resourceMetadata
-		env.getJSON(t, "/.well-known/oauth-protected-resource/sse", &prm)
-		if prm.Resource != env.url+"/sse" || !slices.Equal(prm.AuthorizationServers, []string{env.url}) {
-			t.Errorf("resource metadata = %+v, want resource %s/sse, authorization_servers [%s]", prm, env.url, env.url)
+		env.getJSON(t, "/.well-known/oauth-protected-resource/mcp", &prm)
+		if prm.Resource != env.url+"/mcp" || !slices.Equal(prm.AuthorizationServers, []string{env.url}) {
+			t.Errorf("resource metadata = %+v, want resource %s/mcp, authorization_servers [%s]", prm, env.url, env.url)
 		}
 		var md serverMetadata
 		env.getJSON(t, "/.well-known/oauth-authorization-server", &md)
@@ -113,7 +112,7 @@ func TestWalkthrough(t *testing.T) {
 			"code_challenge_method": {"S256"},
 			"state":                 {state},
 			"scope":                 {"claudeai"}, // foreign scopes map to ours
-			"resource":              {env.url + "/sse"},
+			"resource":              {env.url + "/mcp"},
 		}.Encode())
 		page := readBody(t, resp)
 		if resp.StatusCode != http.StatusOK || !strings.Contains(page, "Walkthrough client") || !strings.Contains(page, "127.0.0.1:7777") {
@@ -171,7 +170,7 @@ func TestWalkthrough(t *testing.T) {
 			"redirect_uri":  {redirectURI},
 			"client_id":     {clientID},
 			"code_verifier": {verifier},
-			"resource":      {env.url + "/sse"},
+			"resource":      {env.url + "/mcp"},
 		}, nil)
 		decodeJSON(t, resp, http.StatusOK, &tokens)
 		if tokens.TokenType != "Bearer" || tokens.ExpiresIn != 3600 || tokens.RefreshToken == "" || tokens.Scope != "mcp" {
@@ -188,44 +187,53 @@ func TestWalkthrough(t *testing.T) {
 				t.Errorf("session token claims %v reveal %q", claims, secret)
 			}
 		}
-		if claims["aud"] != env.url+"/sse" || claims["client_id"] != clientID || claims["scope"] != "mcp" {
+		if claims["aud"] != env.url+"/mcp" || claims["client_id"] != clientID || claims["scope"] != "mcp" {
 			t.Errorf("session token claims = %v", claims)
 		}
 	})
 
-	t.Run("step 8: the client opens the SSE stream with the session token", func(t *testing.T) {
-		conn = env.connectUntil(t, ctx, tokens.AccessToken)
-		if !strings.HasPrefix(conn.endpoint, "/message?sessionId=") {
-			t.Errorf("endpoint event = %q", conn.endpoint)
+	t.Run("step 8: initialize over Streamable HTTP starts an MCP session", func(t *testing.T) {
+		c = &mcpClient{env: env, token: tokens.AccessToken}
+		resp := c.post(t, `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}`, nil)
+		var init rpcReply
+		decodeJSON(t, resp, http.StatusOK, &init)
+		c.sessionID, c.version = resp.Header.Get("Mcp-Session-Id"), "2025-06-18"
+		if !regexp.MustCompile(`^[\x21-\x7e]{20,}$`).MatchString(c.sessionID) {
+			t.Errorf("Mcp-Session-Id = %q, want a long visible-ASCII id", c.sessionID)
+		}
+		if !strings.Contains(string(init.Result), `"protocolVersion":"2025-06-18"`) || resp.Header.Get("Content-Type") != "application/json" {
+			t.Errorf("initialize = %s (%s)", init.Result, resp.Header.Get("Content-Type"))
 		}
 	})
-
-	t.Run("step 9: initialize, initialized, tools/list", func(t *testing.T) {
-		var init struct {
-			ProtocolVersion string
-			ServerInfo      struct{ Name string }
-			Capabilities    map[string]any
-		}
-		conn.call(t, "initialize", `{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"test","version":"1"}}`, &init)
-		if init.ProtocolVersion != "2024-11-05" || init.ServerInfo.Name != "entra-mcp" || init.Capabilities["tools"] == nil {
-			t.Errorf("initialize = %+v", init)
-		}
-		if resp := conn.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`); resp.StatusCode != http.StatusAccepted {
-			t.Errorf("notifications/initialized = %d, want 202", resp.StatusCode)
+	t.Run("step 9: notifications/initialized gets 202, tools/list lists the tool", func(t *testing.T) {
+		resp := c.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`, nil)
+		if resp.StatusCode != http.StatusAccepted || readBody(t, resp) != "" {
+			t.Errorf("notifications/initialized = %d, want 202 and no body", resp.StatusCode)
 		}
 		var list struct{ Tools []tool }
-		conn.call(t, "tools/list", `{}`, &list)
-		if len(list.Tools) != 1 || list.Tools[0].Name != "getUserDetails" {
-			t.Errorf("tools/list = %+v", list)
+		c.call(t, "tools/list", "", &list)
+		if len(list.Tools) != 1 || list.Tools[0].Name != "getUserDetails" || list.Tools[0].OutputSchema == nil {
+			t.Errorf("tools/list = %+v, want getUserDetails with an outputSchema (2025-06-18)", list)
 		}
 	})
-
 	t.Run("step 10: getUserDetails answers with the user's profile from Graph", func(t *testing.T) {
-		var result toolResult
-		conn.call(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, &result)
+		var result struct {
+			toolResult
+			StructuredContent userDetails `json:"structuredContent"`
+		}
+		c.call(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, &result)
 		want := "Display name: Adele Vance\nMail: adele.vance@contoso.example\nUser principal name: adele.vance@contoso.example"
-		if result.IsError || len(result.Content) != 1 || result.Content[0].Text != want {
-			t.Errorf("tools/call = %+v, want the text %q", result, want)
+		if result.IsError || len(result.Content) != 1 || result.Content[0].Text != want || result.StructuredContent.DisplayName != "Adele Vance" {
+			t.Errorf("tools/call = %+v, want the text %q and structured content", result, want)
+		}
+	})
+	t.Run("the client ends the MCP session: DELETE, then 404", func(t *testing.T) {
+		resp := env.do(t, "DELETE", "/mcp", nil, c.headers(nil))
+		if resp.StatusCode != http.StatusNoContent {
+			t.Fatalf("DELETE /mcp = %d, want 204", resp.StatusCode)
+		}
+		if resp := c.post(t, `{"jsonrpc":"2.0","id":9,"method":"ping"}`, nil); resp.StatusCode != http.StatusNotFound {
+			t.Errorf("ping after DELETE = %d, want 404", resp.StatusCode)
 		}
 	})
 }
@@ -852,67 +860,59 @@ func TestSSEKeepAlive(t *testing.T) {
 	}
 }
 
-// Steps 8 and 9 on Streamable HTTP.
+// Steps 8 and 9 on each transport.
 
-// TestStreamableWalkthrough is steps 1 and 8 to 10 over Streamable HTTP at
-// /mcp, as current clients run them (steps 2 to 7 are the same as in
-// TestWalkthrough).
-func TestStreamableWalkthrough(t *testing.T) {
+// TestSSEWalkthrough is steps 1 and 8 to 10 over HTTP+SSE, as older clients
+// run them (steps 2 to 7 are those of TestWalkthrough).
+func TestSSEWalkthrough(t *testing.T) {
 	env := newTestEnv(t)
+	ctx := t.Context() // the stream opened in step 8 lives on through step 10
 	var tokens signedIn
-	var c *mcpClient
+	var conn *sseConn
 
-	t.Run("step 1: POST /mcp without a token gets 401 pointing at the /mcp metadata", func(t *testing.T) {
-		resp := env.do(t, "POST", "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize"}`), nil)
-		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/mcp", scope="mcp"`
+	t.Run("step 1: GET /sse without a token gets 401 pointing at the /sse metadata", func(t *testing.T) {
+		resp := env.do(t, "GET", "/sse", nil, nil)
+		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/sse", scope="mcp"`
 		if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") != want {
-			t.Errorf("POST /mcp = %d %q, want 401 %q", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), want)
+			t.Errorf("GET /sse = %d %q, want 401 %q", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), want)
 		}
 	})
-	t.Run("steps 2 to 7: sign in for the /mcp resource", func(t *testing.T) {
-		tokens = env.signIn(t, signInOptions{resource: env.url + "/mcp"})
+	t.Run("steps 2 to 7: sign in for the /sse resource", func(t *testing.T) {
+		tokens = env.signIn(t, signInOptions{resource: env.url + "/sse"})
 	})
-	t.Run("step 8: initialize starts a session", func(t *testing.T) {
-		c = &mcpClient{env: env, token: tokens.AccessToken}
-		resp := c.post(t, `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}`, nil)
-		var init rpcReply
-		decodeJSON(t, resp, http.StatusOK, &init)
-		c.sessionID, c.version = resp.Header.Get("Mcp-Session-Id"), "2025-06-18"
-		if !regexp.MustCompile(`^[\x21-\x7e]{20,}$`).MatchString(c.sessionID) {
-			t.Errorf("Mcp-Session-Id = %q, want a long visible-ASCII id", c.sessionID)
-		}
-		if !strings.Contains(string(init.Result), `"protocolVersion":"2025-06-18"`) || resp.Header.Get("Content-Type") != "application/json" {
-			t.Errorf("initialize = %s (%s)", init.Result, resp.Header.Get("Content-Type"))
+	t.Run("step 8: the client opens the SSE stream with the session token", func(t *testing.T) {
+		conn = env.connectUntil(t, ctx, tokens.AccessToken)
+		if !strings.HasPrefix(conn.endpoint, "/message?sessionId=") {
+			t.Errorf("endpoint event = %q", conn.endpoint)
 		}
 	})
-	t.Run("step 9: initialized gets 202, tools/list the tool", func(t *testing.T) {
-		resp := c.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`, nil)
-		if resp.StatusCode != http.StatusAccepted || readBody(t, resp) != "" {
-			t.Errorf("notifications/initialized = %d, want 202 and no body", resp.StatusCode)
+
+	t.Run("step 9: initialize, initialized, tools/list, answered on the stream", func(t *testing.T) {
+		var init struct {
+			ProtocolVersion string
+			ServerInfo      struct{ Name string }
+			Capabilities    map[string]any
+		}
+		conn.call(t, "initialize", `{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"test","version":"1"}}`, &init)
+		if init.ProtocolVersion != "2024-11-05" || init.ServerInfo.Name != "entra-mcp" || init.Capabilities["tools"] == nil {
+			t.Errorf("initialize = %+v", init)
+		}
+		if resp := conn.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`); resp.StatusCode != http.StatusAccepted {
+			t.Errorf("notifications/initialized = %d, want 202", resp.StatusCode)
 		}
 		var list struct{ Tools []tool }
-		c.call(t, "tools/list", "", &list)
-		if len(list.Tools) != 1 || list.Tools[0].Name != "getUserDetails" || list.Tools[0].OutputSchema == nil {
-			t.Errorf("tools/list = %+v, want getUserDetails with an outputSchema (2025-06-18)", list)
+		conn.call(t, "tools/list", `{}`, &list)
+		if len(list.Tools) != 1 || list.Tools[0].Name != "getUserDetails" {
+			t.Errorf("tools/list = %+v", list)
 		}
 	})
-	t.Run("step 10: getUserDetails, with structured content", func(t *testing.T) {
-		var result struct {
-			toolResult
-			StructuredContent userDetails `json:"structuredContent"`
-		}
-		c.call(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, &result)
-		if result.IsError || !strings.Contains(result.Content[0].Text, "Adele Vance") || result.StructuredContent.DisplayName != "Adele Vance" {
-			t.Errorf("tools/call = %+v", result)
-		}
-	})
-	t.Run("DELETE ends the session; its id then gets 404", func(t *testing.T) {
-		resp := env.do(t, "DELETE", "/mcp", nil, c.headers(nil))
-		if resp.StatusCode != http.StatusNoContent {
-			t.Fatalf("DELETE /mcp = %d, want 204", resp.StatusCode)
-		}
-		if resp := c.post(t, `{"jsonrpc":"2.0","id":9,"method":"ping"}`, nil); resp.StatusCode != http.StatusNotFound {
-			t.Errorf("ping after DELETE = %d, want 404", resp.StatusCode)
+
+	t.Run("step 10: getUserDetails answers with the user's profile from Graph", func(t *testing.T) {
+		var result toolResult
+		conn.call(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, &result)
+		want := "Display name: Adele Vance\nMail: adele.vance@contoso.example\nUser principal name: adele.vance@contoso.example"
+		if result.IsError || len(result.Content) != 1 || result.Content[0].Text != want {
+			t.Errorf("tools/call = %+v, want the text %q", result, want)
 		}
 	})
 }

@@ -352,6 +352,9 @@ var userDetailsTool = tool{
 		`"required":["displayName","mail","userPrincipalName"]}`),
 }
 
+// tools are the tools this server offers, in tools/list order.
+var tools = []tool{userDetailsTool}
+
 // structuredResults reports whether a session's version knows structured
 // tool results (outputSchema and structuredContent, MCP 2025-06-18). Older
 // clients get text only. The versions are dates, so they compare as strings.
@@ -359,13 +362,15 @@ func structuredResults(version string) bool { return version >= "2025-06-18" }
 
 // listTools is the tools/list result for a session of the given version.
 func listTools(version string) any {
-	t := userDetailsTool
+	list := slices.Clone(tools)
 	if !structuredResults(version) {
-		t.OutputSchema = nil
+		for i := range list {
+			list[i].OutputSchema = nil
+		}
 	}
 	return struct {
 		Tools []tool `json:"tools"`
-	}{[]tool{t}}
+	}{list}
 }
 
 // toolResult is the result of tools/call. A tool that fails says so here,
@@ -389,20 +394,27 @@ type textContent struct {
 	Text string `json:"text"`
 }
 
-// callTool runs tools/call.
+// callTool runs tools/call: a switch on the tool's name.
 func (s *server) callTool(ctx context.Context, ms *mcpSession, sess *session, params json.RawMessage) (any, *rpcError) {
 	var p struct {
-		Name string `json:"name"`
+		Name      string          `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
 	}
 	if err := json.Unmarshal(params, &p); err != nil {
 		return nil, &rpcError{Code: codeInvalidParams, Message: "tools/call needs params with a tool name"}
 	}
-	if p.Name != "getUserDetails" {
-		return nil, &rpcError{Code: codeInvalidParams, Message: "unknown tool"}
+	switch p.Name {
+	case userDetailsTool.Name: // no arguments to decode
+		return s.getUserDetails(ctx, ms, sess), nil
 	}
+	return nil, &rpcError{Code: codeInvalidParams, Message: "unknown tool"}
+}
+
+// getUserDetails runs the getUserDetails tool.
+func (s *server) getUserDetails(ctx context.Context, ms *mcpSession, sess *session) toolResult {
 	me, err := s.userDetails(ctx, sess)
 	if err != nil {
-		return toolResult{Content: []textContent{{"text", "getUserDetails failed: " + err.Error()}}, IsError: true}, nil
+		return toolResult{Content: []textContent{{"text", "getUserDetails failed: " + err.Error()}}, IsError: true}
 	}
 	orNone := func(v string) string { return cmp.Or(strings.TrimSpace(v), "(none)") }
 	result := toolResult{Content: []textContent{{"text", fmt.Sprintf("Display name: %s\nMail: %s\nUser principal name: %s",
@@ -410,7 +422,7 @@ func (s *server) callTool(ctx context.Context, ms *mcpSession, sess *session, pa
 	if structuredResults(ms.version()) {
 		result.StructuredContent = me
 	}
-	return result, nil
+	return result
 }
 
 // userDetails is step 10: GET {GRAPH_URL}/v1.0/me with the session's Entra
