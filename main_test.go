@@ -1215,6 +1215,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
 		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
 		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
+		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
 		{"unknown tenant", map[string]string{"ENTRA_TENANT_ID": "not-a-tenant"}, "ENTRA_TENANT_ID"},
 		{"unreachable authority", map[string]string{"ENTRA_AUTHORITY": "http://127.0.0.1:1"}, "ENTRA_AUTHORITY"},
 	}
