@@ -1314,7 +1314,7 @@ func TestDemo(t *testing.T) {
 	fmt.Printf(`
 entra-mcp demo: the real server on http://localhost:3001, with a fake Entra ID at %s.
 Give your MCP client this URL:  http://localhost:3001/mcp  (older, SSE-only clients: http://localhost:3001/sse)
-For example: npx @modelcontextprotocol/inspector, Transport Type "Streamable HTTP", then Connect.
+For example: npx @modelcontextprotocol/inspector, then add the server (Streamable HTTP) and connect.
 You will sign in as the demo user %s (%s). Press Ctrl-C to stop.
 
 `, f.URL, f.user.name, f.user.upn)
