@@ -220,10 +220,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 		if o = strings.TrimSpace(o); o == "" {
 			continue
 		}
-		if u, err := url.Parse(o); err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") || u.Path != "" || u.RawQuery != "" {
+		u, err := url.Parse(o)
+		if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
 			return config{}, fmt.Errorf("ALLOWED_ORIGINS: %q is not an origin; list origins such as https://app.example.com, separated by commas", o)
 		}
-		cfg.allowedOrigins = append(cfg.allowedOrigins, o)
+		// As browsers send it in Origin: lower case, no trailing slash.
+		cfg.allowedOrigins = append(cfg.allowedOrigins, strings.ToLower(u.Scheme+"://"+u.Host))
 	}
 	return cfg, nil
 }

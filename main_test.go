@@ -1216,6 +1216,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
 		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
+		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
 		{"unknown tenant", map[string]string{"ENTRA_TENANT_ID": "not-a-tenant"}, "ENTRA_TENANT_ID"},
 		{"unreachable authority", map[string]string{"ENTRA_AUTHORITY": "http://127.0.0.1:1"}, "ENTRA_AUTHORITY"},
 	}
@@ -1237,6 +1238,18 @@ func TestRunConfigErrors(t *testing.T) {
 				t.Errorf("the client secret leaked into %v %s", err, stderr.String())
 			}
 		})
+	}
+}
+
+func TestLoadConfigNormalizesOrigins(t *testing.T) {
+	env := map[string]string{"ENTRA_TENANT_ID": "t", "ENTRA_CLIENT_ID": "c", "ENTRA_CLIENT_SECRET": "s",
+		"ALLOWED_ORIGINS": " https://App.Example/ ,http://intranet:8080", "PUBLIC_URL": "https://mcp.example/"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(cfg.allowedOrigins, []string{"https://app.example", "http://intranet:8080"}) || cfg.publicURL != "https://mcp.example" {
+		t.Errorf("allowedOrigins = %q, publicURL = %q", cfg.allowedOrigins, cfg.publicURL)
 	}
 }
 
