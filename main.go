@@ -221,11 +221,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 			continue
 		}
 		u, err := url.Parse(o)
-		if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") || (u.Path != "" && u.Path != "/") || u.RawQuery != "" {
+		if err != nil || u.Host == "" || (u.Scheme != "https" && u.Scheme != "http") || (u.Path != "" && u.Path != "/") ||
+			u.RawQuery != "" || u.Fragment != "" || u.User != nil || strings.Contains(u.Host, "*") {
 			return config{}, fmt.Errorf("ALLOWED_ORIGINS: %q is not an origin; list origins such as https://app.example.com, separated by commas", o)
 		}
-		// As browsers send it in Origin: lower case, no trailing slash.
-		cfg.allowedOrigins = append(cfg.allowedOrigins, strings.ToLower(u.Scheme+"://"+u.Host))
+		cfg.allowedOrigins = append(cfg.allowedOrigins, normalOrigin(u))
 	}
 	return cfg, nil
 }
@@ -246,7 +246,17 @@ func originURL(name, raw string) (string, error) {
 	if u.Scheme == "http" && !isLoopbackHost(u.Hostname()) {
 		return "", fmt.Errorf("%s %q: plain http is allowed only for localhost; use https", name, raw)
 	}
-	return u.Scheme + "://" + u.Host, nil
+	return normalOrigin(u), nil
+}
+
+// normalOrigin returns the origin of u as browsers send it in Origin headers
+// (RFC 6454 §6.1): lower-case scheme and host, no default port, no slash.
+func normalOrigin(u *url.URL) string {
+	host := strings.ToLower(u.Host)
+	if port := u.Port(); (u.Scheme == "https" && port == "443") || (u.Scheme == "http" && port == "80") {
+		host = strings.TrimSuffix(host, ":"+port)
+	}
+	return strings.ToLower(u.Scheme) + "://" + host
 }
 
 // isLoopbackHost reports whether host names this machine: localhost or a

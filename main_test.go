@@ -944,12 +944,16 @@ func TestStreamableHTTPErrors(t *testing.T) {
 		{"Accept application/*", a, "POST", ping, http.Header{"Accept": {"application/*"}}, 200, 0},
 		{"Accept JSON only", a, "POST", ping, http.Header{"Accept": {"application/json"}}, 406, codeInvalidRequest},
 		{"Accept events only", a, "POST", ping, http.Header{"Accept": {"text/event-stream"}}, 406, codeInvalidRequest},
+		{"Accept refusing JSON", a, "POST", ping, http.Header{"Accept": {"application/json;q=0, text/event-stream"}}, 406, codeInvalidRequest},
+		{"empty Accept", a, "POST", ping, http.Header{"Accept": {""}}, 200, 0},
 		{"not JSON", a, "POST", ping, http.Header{"Content-Type": {"text/plain"}}, 415, codeInvalidRequest},
 		{"no session id", a, "POST", ping, http.Header{"Mcp-Session-Id": nil}, 400, codeInvalidRequest},
 		{"unknown session id", a, "POST", ping, http.Header{"Mcp-Session-Id": {"nope"}}, 404, codeSessionNotFound},
 		{"another user's session", b, "POST", ping, http.Header{"Mcp-Session-Id": {a.sessionID}}, 404, codeSessionNotFound},
 		{"an HTTP+SSE session id", b, "POST", ping, http.Header{"Mcp-Session-Id": {sseID}}, 404, codeSessionNotFound},
 		{"initialize again", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`, nil, 400, codeInvalidRequest},
+		{"initialize with an unknown session id", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`,
+			http.Header{"Mcp-Session-Id": {"ended"}}, 404, codeSessionNotFound},
 		{"no version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": nil}, 200, 0},
 		{"unsupported version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": {"1999-01-01"}}, 400, codeInvalidRequest},
 		{"2026-07-28 probe", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}`,
@@ -964,9 +968,14 @@ func TestStreamableHTTPErrors(t *testing.T) {
 		{"GET without a token", a, "GET", "", http.Header{"Authorization": nil}, 401, 0},
 		{"DELETE without a session id", a, "DELETE", "", http.Header{"Mcp-Session-Id": nil}, 400, codeInvalidRequest},
 		{"DELETE another user's session", b, "DELETE", "", http.Header{"Mcp-Session-Id": {a.sessionID}}, 404, codeSessionNotFound},
+		{"DELETE an HTTP+SSE session", b, "DELETE", "", http.Header{"Mcp-Session-Id": {sseID}}, 404, codeSessionNotFound},
+		{"DELETE with an unsupported version", a, "DELETE", "", http.Header{"Mcp-Protocol-Version": {"1999-01-01"}}, 400, codeInvalidRequest},
 		{"a token for /sse", a, "POST", ping, bearerFor(env, signInOptions{resource: env.url + "/sse"}, t), 401, 0},
 		{"foreign Origin", a, "POST", ping, http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
 		{"null Origin", a, "POST", ping, http.Header{"Origin": {"null"}}, 403, codeInvalidRequest},
+		{"GET from a foreign Origin", a, "GET", "", http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
+		{"DELETE from a foreign Origin", a, "DELETE", "", http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
+		{"a lookalike loopback Origin", a, "POST", ping, http.Header{"Origin": {"http://127.0.0.1.evil.example"}}, 403, codeInvalidRequest},
 		{"loopback Origin", a, "POST", ping, http.Header{"Origin": {"http://localhost:6274"}}, 200, 0},
 		{"our own Origin", a, "POST", ping, http.Header{"Origin": {env.url}}, 200, 0},
 		{"an allowed Origin", a, "POST", ping, http.Header{"Origin": {"https://app.example"}}, 200, 0},
@@ -994,6 +1003,15 @@ func TestStreamableHTTPErrors(t *testing.T) {
 		resp := env.do(t, "POST", "/mcp", strings.NewReader(ping), a.headers(http.Header{"Mcp-Protocol-Version": {"2026-07-28"}}))
 		if body := readBody(t, resp); !strings.Contains(body, "2025-11-25, 2025-06-18, 2025-03-26, 2024-11-05") || strings.Contains(body, "-32022") {
 			t.Errorf("body = %s", body)
+		}
+	})
+	t.Run("a Streamable HTTP session id on /message", func(t *testing.T) {
+		resp := env.do(t, "POST", "/message?sessionId="+b.sessionID, strings.NewReader(ping), bearer(bob.AccessToken))
+		if resp.StatusCode != http.StatusNotFound {
+			t.Errorf("POST /message with a Streamable HTTP session id = %d, want 404", resp.StatusCode)
+		}
+		if resp := sse.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`); resp.StatusCode != http.StatusAccepted {
+			t.Errorf("the SSE session afterwards = %d, want 202: still alive", resp.StatusCode)
 		}
 	})
 	t.Run("Origin is checked on /sse and /message too", func(t *testing.T) {
@@ -1027,10 +1045,65 @@ func TestBatchesOnlyIn20250326(t *testing.T) {
 			t.Errorf("a batch of notifications = %d, want 202", resp.StatusCode)
 		}
 	}
-	for _, body := range []string{`[]`, `[{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26"}}]`} {
+	tooMany := "[" + strings.Repeat(`{"jsonrpc":"2.0","id":1,"method":"ping"},`, maxBatch) + `{"jsonrpc":"2.0","id":1,"method":"ping"}]`
+	for _, body := range []string{`[]`, tooMany, `[{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26"}}]`} {
 		if resp := c.post(t, body, nil); resp.StatusCode != http.StatusBadRequest {
 			t.Errorf("POST %s = %d, want 400", body, resp.StatusCode)
 		}
+	}
+}
+
+// TestResultShapesFollowTheVersion checks that structured tool results
+// (outputSchema, structuredContent) go only to sessions of MCP 2025-06-18 or
+// later, on either transport.
+func TestResultShapesFollowTheVersion(t *testing.T) {
+	env := newTestEnv(t)
+	token := env.signIn(t, signInOptions{}).AccessToken
+	for _, version := range supportedVersions {
+		t.Run(version, func(t *testing.T) {
+			c := &mcpClient{env: env, token: token}
+			c.initialize(t, version)
+			sse := env.connect(t, token)
+			var init any
+			sse.call(t, "initialize", `{"protocolVersion":"`+version+`"}`, &init)
+			for name, call := range map[string]func(method, params string, v any){
+				"/mcp": func(m, p string, v any) { c.call(t, m, p, v) },
+				"/sse": func(m, p string, v any) { sse.call(t, m, p, v) },
+			} {
+				var list struct{ Tools []tool }
+				var result map[string]any
+				call("tools/list", "", &list)
+				call("tools/call", `{"name":"getUserDetails"}`, &result)
+				want := version >= "2025-06-18"
+				if got := list.Tools[0].OutputSchema != nil; got != want {
+					t.Errorf("%s: outputSchema present = %v, want %v", name, got, want)
+				}
+				if got := result["structuredContent"] != nil; got != want {
+					t.Errorf("%s: structuredContent present = %v, want %v", name, got, want)
+				}
+			}
+		})
+	}
+}
+
+// TestRevocationEndsMCPSessions checks that ending a signed-in session
+// removes its MCP sessions, and that a session opened by a request racing
+// with the revocation is refused.
+func TestRevocationEndsMCPSessions(t *testing.T) {
+	env := newTestEnv(t)
+	tokens := env.signIn(t, signInOptions{})
+	c := &mcpClient{env: env, token: tokens.AccessToken}
+	c.initialize(t, "2025-11-25")
+	sess, _ := env.srv.sessions.get(tokenClaims(t, tokens.AccessToken)["sid"].(string))
+
+	env.srv.endSession(sess)
+	if _, ok := env.srv.mcp.get(c.sessionID, sess.id); ok {
+		t.Errorf("the Streamable HTTP session outlived its owner")
+	}
+	// A request that passed the token check just before the revocation
+	// gets here after it.
+	if env.srv.mcp.add(&mcpSession{id: "late", owner: sess.id}, sess) {
+		t.Errorf("an MCP session was registered for an ended session")
 	}
 }
 
@@ -1243,12 +1316,13 @@ func TestRunConfigErrors(t *testing.T) {
 
 func TestLoadConfigNormalizesOrigins(t *testing.T) {
 	env := map[string]string{"ENTRA_TENANT_ID": "t", "ENTRA_CLIENT_ID": "c", "ENTRA_CLIENT_SECRET": "s",
-		"ALLOWED_ORIGINS": " https://App.Example/ ,http://intranet:8080", "PUBLIC_URL": "https://mcp.example/"}
+		"ALLOWED_ORIGINS": " https://App.Example/ ,http://intranet:8080,https://b.example:443", "PUBLIC_URL": "https://MCP.example:443/"}
 	cfg, err := loadConfig(func(k string) string { return env[k] })
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(cfg.allowedOrigins, []string{"https://app.example", "http://intranet:8080"}) || cfg.publicURL != "https://mcp.example" {
+	// As browsers send origins: lower case, no default port, no slash.
+	if !slices.Equal(cfg.allowedOrigins, []string{"https://app.example", "http://intranet:8080", "https://b.example"}) || cfg.publicURL != "https://mcp.example" {
 		t.Errorf("allowedOrigins = %q, publicURL = %q", cfg.allowedOrigins, cfg.publicURL)
 	}
 }

@@ -87,10 +87,18 @@ type mcpSessions struct {
 
 func newMCPSessions() *mcpSessions { return &mcpSessions{m: make(map[string]*mcpSession)} }
 
-func (reg *mcpSessions) add(ms *mcpSession) {
+// add registers ms for the signed-in session owner, unless owner has ended:
+// a request that passed the token check just before a revocation must not
+// leave a session behind it. endSession sets the flag before it takes the
+// lock in endOwner, so one of the two always sees the other.
+func (reg *mcpSessions) add(ms *mcpSession, owner *session) bool {
 	reg.mu.Lock()
 	defer reg.mu.Unlock()
+	if owner.ended.Load() {
+		return false
+	}
 	reg.m[ms.id] = ms
+	return true
 }
 
 func (reg *mcpSessions) remove(ms *mcpSession) {
@@ -156,6 +164,10 @@ func errorResponse(id json.RawMessage, code int, message string) *rpcResponse {
 	return &rpcResponse{JSONRPC: "2.0", ID: id, Error: &rpcError{Code: code, Message: message}}
 }
 
+// maxBatch bounds the messages of a batch: each may be a tool call that
+// reaches Microsoft Graph.
+const maxBatch = 50
+
 // rpcBody is a decoded POST body: one message, or a batch (JSON-RPC 2.0 §6).
 type rpcBody struct {
 	messages []*rpcMessage
@@ -177,8 +189,8 @@ func decodeBody(body []byte) (*rpcBody, *rpcResponse) {
 		return &rpcBody{messages: []*rpcMessage{m}}, nil
 	}
 	var raws []json.RawMessage
-	if err := json.Unmarshal(body, &raws); err != nil || len(raws) == 0 {
-		return nil, errorResponse(nil, codeInvalidRequest, "invalid request: a batch must hold at least one message")
+	if err := json.Unmarshal(body, &raws); err != nil || len(raws) == 0 || len(raws) > maxBatch {
+		return nil, errorResponse(nil, codeInvalidRequest, fmt.Sprintf("invalid request: a batch must hold 1 to %d messages", maxBatch))
 	}
 	b := &rpcBody{batch: true}
 	for _, raw := range raws {

@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -36,25 +37,40 @@ import (
 // maxMessageSize bounds a POSTed JSON-RPC body.
 const maxMessageSize = 1 << 20
 
-// checkOrigin answers 403 to a browser request from a foreign page and
-// reports whether the request may go on. A page on another site must not
-// reach an MCP server on this machine through the user's browser, for example
-// by rebinding its own DNS name to 127.0.0.1 (MCP 2025-11-25 "Transports",
-// Security Warning). Allowed are PUBLIC_URL's origin, loopback origins on
-// any port, and ALLOWED_ORIGINS. Requests without Origin come from programs,
-// not pages, and pass.
-func (s *server) checkOrigin(w http.ResponseWriter, r *http.Request) bool {
-	origin := r.Header.Get("Origin")
-	if origin == "" {
-		return true
+// mcpRequest runs the checks every request to an MCP endpoint passes first,
+// and returns the caller's session, or nil once it has answered 403 or 401:
+//
+// The Origin: a page on another site must not reach an MCP server on this
+// machine through the user's browser, for example by rebinding its own DNS
+// name to 127.0.0.1 (MCP 2025-11-25 "Transports", Security Warning). Allowed
+// are PUBLIC_URL's origin, loopback origins on any port, and ALLOWED_ORIGINS.
+// Requests without Origin come from programs, not pages, and pass.
+//
+// Then the bearer token, for endpoint (step 1).
+func (s *server) mcpRequest(w http.ResponseWriter, r *http.Request, endpoint string) *session {
+	if origin := r.Header.Get("Origin"); origin != "" {
+		u, err := url.Parse(origin)
+		ok := err == nil && u.Host != "" && u.User == nil && u.Path == "" &&
+			(u.Scheme == "http" || u.Scheme == "https") &&
+			(normalOrigin(u) == s.cfg.publicURL || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, normalOrigin(u)))
+		if !ok {
+			writeRPCError(w, http.StatusForbidden, codeInvalidRequest, "origin not allowed")
+			return nil
+		}
 	}
-	u, err := url.Parse(origin)
-	ok := err == nil && (u.Scheme == "http" || u.Scheme == "https") && u.Host != "" &&
-		(strings.EqualFold(origin, s.cfg.publicURL) || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, origin))
-	if !ok {
-		writeRPCError(w, http.StatusForbidden, codeInvalidRequest, "origin not allowed: "+origin)
+	return s.authenticate(w, r, endpoint)
+}
+
+// findSession returns the caller's MCP session id on one transport (sse: the
+// HTTP+SSE one), or answers 404: unknown, ended, another user's and the other
+// transport's sessions all look alike.
+func (s *server) findSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
+	ms, ok := s.mcp.get(id, sess.id)
+	if !ok || (ms.stream != nil) != sse {
+		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
+		return nil, false
 	}
-	return ok
+	return ms, true
 }
 
 // readBody reads and decodes a POSTed JSON-RPC body, answering transport
@@ -102,16 +118,16 @@ func (st *stream) end() { st.once.Do(func() { close(st.done) }) }
 // session and writes its events until the client goes away, the session ends
 // or the server shuts down.
 func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
-	if !s.checkOrigin(w, r) {
-		return
-	}
-	sess := s.authenticate(w, r, "/sse")
+	sess := s.mcpRequest(w, r, "/sse")
 	if sess == nil {
 		return
 	}
 	st := &stream{out: make(chan []byte, 32), done: make(chan struct{})}
 	ms := &mcpSession{id: newSecret(), owner: sess.id, stream: st}
-	s.mcp.add(ms)
+	if !s.mcp.add(ms, sess) {
+		s.authenticate(w, r, "/sse") // the session ended meanwhile: answer 401 as for its token
+		return
+	}
 	defer st.end()         // second: mark the stream ended
 	defer s.mcp.remove(ms) // first: unregister the session
 
@@ -159,12 +175,9 @@ func writeEvent(w io.Writer, event string, data []byte) {
 // stream. The POST is answered 202 once the answer is queued, so the HTTP
 // status can still report failures found while handling it.
 func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
-	if !s.checkOrigin(w, r) {
-		return
-	}
 	// A 401 here points at the /sse metadata: /message is part of the /sse
 	// resource, and clients re-authorize against the URL they connected to.
-	sess := s.authenticate(w, r, "/sse")
+	sess := s.mcpRequest(w, r, "/sse")
 	if sess == nil {
 		return
 	}
@@ -173,9 +186,8 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "sessionId is missing")
 		return
 	}
-	ms, ok := s.mcp.get(id, sess.id)
-	if !ok || ms.stream == nil {
-		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
+	ms, ok := s.findSession(w, id, sess, true)
+	if !ok {
 		return
 	}
 	body, ok := s.readBody(w, r)
@@ -213,10 +225,7 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 // comes back in the response. initialize starts a session; every later request
 // names it in Mcp-Session-Id.
 func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
-	if !s.checkOrigin(w, r) {
-		return
-	}
-	sess := s.authenticate(w, r, "/mcp")
+	sess := s.mcpRequest(w, r, "/mcp")
 	if sess == nil {
 		return
 	}
@@ -229,11 +238,15 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	// A 404 for an unknown session tells the client to start a new one with
+	// initialize (MCP "Session Management").
 	id := r.Header.Get("Mcp-Session-Id")
 	var ms *mcpSession
 	switch {
 	case body.isInitialize() && id != "":
-		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "this session is already initialized; send initialize without Mcp-Session-Id to start a new one")
+		if _, ok := s.findSession(w, id, sess, false); ok {
+			writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "this session is already initialized; send initialize without Mcp-Session-Id to start a new one")
+		}
 		return
 	case body.isInitialize():
 		ms = &mcpSession{id: newSecret(), owner: sess.id}
@@ -241,10 +254,7 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "Mcp-Session-Id is missing: send initialize first")
 		return
 	default:
-		// Unknown, ended, another user's, or an HTTP+SSE session: 404 tells
-		// the client to start a new session (MCP "Session Management").
-		if ms, ok = s.mcp.get(id, sess.id); !ok || ms.stream != nil {
-			writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
+		if ms, ok = s.findSession(w, id, sess, false); !ok {
 			return
 		}
 	}
@@ -256,7 +266,10 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 	reply := s.run(r.Context(), ms, sess, body)
 	if body.isInitialize() {
 		if resp, ok := reply.(*rpcResponse); ok && resp.Error == nil {
-			s.mcp.add(ms)
+			if !s.mcp.add(ms, sess) {
+				s.authenticate(w, r, "/mcp") // the session ended meanwhile: answer 401 as for its token
+				return
+			}
 			w.Header().Set("Mcp-Session-Id", ms.id)
 		}
 	}
@@ -270,13 +283,20 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 
 // acceptsJSONAndEvents reports whether the Accept header allows both answers
 // Streamable HTTP may give: application/json and text/event-stream. Clients
-// must list both; a missing header, */* and application/* are taken to allow
-// them too, since this server only ever answers JSON.
+// must list both; a missing or empty header, */* and application/* are taken
+// to allow them too, since this server only ever answers JSON. A type with
+// q=0 is refused (RFC 9110 §12.5.1).
 func acceptsJSONAndEvents(accept []string) bool {
+	if strings.TrimSpace(strings.Join(accept, "")) == "" {
+		return true
+	}
 	var jsonOK, eventsOK bool
 	for _, v := range accept {
 		for part := range strings.SplitSeq(v, ",") {
-			mt, _, _ := mime.ParseMediaType(strings.TrimSpace(part))
+			mt, params, _ := mime.ParseMediaType(strings.TrimSpace(part))
+			if q, err := strconv.ParseFloat(params["q"], 64); err == nil && q == 0 {
+				continue
+			}
 			switch mt {
 			case "*/*", "application/*":
 				jsonOK, eventsOK = true, true
@@ -287,17 +307,18 @@ func acceptsJSONAndEvents(accept []string) bool {
 			}
 		}
 	}
-	return len(accept) == 0 || jsonOK && eventsOK
+	return jsonOK && eventsOK
 }
 
 // handleMCPDelete ends a Streamable HTTP session (MCP "Session Management"):
 // 204, and the session id gets 404 from then on.
 func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
-	if !s.checkOrigin(w, r) {
+	sess := s.mcpRequest(w, r, "/mcp")
+	if sess == nil {
 		return
 	}
-	sess := s.authenticate(w, r, "/mcp")
-	if sess == nil {
+	if errResp := checkVersionHeader(r); errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
 		return
 	}
 	id := r.Header.Get("Mcp-Session-Id")
@@ -305,9 +326,8 @@ func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "Mcp-Session-Id is missing")
 		return
 	}
-	ms, ok := s.mcp.get(id, sess.id)
-	if !ok || ms.stream != nil {
-		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
+	ms, ok := s.findSession(w, id, sess, false)
+	if !ok {
 		return
 	}
 	s.mcp.remove(ms)
@@ -319,10 +339,7 @@ func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 // stream, which MCP allows (2025-06-18 "Listening for Messages from the
 // Server").
 func (s *server) handleMCPOther(w http.ResponseWriter, r *http.Request) {
-	if !s.checkOrigin(w, r) {
-		return
-	}
-	if s.authenticate(w, r, "/mcp") == nil {
+	if s.mcpRequest(w, r, "/mcp") == nil {
 		return
 	}
 	w.Header().Set("Allow", "POST, DELETE")
