@@ -893,7 +893,7 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 			return nil, badRequest("invalid_target", "resource does not match the authorization request")
 		}
 	}
-	return s.issueTokens(c, code.session), nil
+	return s.startSession(c, code.session), nil
 }
 
 // s256 is the PKCE S256 transformation (RFC 7636 §4.2).
@@ -902,28 +902,24 @@ func s256(verifier string) string {
 	return base64.RawURLEncoding.EncodeToString(sum[:])
 }
 
-// redeemRefreshToken is the refresh_token grant (OAuth 2.1 §4.3): the refresh
-// token is single-use and is replaced by a new one with each access token.
+// redeemRefreshToken is the refresh_token grant (OAuth 2.1 §4.3): a refresh
+// token of this client's live session, rotated by [server.rotateRefresh].
+// Another client presenting it changes nothing.
 func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse, error) {
-	key := hashKey(form.Get("refresh_token"))
-	if grant, ok := s.refreshes.get(key); !ok || grant.clientID != c.ID {
-		// Another client's token stays usable by its owner.
-		return nil, badRequest("invalid_grant", "the refresh token is invalid or expired")
-	}
-	grant, ok := s.refreshes.take(key)
+	sid, gen, ok := s.tokens.parseRefreshToken(form.Get("refresh_token"))
 	if !ok {
-		return nil, badRequest("invalid_grant", "the refresh token is invalid or expired")
+		return nil, badRequest("invalid_grant", "the refresh token is invalid")
 	}
-	sess, ok := s.sessions.get(grant.sessionID)
-	if !ok || sess.ended.Load() {
-		return nil, badRequest("invalid_grant", "the session has ended; sign in again")
+	sess, ok := s.sessions.get(sid)
+	if !ok || sess.ended.Load() || sess.clientID != c.ID || !c.allows("refresh_token") {
+		return nil, badRequest("invalid_grant", "the refresh token is invalid or its session has ended; sign in again")
 	}
 	if form.Has("resource") {
 		if _, ok := s.canonicalResource(form.Get("resource")); !ok {
 			return nil, badRequest("invalid_target", "resource must be this server's URL, its /sse or its /mcp endpoint")
 		}
 	}
-	return s.issueTokens(c, sess), nil
+	return s.rotateRefresh(c, sess, gen)
 }
 
 // handleRevoke is the revocation endpoint (RFC 7009). Revoking either token of
@@ -938,10 +934,10 @@ func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
 	sessionID := ""
 	if claims, err := s.tokens.verify(token); err == nil && claims.ClientID == c.ID {
 		sessionID = claims.SessionID
-	} else if grant, ok := s.refreshes.get(hashKey(token)); ok && grant.clientID == c.ID {
-		sessionID = grant.sessionID
+	} else if sid, _, ok := s.tokens.parseRefreshToken(token); ok {
+		sessionID = sid
 	}
-	if sess, ok := s.sessions.get(sessionID); ok {
+	if sess, ok := s.sessions.get(sessionID); ok && sess.clientID == c.ID {
 		s.endSession(sess)
 	}
 	w.WriteHeader(http.StatusOK)

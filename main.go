@@ -146,6 +146,7 @@ Usage: go run .   (configured from the environment)
   ADDR                 default localhost:3001 (listen address)
   SESSION_KEY          default random per start (hex or base64, at least 32 bytes)
   ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues)
+  REFRESH_TOKEN_TTL    default 336h (14 days; lifetime of refresh tokens and idle sessions)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp
                        and /sse, besides PUBLIC_URL's and loopback ones)
 
@@ -164,7 +165,8 @@ type config struct {
 	addr           string
 	sessionKey     []byte
 	accessTTL      time.Duration
-	allowedOrigins []string // extra browser origins allowed on the MCP endpoints
+	refreshTTL     time.Duration // refresh tokens, and the sessions they keep alive
+	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
 }
 
 // loadConfig reads and validates the configuration. Each error is one line
@@ -215,6 +217,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 	ttl := env("ACCESS_TOKEN_TTL", "1h")
 	if cfg.accessTTL, err = time.ParseDuration(ttl); err != nil || cfg.accessTTL < time.Minute || cfg.accessTTL > 24*time.Hour {
 		return config{}, fmt.Errorf("ACCESS_TOKEN_TTL %q: want a Go duration between 1m and 24h, such as 1h", ttl)
+	}
+	// Entra's own refresh tokens expire after 90 days of disuse; ours must
+	// not outlive the Entra session they stand for.
+	rttl := env("REFRESH_TOKEN_TTL", "336h")
+	if cfg.refreshTTL, err = time.ParseDuration(rttl); err != nil || cfg.refreshTTL < cfg.accessTTL || cfg.refreshTTL > 90*24*time.Hour {
+		return config{}, fmt.Errorf("REFRESH_TOKEN_TTL %q: want a Go duration from ACCESS_TOKEN_TTL up to 2160h (90 days), such as 336h (14 days)", rttl)
 	}
 	for o := range strings.SplitSeq(env("ALLOWED_ORIGINS", ""), ",") {
 		if o = strings.TrimSpace(o); o == "" {
@@ -305,7 +313,6 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		flows:     newTTLMap[*entraFlow](now),
 		codes:     newTTLMap[*authCode](now),
 		sessions:  newTTLMap[*session](now),
-		refreshes: newTTLMap[refreshGrant](now),
 		mcp:       newMCPSessions(),
 		keepAlive: 15 * time.Second,
 		closing:   make(chan struct{}),
@@ -348,12 +355,11 @@ type server struct {
 	tokens *sessionCodec
 	mux    *http.ServeMux
 
-	clients   *ttlMap[*client]      // step 3: registered clients, by client_id
-	consents  *ttlMap[*authRequest] // step 4: requests awaiting consent, by consent id
-	flows     *ttlMap[*entraFlow]   // step 5: sign-ins in progress at Entra, by our state
-	codes     *ttlMap[*authCode]    // step 6: our authorization codes, by hash
-	sessions  *ttlMap[*session]     // step 7: signed-in sessions, by session id
-	refreshes *ttlMap[refreshGrant] // step 7: refresh tokens, by hash
+	clients  *ttlMap[*client]      // step 3: registered clients, by client_id
+	consents *ttlMap[*authRequest] // step 4: requests awaiting consent, by consent id
+	flows    *ttlMap[*entraFlow]   // step 5: sign-ins in progress at Entra, by our state
+	codes    *ttlMap[*authCode]    // step 6: our authorization codes, by hash
+	sessions *ttlMap[*session]     // step 7: signed-in sessions, by session id
 
 	mcp       *mcpSessions  // steps 8 and 9: MCP sessions of both transports
 	keepAlive time.Duration // interval of SSE keep-alive comments

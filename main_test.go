@@ -730,40 +730,86 @@ func TestConfidentialClients(t *testing.T) {
 	}
 }
 
-func TestRefreshAndRevoke(t *testing.T) {
+func TestRefresh(t *testing.T) {
 	env := newTestEnv(t)
 	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
-	first := env.redeem(t, c, env.codeFor(t, c))
 	refresh := func(token, clientID string) *http.Response {
 		return env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {token}, "client_id": {clientID}}, nil)
 	}
+	first := env.redeem(t, c, env.codeFor(t, c))
 
-	var second tokenResponse
-	decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &second)
-	if second.RefreshToken == first.RefreshToken || second.AccessToken == "" {
-		t.Fatalf("refresh = %+v, want a new refresh token", second)
-	}
-	if tokenClaims(t, second.AccessToken)["sid"] != tokenClaims(t, first.AccessToken)["sid"] {
-		t.Errorf("a refreshed token names another session")
-	}
-	wantOAuthError(t, refresh(first.RefreshToken, c.id), 400, "invalid_grant") // rotated: single use
-	other := env.newClient(t, `"token_endpoint_auth_method":"none"`)
-	wantOAuthError(t, refresh(second.RefreshToken, other.id), 400, "invalid_grant")
-	decodeJSON(t, refresh(second.RefreshToken, c.id), http.StatusOK, &second) // still its owner's
+	t.Run("an expired access token is refreshed, and the refresh token rotates", func(t *testing.T) {
+		env.clock.advance(time.Hour)
+		if resp := env.do(t, "POST", "/mcp", nil, bearer(first.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+			t.Fatalf("POST /mcp with an expired token = %d, want 401", resp.StatusCode)
+		}
+		var second tokenResponse
+		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &second)
+		if second.RefreshToken == first.RefreshToken || tokenClaims(t, second.AccessToken)["sid"] != tokenClaims(t, first.AccessToken)["sid"] {
+			t.Errorf("refresh = %+v, want a new refresh token for the same session", second)
+		}
+		(&mcpClient{env: env, token: second.AccessToken}).initialize(t, "2025-11-25")
 
-	// Revocation (RFC 7009): 200 for unknown tokens; revoking ends the session.
-	revoke := func(token string) {
-		resp := env.postForm(t, "/revoke", url.Values{"token": {token}, "client_id": {c.id}}, nil)
+		// A duplicate of that refresh, within the grace window, gets the
+		// same new tokens instead of ending the session.
+		env.clock.advance(refreshGrace - time.Second)
+		var again tokenResponse
+		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &again)
+		if again != second {
+			t.Errorf("duplicate refresh = %+v, want the same tokens %+v", again, second)
+		}
+		first = second
+	})
+
+	t.Run("another client cannot use the refresh token, nor spoil it", func(t *testing.T) {
+		other := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+		wantOAuthError(t, refresh(first.RefreshToken, other.id), 400, "invalid_grant")
+		wantOAuthError(t, refresh(first.RefreshToken+"x", c.id), 400, "invalid_grant")
+		var next tokenResponse
+		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &next)
+		first = next
+	})
+
+	t.Run("a replaced refresh token used after the grace window ends the session", func(t *testing.T) {
+		var next tokenResponse
+		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &next)
+		env.clock.advance(refreshGrace)
+		wantOAuthError(t, refresh(first.RefreshToken, c.id), 400, "invalid_grant") // the thief, or the client: no telling
+		if resp := env.do(t, "POST", "/mcp", nil, bearer(next.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("POST /mcp with the newest access token = %d, want 401: the session has ended", resp.StatusCode)
+		}
+		wantOAuthError(t, refresh(next.RefreshToken, c.id), 400, "invalid_grant")
+	})
+}
+
+func TestRevoke(t *testing.T) {
+	env := newTestEnv(t)
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	revoke := func(token, clientID string) {
+		t.Helper()
+		resp := env.postForm(t, "/revoke", url.Values{"token": {token}, "client_id": {clientID}}, nil)
 		if resp.StatusCode != http.StatusOK {
 			t.Errorf("POST /revoke = %d, want 200", resp.StatusCode)
 		}
 	}
-	revoke("unknown")
-	revoke(second.AccessToken)
-	if resp := env.do(t, "GET", "/sse", nil, bearer(second.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
-		t.Errorf("GET /sse after revocation = %d, want 401", resp.StatusCode)
+	for _, kind := range []string{"access token", "refresh token"} {
+		t.Run(kind, func(t *testing.T) {
+			tokens := env.redeem(t, c, env.codeFor(t, c))
+			token := map[string]string{"access token": tokens.AccessToken, "refresh token": tokens.RefreshToken}[kind]
+			revoke("unknown", c.id) // RFC 7009 §2.2: 200 for unknown tokens
+			other := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+			revoke(token, other.id) // another client's token: nothing happens
+			if resp := env.do(t, "POST", "/mcp", nil, bearer(tokens.AccessToken)); resp.StatusCode == http.StatusUnauthorized {
+				t.Fatalf("another client revoked this client's session")
+			}
+			revoke(token, c.id)
+			if resp := env.do(t, "POST", "/mcp", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+				t.Errorf("POST /mcp after revoking the %s = %d, want 401", kind, resp.StatusCode)
+			}
+			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {c.id}}, nil)
+			wantOAuthError(t, resp, 400, "invalid_grant")
+		})
 	}
-	wantOAuthError(t, refresh(second.RefreshToken, c.id), 400, "invalid_grant")
 }
 
 func TestEndedSessionStaysEnded(t *testing.T) {
@@ -776,7 +822,7 @@ func TestEndedSessionStaysEnded(t *testing.T) {
 	// A token request that loses the race with a revocation puts the
 	// session back after endSession; its tokens must still not work.
 	env.srv.endSession(sess)
-	late := env.srv.issueTokens(client, sess)
+	late := env.srv.startSession(client, sess)
 	if resp := env.do(t, "GET", "/sse", nil, bearer(late.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("GET /sse with a token of an ended session = %d, want 401", resp.StatusCode)
 	}
@@ -1288,6 +1334,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
 		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
 		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
+		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
 		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
 		{"unknown tenant", map[string]string{"ENTRA_TENANT_ID": "not-a-tenant"}, "ENTRA_TENANT_ID"},
@@ -1433,7 +1480,7 @@ func newTestEnv(t *testing.T, opts ...func(*config)) *testEnv {
 	cfg := config{
 		tenantID: entra.tenantID, clientID: entra.clientID, clientSecret: entra.clientSecret,
 		authority: entra.URL, graphURL: entra.URL, publicURL: publicURL,
-		sessionKey: randomBytes(32), accessTTL: time.Hour,
+		sessionKey: randomBytes(32), accessTTL: time.Hour, refreshTTL: 14 * 24 * time.Hour,
 	}
 	for _, opt := range opts {
 		opt(&cfg)

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -42,6 +43,11 @@ type session struct {
 	resource string             // the audience of the session's tokens
 	entra    oauth2.TokenSource // the Entra tokens; refreshes them when they expire
 	ended    atomic.Bool        // set once by endSession; an ended session never comes back
+
+	mu         sync.Mutex     // guards the refresh state below
+	refreshGen uint64         // generation of the one refresh token that works now
+	rotatedAt  time.Time      // when refreshGen last moved on
+	lastIssued *tokenResponse // the tokens issued with refreshGen, for a duplicate refresh
 }
 
 // entraUser is who signed in, read from the verified id_token. It stays on the
@@ -53,18 +59,17 @@ type entraUser struct {
 	username string // preferred_username
 }
 
-// refreshGrant is what a refresh token stands for.
-type refreshGrant struct {
-	sessionID string
-	clientID  string
-}
-
 // Lifetimes of the server's own state.
 const (
-	consentTTL = 10 * time.Minute    // a consent page stays usable
-	flowTTL    = 10 * time.Minute    // a sign-in at Entra may take
-	codeTTL    = 2 * time.Minute     // our authorization codes (OAuth 2.1 §4.1.2: short)
-	refreshTTL = 14 * 24 * time.Hour // refresh tokens, and the sessions they keep alive
+	consentTTL = 10 * time.Minute // a consent page stays usable
+	flowTTL    = 10 * time.Minute // a sign-in at Entra may take
+	codeTTL    = 2 * time.Minute  // our authorization codes (OAuth 2.1 §4.1.2: short)
+
+	// refreshGrace is how long a refresh token stays good for a duplicate of
+	// the refresh that replaced it: clients that lose a response, or send
+	// the same refresh twice at once, get the same new tokens rather than a
+	// dead session. Past it, a replaced refresh token means theft.
+	refreshGrace = 30 * time.Second
 )
 
 // Step 1: the challenge.
@@ -122,9 +127,51 @@ type tokenResponse struct {
 	Scope        string `json:"scope"`
 }
 
+// Refresh tokens rotate (OAuth 2.1 §4.3.1, required for public clients by
+// MCP 2025-06-18): each one works once and comes back replaced. Nothing about
+// them is stored: a refresh token is the session id and a generation number,
+// signed (see [sessionCodec.refreshToken]), and the session remembers which
+// generation works now. That one number is enough to tell a stale token, and
+// so a stolen one, from the current one.
+
+// startSession makes a signed-in session live and issues its first tokens.
+func (s *server) startSession(c *client, sess *session) *tokenResponse {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	return s.issueTokens(c, sess)
+}
+
+// rotateRefresh redeems the refresh token of generation gen of sess:
+//   - the current generation: the next one is issued, with a new access
+//     token, and the current one stops working;
+//   - the previous generation within refreshGrace of its rotation: a
+//     duplicate of that refresh, which gets the same tokens again;
+//   - anything older: the token was replaced long ago, so someone kept a
+//     copy. The whole session ends, for the thief and the client alike
+//     (RFC 9700 §4.14.2).
+func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResponse, error) {
+	sess.mu.Lock()
+	switch now := s.now(); {
+	case gen == sess.refreshGen:
+		sess.refreshGen++
+		sess.rotatedAt = now
+		defer sess.mu.Unlock()
+		return s.issueTokens(c, sess), nil
+	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < refreshGrace:
+		defer sess.mu.Unlock()
+		resp := *sess.lastIssued
+		return &resp, nil
+	}
+	sess.mu.Unlock()
+	s.log.Warn("replaced refresh token used again; ending its session", "client_id", c.ID, "subject", sess.subject)
+	s.endSession(sess)
+	return nil, badRequest("invalid_grant", "the refresh token was already used; sign in again")
+}
+
 // issueTokens mints a session token for sess and, for clients registered for
-// the refresh_token grant, a refresh token. The refresh token is a random
-// string; only its hash is kept.
+// the refresh_token grant, the refresh token of its current generation; it
+// keeps the session alive for as long as that refresh token lives. sess.mu
+// is held.
 func (s *server) issueTokens(c *client, sess *session) *tokenResponse {
 	now := s.now()
 	resp := &tokenResponse{
@@ -143,11 +190,13 @@ func (s *server) issueTokens(c *client, sess *session) *tokenResponse {
 	}
 	ttl := s.cfg.accessTTL
 	if c.allows("refresh_token") {
-		resp.RefreshToken = newSecret()
-		s.refreshes.put(hashKey(resp.RefreshToken), refreshGrant{sessionID: sess.id, clientID: c.ID}, refreshTTL)
-		ttl = refreshTTL
+		resp.RefreshToken = s.tokens.refreshToken(sess.id, sess.refreshGen)
+		ttl = s.cfg.refreshTTL
 	}
-	s.sessions.put(sess.id, sess, ttl)
+	sess.lastIssued = resp
+	if !sess.ended.Load() {
+		s.sessions.put(sess.id, sess, ttl)
+	}
 	return resp
 }
 
@@ -205,9 +254,10 @@ var (
 // maxTokenLen bounds what verify reads: real tokens are about 400 bytes.
 const maxTokenLen = 4096
 
-// sessionCodec mints and verifies session tokens.
+// sessionCodec mints and verifies session tokens and refresh tokens.
 type sessionCodec struct {
 	macKey     []byte // signs tokens
+	refreshKey []byte // signs refresh tokens
 	subjectKey []byte // derives opaque subjects from Entra ids
 	header     string // base64url of the fixed header
 	issuer     string
@@ -226,6 +276,7 @@ func newSessionCodec(secret []byte, issuer string, now func() time.Time) *sessio
 	}
 	c := &sessionCodec{
 		macKey:     derive("session token v1"),
+		refreshKey: derive("refresh token v1"),
 		subjectKey: derive("subject v1"),
 		issuer:     issuer,
 		now:        now,
@@ -288,10 +339,40 @@ func (c *sessionCodec) verify(token string) (sessionClaims, error) {
 	return claims, nil
 }
 
-func (c *sessionCodec) mac(signed string) []byte {
-	m := hmac.New(sha256.New, c.macKey)
-	m.Write([]byte(signed))
+func (c *sessionCodec) mac(signed string) []byte { return hmacSHA256(c.macKey, signed) }
+
+func hmacSHA256(key []byte, data string) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(data))
 	return m.Sum(nil)
+}
+
+// refreshToken returns the refresh token of generation gen of session sid:
+// "rt1.<sid>.<gen>.<mac>", the MAC taken over everything before its dot with
+// a key of its own. Session ids are base32 and generations decimal, so
+// neither holds a dot and the string parses one way only.
+func (c *sessionCodec) refreshToken(sid string, gen uint64) string {
+	signed := "rt1." + sid + "." + strconv.FormatUint(gen, 10)
+	return signed + "." + base64.RawURLEncoding.EncodeToString(hmacSHA256(c.refreshKey, signed))
+}
+
+// parseRefreshToken checks a refresh token's MAC and returns its session id
+// and generation.
+func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, ok bool) {
+	i := strings.LastIndexByte(token, '.')
+	if i < 0 || len(token) > maxTokenLen {
+		return "", 0, false
+	}
+	mac, err := base64.RawURLEncoding.DecodeString(token[i+1:])
+	if err != nil || !hmac.Equal(mac, hmacSHA256(c.refreshKey, token[:i])) {
+		return "", 0, false
+	}
+	parts := strings.Split(token[:i], ".")
+	if len(parts) != 3 || parts[0] != "rt1" {
+		return "", 0, false
+	}
+	gen, err = strconv.ParseUint(parts[2], 10, 64)
+	return parts[1], gen, err == nil
 }
 
 // subject derives the opaque, stable user id of a token's "sub" from the
