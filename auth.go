@@ -568,8 +568,8 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 		clientID: req.clientID,
 		scope:    req.scope,
 		resource: req.resource,
-		entra:    s.entra.oauth.TokenSource(s.entra.background, tok),
 	}
+	s.setEntraToken(sess, tok)
 	code := newSecret()
 	s.codes.put(hashKey(code), &authCode{req: req, session: sess}, codeTTL)
 	s.log.Info("signed in", "client_id", req.clientID, "subject", sess.subject)
@@ -582,7 +582,7 @@ type entraClient struct {
 	issuer     string // from Entra's discovery document; may hold "{tenantid}"
 	graphURL   string
 	httpClient *http.Client
-	background context.Context // for token refreshes that outlive a request
+	background context.Context // for token refreshes, which no request may cancel
 }
 
 // discoverEntra fetches Entra's OpenID discovery document, so that a wrong

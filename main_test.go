@@ -1268,29 +1268,134 @@ func TestJSONRPC(t *testing.T) {
 	})
 }
 
-func TestToolRefreshesTheEntraToken(t *testing.T) {
-	env := newTestEnv(t)
-	// Entra tokens that expire within golang.org/x/oauth2's 10-second margin
-	// are stale as soon as they arrive: every use refreshes first.
-	env.entra.set(func() { env.entra.expiresIn = 5 })
-	conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
+// Step 10: the Entra token, kept fresh on the server.
 
+func TestEntraTokenRefresh(t *testing.T) {
+	env := newTestEnv(t)
+	env.entra.set(func() { env.entra.expiresIn = 600 }) // Entra tokens for 10 minutes
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-11-25")
+	firstRT := env.entra.lastRefreshToken()
+	call := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails"}}`
+
+	t.Run("a fresh token is used as it is", func(t *testing.T) {
+		var result toolResult
+		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		if n := env.entra.refreshCount(); result.IsError || n != 0 {
+			t.Errorf("tools/call = %+v after %d refreshes, want a result and none", result, n)
+		}
+	})
+	t.Run("an expiring token is refreshed once, however many calls need it", func(t *testing.T) {
+		env.clock.advance(9*time.Minute + time.Second) // within a minute of its expiry
+		statuses := make(chan string, 8)
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() { statuses <- postRaw(t.Context(), env.url+"/mcp", c.headers(nil), call) })
+		}
+		wg.Wait()
+		close(statuses)
+		for got := range statuses {
+			if !strings.HasPrefix(got, "200 ") || !strings.Contains(got, "Adele Vance") || strings.Contains(got, `"isError":true`) {
+				t.Errorf("concurrent tools/call = %s", got)
+			}
+		}
+		env.entra.mu.Lock()
+		defer env.entra.mu.Unlock()
+		if len(env.entra.refreshes) != 1 {
+			t.Fatalf("Entra got %d refresh_token grants, want exactly 1", len(env.entra.refreshes))
+		}
+		form := env.entra.refreshes[0]
+		if form.Get("refresh_token") != firstRT || form.Get("client_id") != env.entra.clientID || form.Get("client_secret") != env.entra.clientSecret {
+			t.Errorf("the refresh did not send the sign-in's refresh token and the app's secret in the body (AuthStyleInParams)")
+		}
+		if env.entra.graphToken != env.entra.lastAT {
+			t.Errorf("Graph was called with an older Entra token, not the refreshed one")
+		}
+	})
+	t.Run("the next refresh uses the rotated Entra refresh token", func(t *testing.T) {
+		rotated := env.entra.lastRefreshToken()
+		env.clock.advance(10 * time.Minute)
+		var result toolResult
+		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		env.entra.mu.Lock()
+		defer env.entra.mu.Unlock()
+		if n := len(env.entra.refreshes); result.IsError || n != 2 || env.entra.refreshes[1].Get("refresh_token") != rotated {
+			t.Errorf("after %d refreshes, the last sent %q; want 2, the last with the rotated token", n, env.entra.refreshes[n-1].Get("refresh_token"))
+		}
+	})
+	t.Run("a refresh answered without a refresh token keeps the one it had", func(t *testing.T) {
+		kept := env.entra.lastRefreshToken()
+		env.entra.set(func() { env.entra.keepRT = true })
+		for range 2 {
+			env.clock.advance(10 * time.Minute)
+			var result toolResult
+			c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		}
+		env.entra.mu.Lock()
+		defer env.entra.mu.Unlock()
+		if n := len(env.entra.refreshes); n != 4 || env.entra.refreshes[3].Get("refresh_token") != kept {
+			t.Errorf("after %d refreshes, the last sent %q, want 4, the last with %q", n, env.entra.refreshes[n-1].Get("refresh_token"), kept)
+		}
+	})
+}
+
+func TestEntraRefusesToRenew(t *testing.T) {
+	env := newTestEnv(t)
+	env.entra.set(func() { env.entra.expiresIn = 600 })
+	tokens := env.signIn(t, signInOptions{})
+	c := &mcpClient{env: env, token: tokens.AccessToken}
+	c.initialize(t, "2025-11-25")
+	sse := env.connect(t, tokens.AccessToken)
+
+	// The user's sessions are revoked in Entra; the Entra token expires.
+	env.entra.set(func() { env.entra.refreshRevoked = true })
+	env.clock.advance(10 * time.Minute)
+
+	resp := c.post(t, `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails"}}`, nil)
+	if resp.StatusCode != http.StatusUnauthorized || !strings.Contains(resp.Header.Get("WWW-Authenticate"), `error="invalid_token"`) {
+		t.Errorf("tools/call after Entra refused = %d %q, want 401 invalid_token", resp.StatusCode, resp.Header.Get("WWW-Authenticate"))
+	}
+	if !strings.Contains(env.logs.String(), "aadsts=50173") {
+		t.Errorf("the log does not say why Entra refused")
+	}
+	if resp := sse.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("POST /message = %d, want 401: the session has ended on both transports", resp.StatusCode)
+	}
+	resp = env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+	wantOAuthError(t, resp, 400, "invalid_grant")
+
+	// Signing in again works.
+	env.entra.set(func() { env.entra.refreshRevoked = false })
+	again := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	again.initialize(t, "2025-11-25")
 	var result toolResult
-	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
-	if result.IsError || !strings.Contains(result.Content[0].Text, "Adele Vance") {
-		t.Fatalf("tools/call = %+v", result)
+	again.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	if result.IsError {
+		t.Errorf("tools/call after signing in again = %+v", result)
 	}
-	env.entra.mu.Lock()
-	defer env.entra.mu.Unlock()
-	if len(env.entra.refreshes) != 1 {
-		t.Fatalf("Entra got %d refresh_token grants, want 1", len(env.entra.refreshes))
-	}
-	if form := env.entra.refreshes[0]; form.Get("client_id") != env.entra.clientID || form.Get("client_secret") != env.entra.clientSecret {
-		t.Errorf("the refresh did not authenticate as the app in the body (AuthStyleInParams): %v", slices.Collect(maps.Keys(form)))
-	}
-	if env.entra.graphToken != env.entra.lastAT {
-		t.Errorf("Graph was called with an older Entra token, not the refreshed one")
-	}
+}
+
+func TestGraphRefusesTheToken(t *testing.T) {
+	env := newTestEnv(t)
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-11-25")
+
+	t.Run("refused once: refresh, retry, done", func(t *testing.T) {
+		env.entra.set(func() { env.entra.accessTokens = map[string]fakeGrant{} }) // e.g. revoked early
+		var result toolResult
+		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		if n := env.entra.refreshCount(); result.IsError || n != 1 {
+			t.Errorf("tools/call = %+v after %d refreshes, want a result after 1", result, n)
+		}
+	})
+	t.Run("refused again: one retry, no loop", func(t *testing.T) {
+		env.entra.set(func() { env.entra.graphStatus = http.StatusUnauthorized })
+		var result toolResult
+		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		if n := env.entra.refreshCount(); !result.IsError || !strings.Contains(result.Content[0].Text, "401 InvalidAuthenticationToken") || n != 2 {
+			t.Errorf("tools/call = %+v after %d refreshes in all, want an error after 2", result, n)
+		}
+	})
 }
 
 func TestToolGraphFailure(t *testing.T) {
@@ -1299,7 +1404,6 @@ func TestToolGraphFailure(t *testing.T) {
 		setup func(f *fakeEntra)
 		want  string
 	}{
-		{"Graph refuses the token", func(f *fakeEntra) { f.set(func() { f.accessTokens = map[string]fakeGrant{} }) }, "401 InvalidAuthenticationToken"},
 		{"Graph is down", func(f *fakeEntra) { f.set(func() { f.graphStatus = http.StatusServiceUnavailable }) }, "503 serviceNotAvailable"},
 	}
 	for _, tt := range tests {
@@ -1785,6 +1889,23 @@ func (c *mcpClient) call(t *testing.T, method, params string, v any) {
 	}
 }
 
+// postRaw POSTs body with the headers and returns "<status> <body>"; unlike
+// the other helpers, it is safe to call from several goroutines.
+func postRaw(ctx context.Context, u string, h http.Header, body string) string {
+	req, err := http.NewRequestWithContext(ctx, "POST", u, strings.NewReader(body))
+	if err != nil {
+		return err.Error()
+	}
+	req.Header = h
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		return err.Error()
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return fmt.Sprintf("%d %s", resp.StatusCode, b)
+}
+
 // bearerFor signs in a new client with opts and returns its bearer header.
 func bearerFor(env *testEnv, opts signInOptions, t *testing.T) http.Header {
 	return http.Header{"Authorization": {"Bearer " + env.signIn(t, opts).AccessToken}}
@@ -2011,7 +2132,10 @@ type fakeEntra struct {
 	idTokenEdit    func(map[string]any) // knob: tamper with issued id_tokens
 	graphStatus    int                  // knob: Graph fails with this status
 	expiresIn      int                  // knob: lifetime of access tokens in seconds (default 3600)
+	refreshRevoked bool                 // knob: refresh tokens fail as after "revoke sessions" (AADSTS50173)
+	keepRT         bool                 // knob: refresh responses carry no new refresh token
 	refreshes      []url.Values         // refresh_token grants received, for assertions
+	lastRT         string               // the last refresh token issued
 	graphToken     string               // the last access token Graph accepted
 }
 
@@ -2066,6 +2190,18 @@ func (f *fakeEntra) set(change func()) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	change()
+}
+
+func (f *fakeEntra) lastRefreshToken() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.lastRT
+}
+
+func (f *fakeEntra) refreshCount() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.refreshes)
 }
 
 func (f *fakeEntra) lastAccessToken() string {
@@ -2314,12 +2450,16 @@ func (f *fakeEntra) token(w http.ResponseWriter, r *http.Request) {
 		user, scope, nonce = c.user, c.scope, c.nonce
 	} else {
 		g, ok := f.refreshTokens[form.Get("refresh_token")]
-		if !ok || !f.now().Before(g.expires) {
+		f.refreshes = append(f.refreshes, form)
+		switch {
+		case !ok || !f.now().Before(g.expires):
 			f.tokenError(w, 400, "invalid_grant", 9002313, "Invalid request. Request is malformed or invalid.")
+			return
+		case f.refreshRevoked:
+			f.tokenError(w, 400, "invalid_grant", 50173, "The provided grant has expired due to it being revoked.")
 			return
 		}
 		user, scope = g.user, g.scope // Entra rotates but leaves the old refresh token valid
-		f.refreshes = append(f.refreshes, form)
 	}
 
 	scopes := strings.Fields(scope)
@@ -2331,10 +2471,11 @@ func (f *fakeEntra) token(w http.ResponseWriter, r *http.Request) {
 		"token_type": "Bearer", "scope": "openid profile offline_access https://graph.microsoft.com/User.Read",
 		"expires_in": expiresIn, "ext_expires_in": expiresIn, "access_token": at,
 	}
-	if slices.Contains(scopes, "offline_access") {
+	if slices.Contains(scopes, "offline_access") && !(grant == "refresh_token" && f.keepRT) {
 		rt := "1.AAAA" + rand.Text() + rand.Text()
 		f.refreshTokens[rt] = fakeGrant{user: user, scope: scope, expires: f.now().Add(90 * 24 * time.Hour)}
 		resp["refresh_token"] = rt
+		f.lastRT = rt
 	}
 	if slices.Contains(scopes, "openid") {
 		resp["id_token"] = f.signIDToken(user, nonce)
@@ -2400,7 +2541,12 @@ func (f *fakeEntra) me(w http.ResponseWriter, r *http.Request) {
 		w.WriteHeader(status)
 		json.NewEncoder(w).Encode(map[string]any{"error": map[string]any{"code": code, "message": msg}})
 	}
-	if f.graphStatus != 0 {
+	switch f.graphStatus {
+	case 0:
+	case http.StatusUnauthorized:
+		graphError(401, "InvalidAuthenticationToken", "Access token validation failure.")
+		return
+	default:
 		graphError(f.graphStatus, "serviceNotAvailable", "Service unavailable.")
 		return
 	}

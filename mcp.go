@@ -225,8 +225,11 @@ func (b *rpcBody) checkBatch(ms *mcpSession) *rpcResponse {
 
 // run dispatches every message of a body for sess in the MCP session ms and
 // returns what to answer: nil when nothing asks for an answer (only
-// notifications and responses), one response, or for a batch an array.
-func (s *server) run(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) any {
+// notifications and responses), one response, or for a batch an array. If
+// the session ended meanwhile (Entra refused to renew it), it returns
+// errSessionEnded instead: the transport answers 401, not a result, so that
+// the client signs in again (MCP 2025-03-26, "Session Binding Requirements").
+func (s *server) run(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) (any, error) {
 	replies := b.invalid
 	for _, m := range b.messages {
 		if resp := s.dispatch(ctx, ms, sess, m); resp != nil {
@@ -234,12 +237,14 @@ func (s *server) run(ctx context.Context, ms *mcpSession, sess *session, b *rpcB
 		}
 	}
 	switch {
+	case sess.ended.Load():
+		return nil, errSessionEnded
 	case len(replies) == 0:
-		return nil
+		return nil, nil
 	case !b.batch:
-		return replies[0]
+		return replies[0], nil
 	}
-	return replies
+	return replies, nil
 }
 
 // decodeMessage parses one JSON-RPC message. Input that is not one gets the
@@ -438,39 +443,33 @@ func (s *server) getUserDetails(ctx context.Context, ms *mcpSession, sess *sessi
 }
 
 // userDetails is step 10: GET {GRAPH_URL}/v1.0/me with the session's Entra
-// access token, which the session's token source refreshes first if it has
-// expired. Errors are written for the user; the log gets the details.
+// access token. If Graph refuses the token (401: revoked, or expired early),
+// the token is refreshed and the call made once more, never more than once.
+// Errors are written for the user; the log gets the details.
 func (s *server) userDetails(ctx context.Context, sess *session) (*userDetails, error) {
-	tok, err := sess.entra.Token()
-	if err != nil {
-		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
-		return nil, errors.New("your Microsoft sign-in could not be renewed; sign in again")
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.entra.graphURL+"/v1.0/me", nil)
+	token, err := s.entraAccessToken(sess, "")
 	if err != nil {
 		return nil, err
 	}
-	req.Header.Set("Authorization", "Bearer "+tok.AccessToken)
-	req.Header.Set("Accept", "application/json")
-	resp, err := s.entra.httpClient.Do(req)
-	if err != nil {
-		s.log.Warn("Microsoft Graph unreachable", "err", err)
-		return nil, errors.New("could not reach Microsoft Graph; try again later")
+	status, body, err := s.graphGet(ctx, "/v1.0/me", token)
+	if err == nil && status == http.StatusUnauthorized {
+		if token, err = s.entraAccessToken(sess, token); err != nil {
+			return nil, err
+		}
+		status, body, err = s.graphGet(ctx, "/v1.0/me", token)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	if err != nil {
-		return nil, errors.New("could not read the answer of Microsoft Graph; try again later")
+		return nil, err
 	}
-	if resp.StatusCode != http.StatusOK {
+	if status != http.StatusOK {
 		// Graph errors look like {"error":{"code":"…","message":"…"}}; the
 		// code is stable, the message is not (and stays in the log).
 		var e struct {
 			Error struct{ Code string } `json:"error"`
 		}
 		json.Unmarshal(body, &e)
-		s.log.Warn("Microsoft Graph error", "status", resp.StatusCode, "code", e.Error.Code, "request_id", resp.Header.Get("request-id"))
-		return nil, fmt.Errorf("the call to Microsoft Graph failed: %d %s", resp.StatusCode, e.Error.Code)
+		s.log.Warn("Microsoft Graph error", "status", status, "code", e.Error.Code)
+		return nil, fmt.Errorf("the call to Microsoft Graph failed: %d %s", status, e.Error.Code)
 	}
 	// Graph sends null for unset properties; they decode as "".
 	var me userDetails
@@ -478,6 +477,28 @@ func (s *server) userDetails(ctx context.Context, sess *session) (*userDetails, 
 		return nil, errors.New("the answer of Microsoft Graph was not a user profile")
 	}
 	return &me, nil
+}
+
+// graphGet calls Microsoft Graph with an Entra access token and returns the
+// status and body of its answer.
+func (s *server) graphGet(ctx context.Context, path, token string) (int, []byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.entra.graphURL+path, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Accept", "application/json")
+	resp, err := s.entra.httpClient.Do(req)
+	if err != nil {
+		s.log.Warn("Microsoft Graph unreachable", "err", err)
+		return 0, nil, errors.New("could not reach Microsoft Graph; try again later")
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return 0, nil, errors.New("could not read the answer of Microsoft Graph; try again later")
+	}
+	return resp.StatusCode, body, nil
 }
 
 // writeRPCError answers an HTTP request with a JSON-RPC error, for transport

@@ -40,9 +40,12 @@ type session struct {
 	user     entraUser
 	clientID string
 	scope    string
-	resource string             // the audience of the session's tokens
-	entra    oauth2.TokenSource // the Entra tokens; refreshes them when they expire
-	ended    atomic.Bool        // set once by endSession; an ended session never comes back
+	resource string      // the audience of the session's tokens
+	ended    atomic.Bool // set once by endSession; an ended session never comes back
+
+	entraMu     sync.Mutex    // guards the Entra tokens; held during their refresh
+	entraToken  *oauth2.Token // Entra's access and refresh tokens
+	entraExpiry time.Time     // when entraToken's access token expires, by our clock
 
 	mu         sync.Mutex     // guards the refresh state below
 	refreshGen uint64         // generation of the one refresh token that works now
@@ -71,6 +74,62 @@ const (
 	// dead session. Past it, a replaced refresh token means theft.
 	refreshGrace = 30 * time.Second
 )
+
+// The Entra tokens, kept fresh on the server (step 10).
+
+// errSessionEnded reports that Entra ID refused to renew a session's tokens,
+// so the session is over and its user must sign in again.
+var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
+
+// setEntraToken stores Entra tokens just received. Entra rotates refresh
+// tokens on every use; a response without one keeps the old. The expiry is
+// taken on our clock from expires_in. sess.entraMu is held, or sess is new.
+func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
+	if tok.RefreshToken == "" && sess.entraToken != nil {
+		tok.RefreshToken = sess.entraToken.RefreshToken
+	}
+	lifetime := time.Duration(tok.ExpiresIn) * time.Second
+	if lifetime <= 0 {
+		lifetime = time.Hour // Entra always says; an hour is its usual
+	}
+	sess.entraToken = tok
+	sess.entraExpiry = s.now().Add(lifetime)
+}
+
+// entraAccessToken returns the session's Entra access token, refreshing it
+// first if it expires within a minute, or if it is refused, the token Graph
+// just refused. Only one refresh runs per session: callers that arrive during
+// it wait for its result, and a caller whose refused token has already been
+// replaced gets the replacement without another refresh.
+//
+// The refresh runs on a background context (golang.org/x/oauth2 keeps the
+// context it is given): a caller that gives up does not cancel it halfway, and
+// the HTTP client's timeout bounds it. If Entra refuses with invalid_grant
+// (the user was signed out, their password changed, the refresh token
+// expired), the session ends: the client's next request gets 401 and it signs
+// in again.
+func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
+	sess.entraMu.Lock()
+	defer sess.entraMu.Unlock()
+	current := sess.entraToken.AccessToken
+	if current != refused && s.now().Before(sess.entraExpiry.Add(-time.Minute)) {
+		return current, nil
+	}
+	stale := &oauth2.Token{RefreshToken: sess.entraToken.RefreshToken} // no access token: refresh now
+	tok, err := s.entra.oauth.TokenSource(s.entra.background, stale).Token()
+	if err != nil {
+		var rerr *oauth2.RetrieveError
+		if errors.As(err, &rerr) && rerr.ErrorCode == "invalid_grant" {
+			s.log.Warn("Entra refused to renew the sign-in; ending the session", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
+			s.endSession(sess)
+			return "", errSessionEnded
+		}
+		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
+		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
+	}
+	s.setEntraToken(sess, tok)
+	return tok.AccessToken, nil
+}
 
 // Step 1: the challenge.
 

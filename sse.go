@@ -198,7 +198,12 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, errResp)
 		return
 	}
-	if reply := s.run(r.Context(), ms, sess, body); reply != nil {
+	reply, err := s.run(r.Context(), ms, sess, body)
+	if err != nil {
+		s.authenticate(w, r, "/sse") // the session has ended: 401, as for its token
+		return
+	}
+	if reply != nil {
 		out, err := json.Marshal(reply)
 		if err != nil {
 			s.log.Error("encode JSON-RPC response", "err", err)
@@ -263,7 +268,11 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
-	reply := s.run(r.Context(), ms, sess, body)
+	reply, err := s.run(r.Context(), ms, sess, body)
+	if err != nil {
+		s.authenticate(w, r, "/mcp") // the session has ended: 401, as for its token
+		return
+	}
 	if body.isInitialize() {
 		if resp, ok := reply.(*rpcResponse); ok && resp.Error == nil {
 			if !s.mcp.add(ms, sess) {
