@@ -82,12 +82,10 @@ const (
 var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
 
 // setEntraToken stores Entra tokens just received. Entra rotates refresh
-// tokens on every use; a response without one keeps the old. The expiry is
-// taken on our clock from expires_in. sess.entraMu is held, or sess is new.
+// tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries
+// the old one over when a response has none). The expiry is taken on our
+// clock from expires_in. sess.entraMu is held, or sess is new.
 func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
-	if tok.RefreshToken == "" && sess.entraToken != nil {
-		tok.RefreshToken = sess.entraToken.RefreshToken
-	}
 	lifetime := time.Duration(tok.ExpiresIn) * time.Second
 	if lifetime <= 0 {
 		lifetime = time.Hour // Entra always says; an hour is its usual
