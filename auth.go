@@ -168,7 +168,10 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		resp.ClientSecret = secret
 		resp.ClientSecretExpiresAt = new(int64)
 	}
-	s.clients.put(c.ID, c, 0)
+	if err := s.clients.put(c.ID, c, clientTTL); err != nil {
+		writeOAuthError(w, unavailable())
+		return
+	}
 	s.log.Info("client registered", "client_id", c.ID, "client_name", md.ClientName, "auth_method", md.TokenEndpointAuthMethod)
 	writeJSON(w, http.StatusCreated, resp)
 }
@@ -316,6 +319,7 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 		s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application is not registered with this server. Remove the server from your MCP client and add it again.")
 		return
 	}
+	s.clients.touch(c.ID, clientTTL) // in use
 	redirectURI, ok := c.matchRedirectURI(q.Get("redirect_uri"))
 	if !ok {
 		s.errorPage(w, http.StatusBadRequest, "Invalid redirect URI", "The redirect_uri does not match any URI this client registered.")
@@ -350,7 +354,10 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 
 	req.browser = s.browserCookie(w, r)
 	consentID := newSecret()
-	s.consents.put(hashKey(consentID), req, consentTTL)
+	if err := s.consents.put(hashKey(consentID), req, consentTTL); err != nil {
+		s.busyPage(w)
+		return
+	}
 	s.showConsent(w, c, req, consentID)
 }
 
@@ -504,7 +511,10 @@ type entraFlow struct {
 func (s *server) startSignIn(w http.ResponseWriter, r *http.Request, req *authRequest) {
 	state := newSecret()
 	flow := &entraFlow{req: req, verifier: oauth2.GenerateVerifier(), nonce: newSecret(), browser: req.browser}
-	s.flows.put(hashKey(state), flow, flowTTL)
+	if err := s.flows.put(hashKey(state), flow, flowTTL); err != nil {
+		s.busyPage(w)
+		return
+	}
 	authURL := s.entra.oauth.AuthCodeURL(state,
 		oauth2.S256ChallengeOption(flow.verifier),
 		oauth2.SetAuthURLParam("nonce", flow.nonce),
@@ -571,7 +581,10 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	s.setEntraToken(sess, tok)
 	code := newSecret()
-	s.codes.put(hashKey(code), &authCode{req: req, session: sess}, codeTTL)
+	if err := s.codes.put(hashKey(code), &authCode{req: req, session: sess}, codeTTL); err != nil {
+		s.redirectError(w, r, req, "temporarily_unavailable", "the server is busy; try again in a minute")
+		return
+	}
 	s.log.Info("signed in", "client_id", req.clientID, "subject", sess.subject)
 	s.redirectToClient(w, r, req, url.Values{"code": {code}})
 }
@@ -858,6 +871,7 @@ func (s *server) authenticateClient(r *http.Request) (*client, error) {
 	case !sameSecret(hashKey(secret), c.secretHash):
 		return nil, invalid
 	}
+	s.clients.touch(c.ID, clientTTL) // in use
 	return c, nil
 }
 
@@ -893,7 +907,11 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 			return nil, badRequest("invalid_target", "resource does not match the authorization request")
 		}
 	}
-	return s.startSession(c, code.session), nil
+	resp, err := s.startSession(c, code.session)
+	if err != nil {
+		return nil, unavailable()
+	}
+	return resp, nil
 }
 
 // s256 is the PKCE S256 transformation (RFC 7636 §4.2).
@@ -919,7 +937,11 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 			return nil, badRequest("invalid_target", "resource must be this server's URL, its /sse or its /mcp endpoint")
 		}
 	}
-	return s.rotateRefresh(c, sess, gen)
+	resp, err := s.rotateRefresh(c, sess, gen)
+	if errors.Is(err, errStoreFull) {
+		return nil, unavailable()
+	}
+	return resp, err
 }
 
 // handleRevoke is the revocation endpoint (RFC 7009). Revoking either token of
@@ -959,6 +981,11 @@ func badRequest(code, description string) *oauthError {
 	return &oauthError{status: http.StatusBadRequest, Code: code, Description: description}
 }
 
+// unavailable is the error of a server whose stores are full.
+func unavailable() *oauthError {
+	return &oauthError{status: http.StatusServiceUnavailable, Code: "temporarily_unavailable", Description: "the server is busy; try again in a minute"}
+}
+
 // writeOAuthError writes err as an OAuth JSON error; anything that is not an
 // oauthError is a server_error whose details stay out of the response.
 func writeOAuthError(w http.ResponseWriter, err error) {
@@ -968,6 +995,9 @@ func writeOAuthError(w http.ResponseWriter, err error) {
 	}
 	if e.basic {
 		w.Header().Set("WWW-Authenticate", `Basic realm="entra-mcp"`)
+	}
+	if e.status == http.StatusServiceUnavailable {
+		w.Header().Set("Retry-After", "60")
 	}
 	writeJSON(w, e.status, e)
 }
@@ -999,6 +1029,12 @@ func (s *server) redirectToClient(w http.ResponseWriter, r *http.Request, req *a
 	}
 	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, u.String(), status)
+}
+
+// busyPage tells the user that the server's stores are full.
+func (s *server) busyPage(w http.ResponseWriter) {
+	w.Header().Set("Retry-After", "60")
+	s.errorPage(w, http.StatusServiceUnavailable, "Server busy", "This server is handling too many sign-ins right now. Try again in a minute.")
 }
 
 // requestErrorPage shows an invalid authorization request, with its OAuth

@@ -308,12 +308,12 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		now:       now,
 		entra:     entra,
 		tokens:    newSessionCodec(cfg.sessionKey, cfg.publicURL, now),
-		clients:   newTTLMap[*client](now),
-		consents:  newTTLMap[*authRequest](now),
-		flows:     newTTLMap[*entraFlow](now),
-		codes:     newTTLMap[*authCode](now),
-		sessions:  newTTLMap[*session](now),
-		mcp:       newMCPSessions(),
+		clients:   newTTLMap[*client](now, maxClients),
+		consents:  newTTLMap[*authRequest](now, maxPending),
+		flows:     newTTLMap[*entraFlow](now, maxPending),
+		codes:     newTTLMap[*authCode](now, maxPending),
+		sessions:  newTTLMap[*session](now, maxSessions),
+		mcp:       newTTLMap[*mcpSession](now, maxSessions),
 		keepAlive: 15 * time.Second,
 		closing:   make(chan struct{}),
 	}
@@ -345,6 +345,13 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 	return s
 }
 
+// Caps on the state the server keeps (see ttlMap): past them it answers 503.
+const (
+	maxClients  = 10_000 // registered clients
+	maxPending  = 10_000 // consents, sign-ins at Entra, and codes: each
+	maxSessions = 10_000 // signed-in sessions; and MCP sessions
+)
+
 // server holds the configuration and every piece of state. There is no
 // package-level state: tests run many servers side by side.
 type server struct {
@@ -361,9 +368,9 @@ type server struct {
 	codes    *ttlMap[*authCode]    // step 6: our authorization codes, by hash
 	sessions *ttlMap[*session]     // step 7: signed-in sessions, by session id
 
-	mcp       *mcpSessions  // steps 8 and 9: MCP sessions of both transports
-	keepAlive time.Duration // interval of SSE keep-alive comments
-	closing   chan struct{} // closed when the server shuts down
+	mcp       *ttlMap[*mcpSession] // steps 8 and 9: MCP sessions of both transports, by id
+	keepAlive time.Duration        // interval of SSE keep-alive comments
+	closing   chan struct{}        // closed when the server shuts down
 	closeOnce sync.Once
 }
 

@@ -39,6 +39,7 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -822,7 +823,7 @@ func TestEndedSessionStaysEnded(t *testing.T) {
 	// A token request that loses the race with a revocation puts the
 	// session back after endSession; its tokens must still not work.
 	env.srv.endSession(sess)
-	late := env.srv.startSession(client, sess)
+	late, _ := env.srv.startSession(client, sess)
 	if resp := env.do(t, "GET", "/sse", nil, bearer(late.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("GET /sse with a token of an ended session = %d, want 401", resp.StatusCode)
 	}
@@ -873,7 +874,7 @@ func TestSSESessions(t *testing.T) {
 	}
 
 	t.Run("a closed stream ends its session", func(t *testing.T) {
-		ms, ok := env.srv.mcp.get(strings.TrimPrefix(aliceConn.endpoint, "/message?sessionId="), tokenClaims(t, alice.AccessToken)["sid"].(string))
+		ms, ok := env.srv.mcp.get(strings.TrimPrefix(aliceConn.endpoint, "/message?sessionId="))
 		if !ok {
 			t.Fatal("alice's session is not registered")
 		}
@@ -1143,12 +1144,12 @@ func TestRevocationEndsMCPSessions(t *testing.T) {
 	sess, _ := env.srv.sessions.get(tokenClaims(t, tokens.AccessToken)["sid"].(string))
 
 	env.srv.endSession(sess)
-	if _, ok := env.srv.mcp.get(c.sessionID, sess.id); ok {
+	if _, ok := env.srv.mcp.get(c.sessionID); ok {
 		t.Errorf("the Streamable HTTP session outlived its owner")
 	}
 	// A request that passed the token check just before the revocation
 	// gets here after it.
-	if env.srv.mcp.add(&mcpSession{id: "late", owner: sess.id}, sess) {
+	if err := env.srv.addMCPSession(&mcpSession{id: "late", owner: sess.id}, sess); !errors.Is(err, errSessionEnded) {
 		t.Errorf("an MCP session was registered for an ended session")
 	}
 }
@@ -1420,6 +1421,126 @@ func TestToolGraphFailure(t *testing.T) {
 	}
 }
 
+// Bounded state.
+
+func TestBoundedState(t *testing.T) {
+	env := newTestEnv(t)
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	authorize := func() *httptest.ResponseRecorder {
+		rec := httptest.NewRecorder()
+		env.srv.ServeHTTP(rec, httptest.NewRequest("GET", c.authorizeURL(nil), nil))
+		return rec
+	}
+
+	t.Run("abandoned authorizations stop at the cap", func(t *testing.T) {
+		capAt(env.srv.consents, 100)
+		for i := range 150 {
+			rec := authorize()
+			if want := cmp.Or(min(i/100, 1)*503, 200); rec.Code != want {
+				t.Fatalf("GET /authorize #%d = %d, want %d", i+1, rec.Code, want)
+			}
+		}
+		if rec := authorize(); rec.Header().Get("Retry-After") == "" {
+			t.Errorf("503 without Retry-After")
+		}
+		if n := env.srv.consents.len(); n != 100 {
+			t.Errorf("%d pending consents kept, want the cap, 100", n)
+		}
+		env.clock.advance(consentTTL) // they expire...
+		if rec := authorize(); rec.Code != http.StatusOK || env.srv.consents.len() != 1 {
+			t.Errorf("GET /authorize after they expired = %d with %d kept, want 200 with 1", rec.Code, env.srv.consents.len())
+		}
+	})
+	t.Run("registrations stop at the cap", func(t *testing.T) {
+		capAt(env.srv.clients, env.srv.clients.len())
+		resp := env.do(t, "POST", "/register", strings.NewReader(`{"redirect_uris":["https://a.example/cb"]}`), nil)
+		wantOAuthError(t, resp, http.StatusServiceUnavailable, "temporarily_unavailable")
+		if resp.Header.Get("Retry-After") == "" {
+			t.Errorf("503 without Retry-After")
+		}
+		capAt(env.srv.clients, maxClients)
+	})
+	t.Run("sessions stop at the cap", func(t *testing.T) {
+		code := env.codeFor(t, c)
+		capAt(env.srv.sessions, env.srv.sessions.len())
+		resp := env.postForm(t, "/token", url.Values{"grant_type": {"authorization_code"}, "code": {code},
+			"redirect_uri": {c.redirectURI}, "client_id": {c.id}, "code_verifier": {c.verifier}}, nil)
+		wantOAuthError(t, resp, http.StatusServiceUnavailable, "temporarily_unavailable")
+		capAt(env.srv.sessions, maxSessions)
+	})
+	t.Run("MCP sessions stop at the cap", func(t *testing.T) {
+		token := env.signIn(t, signInOptions{}).AccessToken
+		capAt(env.srv.mcp, env.srv.mcp.len()+1)
+		(&mcpClient{env: env, token: token}).initialize(t, "2025-11-25")
+		resp := (&mcpClient{env: env, token: token}).post(t, `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`, nil)
+		if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" || resp.Header.Get("Mcp-Session-Id") != "" {
+			t.Errorf("initialize past the cap = %d, want 503 with Retry-After and no session", resp.StatusCode)
+		}
+		if resp := env.do(t, "GET", "/sse", nil, bearer(token)); resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("GET /sse past the cap = %d, want 503", resp.StatusCode)
+		}
+	})
+}
+
+func TestIdleMCPSessionsExpire(t *testing.T) {
+	env := newTestEnv(t)
+	tokens := env.signIn(t, signInOptions{})
+	c := &mcpClient{env: env, token: tokens.AccessToken}
+	c.initialize(t, "2025-11-25")
+	// later moves the clock and refreshes the access token, as the client
+	// would after so long.
+	later := func(d time.Duration) {
+		env.clock.advance(d)
+		resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+		decodeJSON(t, resp, http.StatusOK, &tokens.tokenResponse)
+		c.token = tokens.AccessToken
+	}
+	later(mcpIdleTTL - time.Minute)
+	var v any
+	c.call(t, "ping", "", &v) // in use: the idle time starts again
+	later(mcpIdleTTL - time.Minute)
+	c.call(t, "ping", "", &v)
+	later(mcpIdleTTL)
+	if resp := c.post(t, `{"jsonrpc":"2.0","id":9,"method":"ping"}`, nil); resp.StatusCode != http.StatusNotFound {
+		t.Errorf("ping after %v idle = %d, want 404", mcpIdleTTL, resp.StatusCode)
+	}
+}
+
+// capAt sets the cap of a store.
+func capAt[V any](m *ttlMap[V], n int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.max = n
+}
+
+// BenchmarkAbandonedAuthorizations sends authorization requests that are
+// never completed, as a loop or an attacker would, and reports what the
+// server keeps: at most maxPending consents, however many arrive. Run it with
+// -benchtime=100000x for 100k of them.
+func BenchmarkAbandonedAuthorizations(b *testing.B) {
+	env := newTestEnv(b)
+	rec := httptest.NewRecorder()
+	env.srv.ServeHTTP(rec, httptest.NewRequest("POST", "/register", strings.NewReader(`{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`)))
+	var reg registration
+	json.Unmarshal(rec.Body.Bytes(), &reg)
+	c := &testClient{id: reg.ClientID, redirectURI: "http://127.0.0.1/cb", verifier: oauth2.GenerateVerifier()}
+	path := c.authorizeURL(nil)
+
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for b.Loop() {
+		env.srv.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", path, nil))
+	}
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if n := env.srv.consents.len(); n > maxPending {
+		b.Fatalf("%d consents kept, past the cap %d", n, maxPending)
+	}
+	b.ReportMetric(float64(env.srv.consents.len()), "consents-kept")
+	b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/(1<<20), "heap-MiB")
+}
+
 // run: configuration, start and shutdown.
 
 func TestRunConfigErrors(t *testing.T) {
@@ -1574,7 +1695,7 @@ type testEnv struct {
 }
 
 // newTestEnv starts a server; opts may change its configuration.
-func newTestEnv(t *testing.T, opts ...func(*config)) *testEnv {
+func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 	t.Helper()
 	clock := &testClock{t: time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)}
 	ts := httptest.NewUnstartedServer(nil)
@@ -2152,7 +2273,7 @@ type fakeGrant struct {
 	expires time.Time
 }
 
-func newFakeEntra(t *testing.T, opts fakeEntraOptions) *fakeEntra {
+func newFakeEntra(t testing.TB, opts fakeEntraOptions) *fakeEntra {
 	t.Helper()
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {

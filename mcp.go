@@ -79,61 +79,40 @@ func (ms *mcpSession) version() string {
 	return ms.protocolVersion
 }
 
-// mcpSessions holds the live MCP sessions of both transports by id.
-type mcpSessions struct {
-	mu sync.Mutex
-	m  map[string]*mcpSession
-}
-
-func newMCPSessions() *mcpSessions { return &mcpSessions{m: make(map[string]*mcpSession)} }
-
-// add registers ms for the signed-in session owner, unless owner has ended:
-// a request that passed the token check just before a revocation must not
-// leave a session behind it. endSession sets the flag before it takes the
-// lock in endOwner, so one of the two always sees the other.
-func (reg *mcpSessions) add(ms *mcpSession, owner *session) bool {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
+// addMCPSession registers ms for the signed-in session owner. A Streamable
+// HTTP session expires after mcpIdleTTL unused; an HTTP+SSE one lives as long
+// as its stream. It fails with errStoreFull, or with errSessionEnded if owner
+// ended meanwhile: a request that passed the token check just before a
+// revocation must not leave a session behind it. endSession marks the owner
+// ended before it removes its MCP sessions, and this checks the mark after
+// the put, so one of the two always sees the other.
+func (s *server) addMCPSession(ms *mcpSession, owner *session) error {
+	ttl := mcpIdleTTL
+	if ms.stream != nil {
+		ttl = 0
+	}
+	if err := s.mcp.put(ms.id, ms, ttl); err != nil {
+		return err
+	}
 	if owner.ended.Load() {
-		return false
+		s.mcp.delete(ms.id)
+		return errSessionEnded
 	}
-	reg.m[ms.id] = ms
-	return true
+	return nil
 }
 
-func (reg *mcpSessions) remove(ms *mcpSession) {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	delete(reg.m, ms.id)
-}
-
-// get returns the MCP session id if it belongs to the signed-in session
-// owner. Another user's session looks exactly like an unknown one: a session
-// id is never proof of identity (MCP security best practices, "Session
-// Hijacking").
-func (reg *mcpSessions) get(id, owner string) (*mcpSession, bool) {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	ms, ok := reg.m[id]
-	if !ok || ms.owner != owner {
-		return nil, false
-	}
-	return ms, true
-}
-
-// endOwner ends every MCP session of the signed-in session owner, closing
-// their streams.
-func (reg *mcpSessions) endOwner(owner string) {
-	reg.mu.Lock()
-	defer reg.mu.Unlock()
-	for id, ms := range reg.m {
-		if ms.owner == owner {
-			delete(reg.m, id)
-			if ms.stream != nil {
-				ms.stream.end()
-			}
+// endMCPSessions ends every MCP session of the signed-in session owner,
+// closing their streams.
+func (s *server) endMCPSessions(owner string) {
+	s.mcp.deleteFunc(func(ms *mcpSession) bool {
+		if ms.owner != owner {
+			return false
 		}
-	}
+		if ms.stream != nil {
+			ms.stream.end()
+		}
+		return true
+	})
 }
 
 // rpcMessage is any JSON-RPC 2.0 message: a request (method and id), a

@@ -64,9 +64,11 @@ type entraUser struct {
 
 // Lifetimes of the server's own state.
 const (
-	consentTTL = 10 * time.Minute // a consent page stays usable
-	flowTTL    = 10 * time.Minute // a sign-in at Entra may take
-	codeTTL    = 2 * time.Minute  // our authorization codes (OAuth 2.1 §4.1.2: short)
+	consentTTL = 10 * time.Minute    // a consent page stays usable
+	flowTTL    = 10 * time.Minute    // a sign-in at Entra may take
+	codeTTL    = 2 * time.Minute     // our authorization codes (OAuth 2.1 §4.1.2: short)
+	clientTTL  = 90 * 24 * time.Hour // a registration nobody uses
+	mcpIdleTTL = 24 * time.Hour      // a Streamable HTTP session nobody uses
 
 	// refreshGrace is how long a refresh token stays good for a duplicate of
 	// the refresh that replaced it: clients that lose a response, or send
@@ -192,7 +194,7 @@ type tokenResponse struct {
 // so a stolen one, from the current one.
 
 // startSession makes a signed-in session live and issues its first tokens.
-func (s *server) startSession(c *client, sess *session) *tokenResponse {
+func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) {
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
 	return s.issueTokens(c, sess)
@@ -213,7 +215,7 @@ func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResp
 		sess.refreshGen++
 		sess.rotatedAt = now
 		defer sess.mu.Unlock()
-		return s.issueTokens(c, sess), nil
+		return s.issueTokens(c, sess)
 	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < refreshGrace:
 		defer sess.mu.Unlock()
 		resp := *sess.lastIssued
@@ -229,7 +231,7 @@ func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResp
 // the refresh_token grant, the refresh token of its current generation; it
 // keeps the session alive for as long as that refresh token lives. sess.mu
 // is held.
-func (s *server) issueTokens(c *client, sess *session) *tokenResponse {
+func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
 	now := s.now()
 	resp := &tokenResponse{
 		AccessToken: s.tokens.mint(sessionClaims{
@@ -250,11 +252,13 @@ func (s *server) issueTokens(c *client, sess *session) *tokenResponse {
 		resp.RefreshToken = s.tokens.refreshToken(sess.id, sess.refreshGen)
 		ttl = s.cfg.refreshTTL
 	}
-	sess.lastIssued = resp
 	if !sess.ended.Load() {
-		s.sessions.put(sess.id, sess, ttl)
+		if err := s.sessions.put(sess.id, sess, ttl); err != nil {
+			return nil, err
+		}
 	}
-	return resp
+	sess.lastIssued = resp
+	return resp, nil
 }
 
 // endSession ends a session and closes its streams: its access and refresh
@@ -264,7 +268,7 @@ func (s *server) issueTokens(c *client, sess *session) *tokenResponse {
 func (s *server) endSession(sess *session) {
 	sess.ended.Store(true)
 	s.sessions.delete(sess.id)
-	s.mcp.endOwner(sess.id)
+	s.endMCPSessions(sess.id)
 }
 
 // The session token.
@@ -468,12 +472,21 @@ func sameSecret(a, b string) bool {
 	return subtle.ConstantTimeCompare([]byte(a), []byte(b)) == 1
 }
 
-// ttlMap is a map whose entries expire: a lookup past an entry's deadline
-// finds nothing. Every flow step keeps its state in one.
+// ttlMap is a map whose entries expire, and which holds at most max of them.
+// Every piece of short-lived state lives in one.
+//
+// Expired entries are removed when a lookup finds them, and all at once when
+// a new entry meets a full map. That is all the cleanup there is: no
+// goroutine sweeps in the background, and memory stays bounded by max
+// whatever clients do. A map full of live entries refuses new ones
+// (errStoreFull) and the server answers 503: better a busy server than one
+// that runs out of memory.
 type ttlMap[V any] struct {
-	mu      sync.Mutex
-	now     func() time.Time
-	entries map[string]ttlEntry[V]
+	mu        sync.Mutex
+	now       func() time.Time
+	max       int
+	entries   map[string]ttlEntry[V]
+	lastSweep time.Time
 }
 
 type ttlEntry[V any] struct {
@@ -481,19 +494,49 @@ type ttlEntry[V any] struct {
 	expires time.Time // zero: never
 }
 
-func newTTLMap[V any](now func() time.Time) *ttlMap[V] {
-	return &ttlMap[V]{now: now, entries: make(map[string]ttlEntry[V])}
+// errStoreFull reports that a ttlMap holds as many live entries as it may.
+var errStoreFull = errors.New("the server is holding as much state as it may; try again later")
+
+func newTTLMap[V any](now func() time.Time, max int) *ttlMap[V] {
+	return &ttlMap[V]{now: now, max: max, entries: make(map[string]ttlEntry[V])}
 }
 
-// put stores v under key for ttl; a ttl of 0 keeps it until deleted.
-func (m *ttlMap[V]) put(key string, v V, ttl time.Duration) {
+// put stores v under key for ttl; a ttl of 0 keeps it until deleted. A new
+// key that meets a full map first sweeps out the expired entries (at most once
+// a second, so a full map is not swept on every request); if the map is still
+// full, put fails with errStoreFull.
+func (m *ttlMap[V]) put(key string, v V, ttl time.Duration) error {
+	now := m.now()
 	var expires time.Time
 	if ttl > 0 {
-		expires = m.now().Add(ttl)
+		expires = now.Add(ttl)
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if _, exists := m.entries[key]; !exists && len(m.entries) >= m.max {
+		if now.Sub(m.lastSweep) >= time.Second {
+			m.lastSweep = now
+			for k, e := range m.entries {
+				if e.expired(now) {
+					delete(m.entries, k)
+				}
+			}
+		}
+		if len(m.entries) >= m.max {
+			return errStoreFull
+		}
+	}
 	m.entries[key] = ttlEntry[V]{v, expires}
+	return nil
+}
+
+// touch gives the live entry under key another ttl, if there is one.
+func (m *ttlMap[V]) touch(key string, ttl time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if v, ok := m.live(key); ok {
+		m.entries[key] = ttlEntry[V]{v, m.now().Add(ttl)}
+	}
 }
 
 // get returns the live entry under key.
@@ -519,10 +562,28 @@ func (m *ttlMap[V]) delete(key string) {
 	delete(m.entries, key)
 }
 
+// deleteFunc deletes every entry for which del returns true.
+func (m *ttlMap[V]) deleteFunc(del func(V) bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for k, e := range m.entries {
+		if del(e.value) {
+			delete(m.entries, k)
+		}
+	}
+}
+
+// len returns the number of entries, expired ones not yet removed included.
+func (m *ttlMap[V]) len() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.entries)
+}
+
 // live looks key up; m.mu must be held. An expired entry is removed.
 func (m *ttlMap[V]) live(key string) (V, bool) {
 	e, ok := m.entries[key]
-	if ok && !e.expires.IsZero() && !m.now().Before(e.expires) {
+	if ok && e.expired(m.now()) {
 		delete(m.entries, key)
 		ok = false
 	}
@@ -531,4 +592,8 @@ func (m *ttlMap[V]) live(key string) (V, bool) {
 		return zero, false
 	}
 	return e.value, true
+}
+
+func (e ttlEntry[V]) expired(now time.Time) bool {
+	return !e.expires.IsZero() && !now.Before(e.expires)
 }

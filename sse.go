@@ -65,12 +65,26 @@ func (s *server) mcpRequest(w http.ResponseWriter, r *http.Request, endpoint str
 // HTTP+SSE one), or answers 404: unknown, ended, another user's and the other
 // transport's sessions all look alike.
 func (s *server) findSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
-	ms, ok := s.mcp.get(id, sess.id)
-	if !ok || (ms.stream != nil) != sse {
+	ms, ok := s.mcp.get(id)
+	if !ok || ms.owner != sess.id || (ms.stream != nil) != sse {
 		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
 		return nil, false
 	}
+	if !sse {
+		s.mcp.touch(id, mcpIdleTTL) // in use: not idle
+	}
 	return ms, true
+}
+
+// refuseMCPSession answers a request whose new MCP session addMCPSession
+// refused: 401 if the signed-in session has ended, else 503.
+func (s *server) refuseMCPSession(w http.ResponseWriter, r *http.Request, endpoint string, err error) {
+	if errors.Is(err, errSessionEnded) {
+		s.authenticate(w, r, endpoint) // answers 401, as for the ended session's token
+		return
+	}
+	w.Header().Set("Retry-After", "60")
+	writeRPCError(w, http.StatusServiceUnavailable, codeInternalError, "too many open MCP sessions; try again later")
 }
 
 // readBody reads and decodes a POSTed JSON-RPC body, answering transport
@@ -124,12 +138,12 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	}
 	st := &stream{out: make(chan []byte, 32), done: make(chan struct{})}
 	ms := &mcpSession{id: newSecret(), owner: sess.id, stream: st}
-	if !s.mcp.add(ms, sess) {
-		s.authenticate(w, r, "/sse") // the session ended meanwhile: answer 401 as for its token
+	if err := s.addMCPSession(ms, sess); err != nil {
+		s.refuseMCPSession(w, r, "/sse", err)
 		return
 	}
-	defer st.end()         // second: mark the stream ended
-	defer s.mcp.remove(ms) // first: unregister the session
+	defer st.end()            // second: mark the stream ended
+	defer s.mcp.delete(ms.id) // first: unregister the session
 
 	h := w.Header()
 	h.Set("Content-Type", "text/event-stream")
@@ -275,8 +289,8 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 	}
 	if body.isInitialize() {
 		if resp, ok := reply.(*rpcResponse); ok && resp.Error == nil {
-			if !s.mcp.add(ms, sess) {
-				s.authenticate(w, r, "/mcp") // the session ended meanwhile: answer 401 as for its token
+			if err := s.addMCPSession(ms, sess); err != nil {
+				s.refuseMCPSession(w, r, "/mcp", err)
 				return
 			}
 			w.Header().Set("Mcp-Session-Id", ms.id)
@@ -339,7 +353,7 @@ func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	s.mcp.remove(ms)
+	s.mcp.delete(ms.id)
 	w.WriteHeader(http.StatusNoContent)
 }
 
