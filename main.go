@@ -145,6 +145,7 @@ Usage: go run .   (configured from the environment)
   PUBLIC_URL           default http://localhost:3001 (origin clients reach the server at)
   ADDR                 default localhost:3001 (listen address)
   SESSION_KEY          default random per start (hex or base64, at least 32 bytes)
+  SESSION_KEY_PREVIOUS default none (the SESSION_KEY being replaced; its tokens stay valid)
   ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues)
   REFRESH_TOKEN_TTL    default 336h (14 days; lifetime of refresh tokens and idle sessions)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp
@@ -163,7 +164,7 @@ type config struct {
 	graphURL       string // e.g. https://graph.microsoft.com, no trailing slash
 	publicURL      string // origin clients reach us at, no trailing slash
 	addr           string
-	sessionKey     []byte
+	sessionKeys    [][]byte // SESSION_KEY, then SESSION_KEY_PREVIOUS if set
 	accessTTL      time.Duration
 	refreshTTL     time.Duration // refresh tokens, and the sessions they keep alive
 	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
@@ -211,8 +212,22 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if cfg.publicURL, err = originURL("PUBLIC_URL", env("PUBLIC_URL", "http://localhost:3001")); err != nil {
 		return config{}, err
 	}
-	if cfg.sessionKey, err = parseSessionKey(env("SESSION_KEY", "")); err != nil {
+	key, err := parseSessionKey("SESSION_KEY", env("SESSION_KEY", ""))
+	if err != nil {
 		return config{}, err
+	}
+	cfg.sessionKeys = [][]byte{key}
+	if previous := env("SESSION_KEY_PREVIOUS", ""); previous != "" {
+		old, err := parseSessionKey("SESSION_KEY_PREVIOUS", previous)
+		switch {
+		case err != nil:
+			return config{}, err
+		case getenv("SESSION_KEY") == "":
+			return config{}, errors.New("SESSION_KEY_PREVIOUS is set but SESSION_KEY is not: set SESSION_KEY to the new key")
+		case bytes.Equal(old, key):
+			return config{}, errors.New("SESSION_KEY_PREVIOUS equals SESSION_KEY: set it to the key SESSION_KEY replaces")
+		}
+		cfg.sessionKeys = append(cfg.sessionKeys, old)
 	}
 	ttl := env("ACCESS_TOKEN_TTL", "1h")
 	if cfg.accessTTL, err = time.ParseDuration(ttl); err != nil || cfg.accessTTL < time.Minute || cfg.accessTTL > 24*time.Hour {
@@ -277,10 +292,10 @@ func isLoopbackHost(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// parseSessionKey decodes SESSION_KEY. An empty value means a random key per
-// start: every token dies with the process, which is safe but signs everyone
-// out on restart.
-func parseSessionKey(s string) ([]byte, error) {
+// parseSessionKey decodes SESSION_KEY (or SESSION_KEY_PREVIOUS, as name
+// says). An empty value means a random key per start: every token dies with
+// the process, which is safe but signs everyone out on restart.
+func parseSessionKey(name, s string) ([]byte, error) {
 	if s == "" {
 		return randomBytes(32), nil
 	}
@@ -295,7 +310,7 @@ func parseSessionKey(s string) ([]byte, error) {
 			return key, nil
 		}
 	}
-	return nil, errors.New("SESSION_KEY: want at least 32 random bytes, hex or base64 encoded; generate one with: openssl rand -hex 32")
+	return nil, errors.New(name + ": want at least 32 random bytes, hex or base64 encoded; generate one with: openssl rand -hex 32")
 }
 
 // newServer returns the server with every endpoint, in flow order. Nothing
@@ -307,7 +322,7 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		log:       logger,
 		now:       now,
 		entra:     entra,
-		tokens:    newSessionCodec(cfg.sessionKey, cfg.publicURL, now),
+		tokens:    newSessionCodec(cfg.publicURL, now, cfg.sessionKeys...),
 		clients:   newTTLMap[*client](now, maxClients),
 		consents:  newTTLMap[*authRequest](now, maxPending),
 		flows:     newTTLMap[*entraFlow](now, maxPending),

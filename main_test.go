@@ -244,7 +244,7 @@ func TestWalkthrough(t *testing.T) {
 func TestChallengeRejectsBadTokens(t *testing.T) {
 	env := newTestEnv(t)
 	good := env.signIn(t, signInOptions{})
-	otherKey := newSessionCodec(randomBytes(32), env.url, env.clock.now)
+	otherKey := newSessionCodec(env.url, env.clock.now, randomBytes(32))
 	claims := tokenClaims(t, good.AccessToken)
 	forge := func(c *sessionCodec, edit func(*sessionClaims)) string {
 		sc := sessionClaims{Audience: env.url, Subject: claims["sub"].(string), SessionID: claims["sid"].(string),
@@ -266,7 +266,7 @@ func TestChallengeRejectsBadTokens(t *testing.T) {
 		{"alg none", "Bearer " + noneHeader + "." + payload + ".", "invalid_token"},
 		{"signed with another key", "Bearer " + forge(otherKey, func(*sessionClaims) {}), "invalid_token"},
 		{"for another resource", "Bearer " + forge(env.srv.tokens, func(c *sessionClaims) { c.Audience = env.url + "/mcp" }), "invalid_token"},
-		{"for another issuer", "Bearer " + newSessionCodec(env.srv.cfg.sessionKey, "https://evil.example", env.clock.now).mint(sessionClaims{Audience: env.url, SessionID: claims["sid"].(string), Expiry: env.clock.now().Add(time.Hour).Unix()}), "invalid_token"},
+		{"for another issuer", "Bearer " + newSessionCodec("https://evil.example", env.clock.now, env.srv.cfg.sessionKeys...).mint(sessionClaims{Audience: env.url, SessionID: claims["sid"].(string), Expiry: env.clock.now().Add(time.Hour).Unix()}), "invalid_token"},
 		{"unknown session", "Bearer " + forge(env.srv.tokens, func(c *sessionClaims) { c.SessionID = "nope" }), "invalid_token"},
 		{"an Entra access token", "Bearer " + env.entra.lastAccessToken(), "invalid_token"},
 		{"an Entra id_token", "Bearer " + env.entra.mintIDToken(map[string]any{"aud": env.entra.clientID}), "invalid_token"},
@@ -305,7 +305,7 @@ func TestChallengeRejectsBadTokens(t *testing.T) {
 }
 
 func TestSessionTokenEncodingIsUnambiguous(t *testing.T) {
-	c := newSessionCodec(make([]byte, 32), "https://mcp.example", func() time.Time { return time.Unix(1e9, 0) })
+	c := newSessionCodec("https://mcp.example", func() time.Time { return time.Unix(1e9, 0) }, make([]byte, 32))
 	token := c.mint(sessionClaims{Audience: "https://mcp.example", SessionID: "s", Expiry: 2e9})
 	if _, err := c.verify(token); err != nil {
 		t.Fatalf("verify(mint()) = %v", err)
@@ -326,10 +326,40 @@ func TestSessionTokenEncodingIsUnambiguous(t *testing.T) {
 	}
 }
 
+func TestSessionKeyRotation(t *testing.T) {
+	oldKey, newKey := randomBytes(32), randomBytes(32)
+	env := newTestEnv(t, func(c *config) { c.sessionKeys = [][]byte{oldKey} })
+	tokens := env.signIn(t, signInOptions{})
+	refresh := func(token string) *http.Response {
+		return env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {token}, "client_id": {tokens.clientID}}, nil)
+	}
+	rotate := func(keys ...[]byte) { env.srv.tokens = newSessionCodec(env.url, env.clock.now, keys...) }
+
+	rotate(newKey) // without SESSION_KEY_PREVIOUS, the old tokens are dead...
+	if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("old access token under a new key alone = %d, want 401", resp.StatusCode)
+	}
+	wantOAuthError(t, refresh(tokens.RefreshToken), 400, "invalid_grant")
+
+	rotate(newKey, oldKey) // ...with it, they work until they expire
+	if resp := env.do(t, "POST", "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`),
+		(&mcpClient{token: tokens.AccessToken}).headers(nil)); resp.StatusCode != http.StatusOK {
+		t.Errorf("old access token with SESSION_KEY_PREVIOUS = %d, want 200", resp.StatusCode)
+	}
+	var next tokenResponse
+	decodeJSON(t, refresh(tokens.RefreshToken), http.StatusOK, &next)
+	header, _, _, _ := cut3(next.AccessToken)
+	if oldHeader, _, _, _ := cut3(tokens.AccessToken); header == oldHeader {
+		t.Errorf("the refreshed token is signed with the old key")
+	}
+	rotate(newKey) // the refreshed tokens need only the new key
+	decodeJSON(t, refresh(next.RefreshToken), http.StatusOK, &next)
+}
+
 // ExampleSessionCodec shows what a session token carries: a fixed header
 // with the key id and format version, and claims that name a session.
 func Example_sessionToken() {
-	c := newSessionCodec(make([]byte, 32), "http://localhost:3001", func() time.Time { return time.Unix(1e9, 0) })
+	c := newSessionCodec("http://localhost:3001", func() time.Time { return time.Unix(1e9, 0) }, make([]byte, 32))
 	token := c.mint(sessionClaims{Audience: "http://localhost:3001/sse", Subject: "QmFzZTY0U3ViamVjdA", SessionID: "SESSIONID",
 		ClientID: "CLIENTID", Scope: "mcp", IssuedAt: 1e9, Expiry: 1e9 + 3600, TokenID: "TOKENID"})
 	header, payload, _, _ := cut3(token)
@@ -533,7 +563,7 @@ func TestBrowserCookie(t *testing.T) {
 		{"http://localhost:3001", "entra_mcp_browser", false},
 		{"https://mcp.example", "__Host-entra_mcp_browser", true},
 	} {
-		srv := newServer(config{publicURL: tt.publicURL, sessionKey: randomBytes(32)}, slog.New(slog.DiscardHandler), nil, time.Now)
+		srv := newServer(config{publicURL: tt.publicURL, sessionKeys: [][]byte{randomBytes(32)}}, slog.New(slog.DiscardHandler), nil, time.Now)
 		rec := httptest.NewRecorder()
 		srv.browserCookie(rec, httptest.NewRequest("GET", "/authorize", nil))
 		cookies := rec.Result().Cookies()
@@ -1558,6 +1588,8 @@ func TestRunConfigErrors(t *testing.T) {
 		{"public URL with a path", map[string]string{"PUBLIC_URL": "https://mcp.example/x"}, "PUBLIC_URL"},
 		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
 		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
+		{"previous key without a key", map[string]string{"SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY"},
+		{"previous key equal to the key", map[string]string{"SESSION_KEY": strings.Repeat("ab", 32), "SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY_PREVIOUS"},
 		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
 		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
@@ -1705,7 +1737,7 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 	cfg := config{
 		tenantID: entra.tenantID, clientID: entra.clientID, clientSecret: entra.clientSecret,
 		authority: entra.URL, graphURL: entra.URL, publicURL: publicURL,
-		sessionKey: randomBytes(32), accessTTL: time.Hour, refreshTTL: 14 * 24 * time.Hour,
+		sessionKeys: [][]byte{randomBytes(32)}, accessTTL: time.Hour, refreshTTL: 14 * 24 * time.Hour,
 	}
 	for _, opt := range opts {
 		opt(&cfg)

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -315,61 +316,82 @@ var (
 // maxTokenLen bounds what verify reads: real tokens are about 400 bytes.
 const maxTokenLen = 4096
 
-// sessionCodec mints and verifies session tokens and refresh tokens.
+// sessionCodec mints and verifies session tokens and refresh tokens. It
+// signs with the current key and accepts the previous one too, so that
+// SESSION_KEY can be rotated without signing anyone out: set the old value as
+// SESSION_KEY_PREVIOUS, and its tokens keep working until they expire.
 type sessionCodec struct {
-	macKey     []byte // signs tokens
-	refreshKey []byte // signs refresh tokens
-	subjectKey []byte // derives opaque subjects from Entra ids
-	header     string // base64url of the fixed header
+	keys       []codecKey // the current key, then the previous one, if any
+	subjectKey []byte     // derives opaque subjects from Entra ids
 	issuer     string
 	now        func() time.Time
 }
 
-// newSessionCodec derives one key per purpose from SESSION_KEY (HKDF,
-// RFC 5869), so the token MAC and the subject ids never share a key.
-func newSessionCodec(secret []byte, issuer string, now func() time.Time) *sessionCodec {
-	derive := func(purpose string) []byte {
-		key, err := hkdf.Key(sha256.New, secret, nil, "entra-mcp "+purpose, 32)
-		if err != nil {
-			panic(err) // only for impossible lengths
+// codecKey is the part of the codec that comes from one SESSION_KEY.
+type codecKey struct {
+	mac     []byte // signs session tokens
+	refresh []byte // signs refresh tokens
+	state   []byte // encrypts the state file
+	header  string // base64url of the fixed token header, naming the key
+}
+
+// deriveKey derives a key for one purpose from a SESSION_KEY (HKDF,
+// RFC 5869), so that no two purposes ever share a key.
+func deriveKey(secret []byte, purpose string) []byte {
+	key, err := hkdf.Key(sha256.New, secret, nil, "entra-mcp "+purpose, 32)
+	if err != nil {
+		panic(err) // only for impossible lengths
+	}
+	return key
+}
+
+// newSessionCodec builds the codec from the current SESSION_KEY and,
+// optionally, the previous one.
+func newSessionCodec(issuer string, now func() time.Time, secrets ...[]byte) *sessionCodec {
+	c := &sessionCodec{subjectKey: deriveKey(secrets[0], "subject v1"), issuer: issuer, now: now}
+	for _, secret := range secrets {
+		k := codecKey{
+			mac:     deriveKey(secret, "session token v1"),
+			refresh: deriveKey(secret, "refresh token v1"),
+			state:   deriveKey(secret, "state file v1"),
 		}
-		return key
+		kid := sha256.Sum256(k.mac) // names the key without revealing it
+		header, _ := json.Marshal(tokenHeader{Alg: "HS256", Typ: "at+jwt", Kid: hex.EncodeToString(kid[:4]), Ver: 1})
+		k.header = base64.RawURLEncoding.EncodeToString(header)
+		c.keys = append(c.keys, k)
 	}
-	c := &sessionCodec{
-		macKey:     derive("session token v1"),
-		refreshKey: derive("refresh token v1"),
-		subjectKey: derive("subject v1"),
-		issuer:     issuer,
-		now:        now,
-	}
-	kid := sha256.Sum256(c.macKey) // names the key without revealing it
-	header, _ := json.Marshal(tokenHeader{Alg: "HS256", Typ: "at+jwt", Kid: hex.EncodeToString(kid[:4]), Ver: 1})
-	c.header = base64.RawURLEncoding.EncodeToString(header)
 	return c
 }
 
-// mint returns a signed token carrying claims, with the issuer and a fresh
-// token id filled in.
+// mint returns a token carrying claims, signed with the current key, with
+// the issuer and a fresh token id filled in.
 func (c *sessionCodec) mint(claims sessionClaims) string {
 	claims.Issuer = c.issuer
 	if claims.TokenID == "" {
 		claims.TokenID = newSecret()
 	}
 	payload, _ := json.Marshal(claims)
-	signed := c.header + "." + base64.RawURLEncoding.EncodeToString(payload)
-	return signed + "." + base64.RawURLEncoding.EncodeToString(c.mac(signed))
+	signed := c.keys[0].header + "." + base64.RawURLEncoding.EncodeToString(payload)
+	return signed + "." + base64.RawURLEncoding.EncodeToString(hmacSHA256(c.keys[0].mac, signed))
 }
 
 // verify checks a token's header, MAC, issuer and expiry, in that order, and
-// returns its claims. The caller checks the audience and the session.
+// returns its claims. The header names the key; the caller checks the
+// audience and the session.
 func (c *sessionCodec) verify(token string) (sessionClaims, error) {
 	if len(token) > maxTokenLen {
 		return sessionClaims{}, errTokenMalformed
 	}
-	rest, ok := strings.CutPrefix(token, c.header+".")
-	if !ok {
-		return sessionClaims{}, errTokenMalformed
+	for _, k := range c.keys {
+		if rest, ok := strings.CutPrefix(token, k.header+"."); ok {
+			return c.verifyWith(k, token, rest)
+		}
 	}
+	return sessionClaims{}, errTokenMalformed
+}
+
+// verifyWith verifies token with key k; rest is the token after its header.
+func (c *sessionCodec) verifyWith(k codecKey, token, rest string) (sessionClaims, error) {
 	payload, sig, ok := strings.Cut(rest, ".")
 	if !ok {
 		return sessionClaims{}, errTokenMalformed
@@ -378,7 +400,7 @@ func (c *sessionCodec) verify(token string) (sessionClaims, error) {
 	if err != nil {
 		return sessionClaims{}, errTokenMalformed
 	}
-	if !hmac.Equal(gotMAC, c.mac(token[:len(token)-len(sig)-1])) {
+	if !hmac.Equal(gotMAC, hmacSHA256(k.mac, token[:len(token)-len(sig)-1])) {
 		return sessionClaims{}, errTokenSignature
 	}
 
@@ -400,8 +422,6 @@ func (c *sessionCodec) verify(token string) (sessionClaims, error) {
 	return claims, nil
 }
 
-func (c *sessionCodec) mac(signed string) []byte { return hmacSHA256(c.macKey, signed) }
-
 func hmacSHA256(key []byte, data string) []byte {
 	m := hmac.New(sha256.New, key)
 	m.Write([]byte(data))
@@ -414,18 +434,18 @@ func hmacSHA256(key []byte, data string) []byte {
 // neither holds a dot and the string parses one way only.
 func (c *sessionCodec) refreshToken(sid string, gen uint64) string {
 	signed := "rt1." + sid + "." + strconv.FormatUint(gen, 10)
-	return signed + "." + base64.RawURLEncoding.EncodeToString(hmacSHA256(c.refreshKey, signed))
+	return signed + "." + base64.RawURLEncoding.EncodeToString(hmacSHA256(c.keys[0].refresh, signed))
 }
 
-// parseRefreshToken checks a refresh token's MAC and returns its session id
-// and generation.
+// parseRefreshToken checks a refresh token's MAC, under any of the codec's
+// keys, and returns its session id and generation.
 func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, ok bool) {
 	i := strings.LastIndexByte(token, '.')
 	if i < 0 || len(token) > maxTokenLen {
 		return "", 0, false
 	}
 	mac, err := base64.RawURLEncoding.DecodeString(token[i+1:])
-	if err != nil || !hmac.Equal(mac, hmacSHA256(c.refreshKey, token[:i])) {
+	if err != nil || !slices.ContainsFunc(c.keys, func(k codecKey) bool { return hmac.Equal(mac, hmacSHA256(k.refresh, token[:i])) }) {
 		return "", 0, false
 	}
 	parts := strings.Split(token[:i], ".")
