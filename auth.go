@@ -172,6 +172,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		writeOAuthError(w, unavailable())
 		return
 	}
+	s.saveState()
 	s.log.Info("client registered", "client_id", c.ID, "client_name", md.ClientName, "auth_method", md.TokenEndpointAuthMethod)
 	writeJSON(w, http.StatusCreated, resp)
 }
@@ -911,6 +912,7 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	if err != nil {
 		return nil, unavailable()
 	}
+	s.saveState()
 	return resp, nil
 }
 
@@ -940,6 +942,9 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 	resp, err := s.rotateRefresh(c, sess, gen)
 	if errors.Is(err, errStoreFull) {
 		return nil, unavailable()
+	}
+	if err == nil {
+		s.saveState() // the new generation must survive a restart
 	}
 	return resp, err
 }

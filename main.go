@@ -95,6 +95,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 
 	srv := newServer(cfg, logger, entra, time.Now)
+	if err := srv.loadState(); err != nil {
+		return err
+	}
 	httpServer := &http.Server{
 		Addr:              cfg.addr,
 		Handler:           srv,
@@ -146,6 +149,8 @@ Usage: go run .   (configured from the environment)
   ADDR                 default localhost:3001 (listen address)
   SESSION_KEY          default random per start (hex or base64, at least 32 bytes)
   SESSION_KEY_PREVIOUS default none (the SESSION_KEY being replaced; its tokens stay valid)
+  STATE_FILE           default none (a file where clients and sessions survive restarts;
+                       needs SESSION_KEY)
   ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues)
   REFRESH_TOKEN_TTL    default 336h (14 days; lifetime of refresh tokens and idle sessions)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp
@@ -168,6 +173,7 @@ type config struct {
 	accessTTL      time.Duration
 	refreshTTL     time.Duration // refresh tokens, and the sessions they keep alive
 	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
+	stateFile      string        // where clients and sessions survive restarts; "" keeps them in memory
 }
 
 // loadConfig reads and validates the configuration. Each error is one line
@@ -217,6 +223,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return config{}, err
 	}
 	cfg.sessionKeys = [][]byte{key}
+	if cfg.stateFile = env("STATE_FILE", ""); cfg.stateFile != "" && getenv("SESSION_KEY") == "" {
+		return config{}, errors.New("STATE_FILE needs SESSION_KEY: with a random key per start, nothing in the file could be read after a restart")
+	}
 	if previous := env("SESSION_KEY_PREVIOUS", ""); previous != "" {
 		old, err := parseSessionKey("SESSION_KEY_PREVIOUS", previous)
 		switch {
@@ -387,6 +396,7 @@ type server struct {
 	keepAlive time.Duration        // interval of SSE keep-alive comments
 	closing   chan struct{}        // closed when the server shuts down
 	closeOnce sync.Once
+	saveMu    sync.Mutex // serializes writes of the state file
 }
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }

@@ -37,12 +37,14 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"path/filepath"
 	"reflect"
 	"regexp"
 	"runtime"
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -1451,6 +1453,152 @@ func TestToolGraphFailure(t *testing.T) {
 	}
 }
 
+// Restarts.
+
+func TestStateFileSurvivesRestart(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "state")
+	env := newTestEnv(t, func(c *config) { c.stateFile = path })
+	env.entra.set(func() { env.entra.expiresIn = 600 })
+	tokens := env.signIn(t, signInOptions{})
+	c := &mcpClient{env: env, token: tokens.AccessToken}
+	c.initialize(t, "2025-11-25")
+	env.clock.advance(10 * time.Minute) // the Entra token is refreshed, and rotated...
+	var result toolResult
+	c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	rotatedRT := env.entra.lastRefreshToken()
+
+	if err := env.start(t); err != nil { // ...then the process is killed and started again
+		t.Fatal(err)
+	}
+
+	t.Run("the file is private, and holds nothing readable", func(t *testing.T) {
+		info, err := os.Stat(path)
+		if err != nil || info.Mode().Perm() != 0o600 {
+			t.Fatalf("state file: %v, mode %v; want 0600", err, info.Mode())
+		}
+		data, _ := os.ReadFile(path)
+		for _, secret := range []string{env.entra.lastAccessToken(), rotatedRT, env.entra.user.name, env.entra.user.oid, tokens.clientID} {
+			if bytes.Contains(data, []byte(secret)) {
+				t.Errorf("the state file holds %q in the clear", secret)
+			}
+		}
+	})
+	t.Run("the same access token still works; the MCP session starts again", func(t *testing.T) {
+		if resp := c.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`, nil); resp.StatusCode != http.StatusNotFound {
+			t.Errorf("ping in the old MCP session = %d, want 404: MCP sessions are not kept", resp.StatusCode)
+		}
+		c.sessionID = ""
+		c.initialize(t, "2025-11-25")
+		var result toolResult
+		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		if result.IsError {
+			t.Errorf("tools/call after the restart = %+v", result)
+		}
+	})
+	t.Run("the kept Entra refresh token is the rotated one", func(t *testing.T) {
+		env.clock.advance(10 * time.Minute)
+		var result toolResult
+		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		env.entra.mu.Lock()
+		defer env.entra.mu.Unlock()
+		if last := env.entra.refreshes[len(env.entra.refreshes)-1]; result.IsError || last.Get("refresh_token") != rotatedRT {
+			t.Errorf("after the restart, Entra got refresh token %q, want the rotated %q", last.Get("refresh_token"), rotatedRT)
+		}
+	})
+	t.Run("the refresh token still works, and the client still exists", func(t *testing.T) {
+		resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+		decodeJSON(t, resp, http.StatusOK, &tokens.tokenResponse)
+		if err := env.start(t); err != nil { // once more: the new generation was kept too
+			t.Fatal(err)
+		}
+		resp = env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+		decodeJSON(t, resp, http.StatusOK, &tokens.tokenResponse)
+	})
+	t.Run("a revocation is kept too", func(t *testing.T) {
+		env.postForm(t, "/revoke", url.Values{"token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+		if err := env.start(t); err != nil {
+			t.Fatal(err)
+		}
+		if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET /sse with a revoked session's token after a restart = %d, want 401", resp.StatusCode)
+		}
+	})
+}
+
+func TestStateFileKeepsRegistrations(t *testing.T) {
+	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state") })
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	authorize := func() int { return newBrowser(t).get(t, env.url+c.authorizeURL(nil)).StatusCode }
+
+	if err := env.start(t); err != nil {
+		t.Fatal(err)
+	}
+	if got := authorize(); got != http.StatusOK {
+		t.Errorf("GET /authorize after a restart = %d, want 200: the registration was kept", got)
+	}
+	env.clock.advance(clientTTL) // unused for so long, it expires...
+	if err := env.start(t); err != nil {
+		t.Fatal(err)
+	}
+	if got := authorize(); got != http.StatusBadRequest {
+		t.Errorf("GET /authorize for a registration expired before the restart = %d, want 400", got)
+	}
+}
+
+func TestStateFileErrors(t *testing.T) {
+	key, otherKey := randomBytes(32), randomBytes(32)
+	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state"); c.sessionKeys = [][]byte{key} })
+	env.signIn(t, signInOptions{})
+	good, err := os.ReadFile(env.cfg.stateFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var envelope stateEnvelope
+	json.Unmarshal(good, &envelope)
+	envelope.Sealed[len(envelope.Sealed)/2] ^= 1
+	tampered, _ := json.Marshal(envelope)
+
+	tests := []struct {
+		name    string
+		data    []byte
+		keys    [][]byte
+		wantErr string
+	}{
+		{"not a state file", []byte("garbage"), [][]byte{key}, "not an entra-mcp state file"},
+		{"another format", []byte(`{"format":"something else"}`), [][]byte{key}, "not an entra-mcp state file"},
+		{"a newer version", []byte(`{"format":"entra-mcp state","version":2}`), [][]byte{key}, "version 2"},
+		{"another SESSION_KEY", good, [][]byte{otherKey}, "another SESSION_KEY"},
+		{"damaged", tampered, [][]byte{key}, "damaged"},
+		{"the old key as SESSION_KEY_PREVIOUS", good, [][]byte{otherKey, key}, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "state")
+			os.WriteFile(path, tt.data, 0o600)
+			env.cfg.stateFile, env.cfg.sessionKeys = path, tt.keys
+			err := env.start(t)
+			if tt.wantErr == "" {
+				if err != nil || env.srv.sessions.len() != 1 {
+					t.Fatalf("start = %v with %d sessions, want the one session", err, env.srv.sessions.len())
+				}
+				env.srv.saveState() // sealed again, with the new key
+				cfg := env.cfg
+				cfg.sessionKeys = [][]byte{otherKey}
+				if err := newServer(cfg, env.logger, env.ec, env.clock.now).loadState(); err != nil {
+					t.Errorf("after a save, the new key alone cannot open the file: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.Contains(err.Error(), "STATE_FILE") {
+				t.Errorf("start = %v, want an error naming STATE_FILE and %q", err, tt.wantErr)
+			}
+			if data, _ := os.ReadFile(path); !bytes.Equal(data, tt.data) {
+				t.Errorf("the state file was changed; it must be kept for the user to deal with")
+			}
+		})
+	}
+}
+
 // Bounded state.
 
 func TestBoundedState(t *testing.T) {
@@ -1579,6 +1727,8 @@ func TestRunConfigErrors(t *testing.T) {
 		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
 		"ENTRA_AUTHORITY": f.URL, "ADDR": "127.0.0.1:0",
 	}
+	garbage := filepath.Join(t.TempDir(), "state")
+	os.WriteFile(garbage, []byte("garbage"), 0o600)
 	tests := []struct {
 		name    string
 		env     map[string]string
@@ -1588,6 +1738,8 @@ func TestRunConfigErrors(t *testing.T) {
 		{"public URL with a path", map[string]string{"PUBLIC_URL": "https://mcp.example/x"}, "PUBLIC_URL"},
 		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
 		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
+		{"state file without a session key", map[string]string{"STATE_FILE": "/tmp/x"}, "SESSION_KEY"},
+		{"damaged state file", map[string]string{"STATE_FILE": garbage, "SESSION_KEY": strings.Repeat("ab", 32)}, "STATE_FILE"},
 		{"previous key without a key", map[string]string{"SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY"},
 		{"previous key equal to the key", map[string]string{"SESSION_KEY": strings.Repeat("ab", 32), "SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY_PREVIOUS"},
 		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
@@ -1724,6 +1876,12 @@ type testEnv struct {
 	entra *fakeEntra
 	clock *testClock
 	logs  *lockedBuffer
+
+	// For restart: what built srv, and the server the listener serves.
+	cfg     config
+	logger  *slog.Logger
+	ec      *entraClient
+	serving atomic.Pointer[server]
 }
 
 // newTestEnv starts a server; opts may change its configuration.
@@ -1748,12 +1906,28 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := newServer(cfg, logger, ec, clock.now)
-	ts.Config.Handler = srv
-	ts.Start()
+	env := &testEnv{url: publicURL, entra: entra, clock: clock, logs: logs, cfg: cfg, logger: logger, ec: ec}
+	ts.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { env.serving.Load().ServeHTTP(w, r) })
 	t.Cleanup(ts.Close)
-	t.Cleanup(srv.closeStreams) // before ts.Close, which waits for open streams
-	return &testEnv{url: publicURL, srv: srv, entra: entra, clock: clock, logs: logs}
+	if err := env.start(t); err != nil {
+		t.Fatal(err)
+	}
+	ts.Start()
+	return env
+}
+
+// start builds a server from the environment's configuration, loads its state
+// file, if any, and serves it in place of the one before, which is dropped
+// as it stands: the restart of a process killed with -9.
+func (e *testEnv) start(t testing.TB) error {
+	srv := newServer(e.cfg, e.logger, e.ec, e.clock.now)
+	if err := srv.loadState(); err != nil {
+		return err
+	}
+	t.Cleanup(srv.closeStreams) // before the listener closes, which waits for open streams
+	e.srv = srv
+	e.serving.Store(srv)
+	return nil
 }
 
 // do sends a request to the server and returns the response; its body is

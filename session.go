@@ -1,6 +1,8 @@
 package main
 
 import (
+	"crypto/aes"
+	"crypto/cipher"
 	"crypto/hkdf"
 	"crypto/hmac"
 	"crypto/rand"
@@ -11,7 +13,10 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
+	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -44,14 +49,14 @@ type session struct {
 	resource string      // the audience of the session's tokens
 	ended    atomic.Bool // set once by endSession; an ended session never comes back
 
-	entraMu     sync.Mutex    // guards the Entra tokens; held during their refresh
-	entraToken  *oauth2.Token // Entra's access and refresh tokens
-	entraExpiry time.Time     // when entraToken's access token expires, by our clock
+	refreshing sync.Mutex // held while the Entra tokens are refreshed: one refresh at a time
 
-	mu         sync.Mutex     // guards the refresh state below
-	refreshGen uint64         // generation of the one refresh token that works now
-	rotatedAt  time.Time      // when refreshGen last moved on
-	lastIssued *tokenResponse // the tokens issued with refreshGen, for a duplicate refresh
+	mu          sync.Mutex     // guards what follows
+	entraToken  *oauth2.Token  // Entra's access and refresh tokens
+	entraExpiry time.Time      // when entraToken's access token expires, by our clock
+	refreshGen  uint64         // generation of the one refresh token of ours that works now
+	rotatedAt   time.Time      // when refreshGen last moved on
+	lastIssued  *tokenResponse // the tokens issued with refreshGen, for a duplicate refresh
 }
 
 // entraUser is who signed in, read from the verified id_token. It stays on the
@@ -87,12 +92,14 @@ var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again
 // setEntraToken stores Entra tokens just received. Entra rotates refresh
 // tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries
 // the old one over when a response has none). The expiry is taken on our
-// clock from expires_in. sess.entraMu is held, or sess is new.
+// clock from expires_in.
 func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
 	lifetime := time.Duration(tok.ExpiresIn) * time.Second
 	if lifetime <= 0 {
 		lifetime = time.Hour // Entra always says; an hour is its usual
 	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
 	sess.entraToken = tok
 	sess.entraExpiry = s.now().Add(lifetime)
 }
@@ -110,13 +117,15 @@ func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
 // expired), the session ends: the client's next request gets 401 and it signs
 // in again.
 func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
-	sess.entraMu.Lock()
-	defer sess.entraMu.Unlock()
-	current := sess.entraToken.AccessToken
-	if current != refused && s.now().Before(sess.entraExpiry.Add(-time.Minute)) {
+	sess.refreshing.Lock()
+	defer sess.refreshing.Unlock()
+	sess.mu.Lock()
+	current, refreshToken, expiry := sess.entraToken.AccessToken, sess.entraToken.RefreshToken, sess.entraExpiry
+	sess.mu.Unlock()
+	if current != refused && s.now().Before(expiry.Add(-time.Minute)) {
 		return current, nil
 	}
-	stale := &oauth2.Token{RefreshToken: sess.entraToken.RefreshToken} // no access token: refresh now
+	stale := &oauth2.Token{RefreshToken: refreshToken} // no access token: refresh now
 	tok, err := s.entra.oauth.TokenSource(s.entra.background, stale).Token()
 	if err != nil {
 		var rerr *oauth2.RetrieveError
@@ -129,6 +138,7 @@ func (s *server) entraAccessToken(sess *session, refused string) (string, error)
 		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
 	}
 	s.setEntraToken(sess, tok)
+	s.saveState() // the rotated Entra refresh token must survive a restart
 	return tok.AccessToken, nil
 }
 
@@ -219,6 +229,9 @@ func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResp
 		return s.issueTokens(c, sess)
 	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < refreshGrace:
 		defer sess.mu.Unlock()
+		if sess.lastIssued == nil { // restarted since: issue the same refresh token again
+			return s.issueTokens(c, sess)
+		}
 		resp := *sess.lastIssued
 		return &resp, nil
 	}
@@ -270,6 +283,7 @@ func (s *server) endSession(sess *session) {
 	sess.ended.Store(true)
 	s.sessions.delete(sess.id)
 	s.endMCPSessions(sess.id)
+	s.saveState()
 }
 
 // The session token.
@@ -593,6 +607,18 @@ func (m *ttlMap[V]) deleteFunc(del func(V) bool) {
 	}
 }
 
+// each calls f for every live entry, with its deadline.
+func (m *ttlMap[V]) each(f func(key string, v V, expires time.Time)) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	now := m.now()
+	for k, e := range m.entries {
+		if !e.expired(now) {
+			f(k, e.value, e.expires)
+		}
+	}
+}
+
 // len returns the number of entries, expired ones not yet removed included.
 func (m *ttlMap[V]) len() int {
 	m.mu.Lock()
@@ -616,4 +642,205 @@ func (m *ttlMap[V]) live(key string) (V, bool) {
 
 func (e ttlEntry[V]) expired(now time.Time) bool {
 	return !e.expires.IsZero() && !now.Before(e.expires)
+}
+
+// The state file: restarts lose nothing (when STATE_FILE is set).
+//
+// The registered clients and the signed-in sessions, Entra tokens included,
+// are written to STATE_FILE after every change a restart must not lose, before
+// the response goes out: even kill -9 just after loses nothing. The file is
+// JSON sealed with AES-256-GCM under a key derived from SESSION_KEY, written
+// to a temporary file (mode 0600) and renamed over the old one, so that it is
+// always whole. What is not kept: consents, sign-ins in progress and codes
+// (minutes long; the user starts again), and MCP sessions (clients start a new
+// one when they get 404).
+
+// savedState is what STATE_FILE holds, once opened.
+type savedState struct {
+	Clients  []savedClient  `json:"clients"`
+	Sessions []savedSession `json:"sessions"`
+}
+
+type savedClient struct {
+	Metadata   clientMetadata `json:"metadata"`
+	ID         string         `json:"id"`
+	IssuedAt   int64          `json:"issued_at"`
+	SecretHash []byte         `json:"secret_hash,omitempty"`
+	Expires    time.Time      `json:"expires"`
+}
+
+type savedSession struct {
+	ID          string        `json:"id"`
+	Subject     string        `json:"subject"`
+	TenantID    string        `json:"tid"`
+	ObjectID    string        `json:"oid"`
+	Name        string        `json:"name"`
+	Username    string        `json:"username"`
+	ClientID    string        `json:"client_id"`
+	Scope       string        `json:"scope"`
+	Resource    string        `json:"resource"`
+	Entra       *oauth2.Token `json:"entra"`
+	EntraExpiry time.Time     `json:"entra_expiry"`
+	RefreshGen  uint64        `json:"refresh_gen"`
+	RotatedAt   time.Time     `json:"rotated_at"`
+	Expires     time.Time     `json:"expires"`
+}
+
+// stateEnvelope is the file as written: the sealed state and what is needed
+// to open it.
+type stateEnvelope struct {
+	Format  string `json:"format"`
+	Version int    `json:"version"`
+	Kid     string `json:"kid"` // names the SESSION_KEY that sealed it
+	Nonce   []byte `json:"nonce"`
+	Sealed  []byte `json:"sealed"`
+}
+
+const stateFormat = "entra-mcp state"
+
+// saveState writes the state to STATE_FILE, if set. Saves are serialized,
+// each with a fresh snapshot, so the file never goes back in time. A failed
+// save is logged, not returned: the request has already succeeded in memory.
+// No lock of any session may be held by the caller.
+func (s *server) saveState() {
+	if s.cfg.stateFile == "" {
+		return
+	}
+	s.saveMu.Lock()
+	defer s.saveMu.Unlock()
+	if err := writeStateFile(s.cfg.stateFile, s.tokens.keys[0], s.snapshot()); err != nil {
+		s.log.Error("save state; a restart now would lose recent sign-ins", "path", s.cfg.stateFile, "err", err)
+	}
+}
+
+// snapshot copies the clients and live sessions.
+func (s *server) snapshot() savedState {
+	var st savedState
+	s.clients.each(func(_ string, c *client, expires time.Time) {
+		st.Clients = append(st.Clients, savedClient{Metadata: c.clientMetadata, ID: c.ID, IssuedAt: c.IssuedAt, SecretHash: []byte(c.secretHash), Expires: expires})
+	})
+	s.sessions.each(func(_ string, sess *session, expires time.Time) {
+		sess.mu.Lock()
+		defer sess.mu.Unlock()
+		u := sess.user
+		st.Sessions = append(st.Sessions, savedSession{
+			ID: sess.id, Subject: sess.subject, TenantID: u.tenantID, ObjectID: u.objectID, Name: u.name, Username: u.username,
+			ClientID: sess.clientID, Scope: sess.scope, Resource: sess.resource,
+			Entra: sess.entraToken, EntraExpiry: sess.entraExpiry,
+			RefreshGen: sess.refreshGen, RotatedAt: sess.rotatedAt, Expires: expires,
+		})
+	})
+	return st
+}
+
+// writeStateFile seals st with key and replaces the file at path with it,
+// atomically.
+func writeStateFile(path string, key codecKey, st savedState) error {
+	plain, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	gcm := newGCM(key)
+	nonce := randomBytes(gcm.NonceSize())
+	data, err := json.Marshal(stateEnvelope{Format: stateFormat, Version: 1, Kid: key.stateID(), Nonce: nonce,
+		Sealed: gcm.Seal(nil, nonce, plain, []byte(stateFormat))})
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp*") // created 0600
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name()) // after the rename, there is nothing left to remove
+	if _, err := tmp.Write(data); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Sync(); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
+}
+
+// loadState reads STATE_FILE, if set and present, into the server. A file
+// that cannot be read, opened or understood stops the server with an error
+// that says what to do: it is never silently replaced.
+func (s *server) loadState() error {
+	path := s.cfg.stateFile
+	if path == "" {
+		return nil
+	}
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil // the first start: the file comes with the first save
+	}
+	if err != nil {
+		return fmt.Errorf("STATE_FILE: %w", err)
+	}
+	var env stateEnvelope
+	if err := json.Unmarshal(data, &env); err != nil || env.Format != stateFormat {
+		return fmt.Errorf("STATE_FILE %s is not an entra-mcp state file: point STATE_FILE elsewhere, or move the file away", path)
+	}
+	if env.Version != 1 {
+		return fmt.Errorf("STATE_FILE %s has format version %d, which this entra-mcp cannot read", path, env.Version)
+	}
+	i := slices.IndexFunc(s.tokens.keys, func(k codecKey) bool { return k.stateID() == env.Kid })
+	if i < 0 {
+		return fmt.Errorf("STATE_FILE %s was written with another SESSION_KEY: set that key as SESSION_KEY or SESSION_KEY_PREVIOUS, or move the file away to start afresh (every client then signs in again)", path)
+	}
+	plain, err := newGCM(s.tokens.keys[i]).Open(nil, env.Nonce, env.Sealed, []byte(stateFormat))
+	var st savedState
+	if err != nil || json.Unmarshal(plain, &st) != nil {
+		return fmt.Errorf("STATE_FILE %s is damaged (it fails its integrity check): restore a copy, or move it away to start afresh", path)
+	}
+
+	// What expired while the server was down is left out; nothing else is.
+	now := s.now()
+	for _, c := range st.Clients {
+		if !c.Expires.After(now) {
+			continue
+		}
+		err := s.clients.put(c.ID, &client{clientMetadata: c.Metadata, ID: c.ID, IssuedAt: c.IssuedAt, secretHash: string(c.SecretHash)}, c.Expires.Sub(now))
+		if err != nil {
+			return fmt.Errorf("STATE_FILE %s holds more clients than this server keeps: %w", path, err)
+		}
+	}
+	for _, ss := range st.Sessions {
+		if !ss.Expires.After(now) || ss.Entra == nil {
+			continue
+		}
+		err := s.sessions.put(ss.ID, &session{
+			id: ss.ID, subject: ss.Subject, clientID: ss.ClientID, scope: ss.Scope, resource: ss.Resource,
+			user:       entraUser{tenantID: ss.TenantID, objectID: ss.ObjectID, name: ss.Name, username: ss.Username},
+			entraToken: ss.Entra, entraExpiry: ss.EntraExpiry, refreshGen: ss.RefreshGen, rotatedAt: ss.RotatedAt,
+		}, ss.Expires.Sub(now))
+		if err != nil {
+			return fmt.Errorf("STATE_FILE %s holds more sessions than this server keeps: %w", path, err)
+		}
+	}
+	s.log.Info("state loaded", "path", path, "clients", s.clients.len(), "sessions", s.sessions.len())
+	return nil
+}
+
+// newGCM returns AES-256-GCM under the state key of k.
+func newGCM(k codecKey) cipher.AEAD {
+	block, err := aes.NewCipher(k.state)
+	if err != nil {
+		panic(err) // the key is always 32 bytes
+	}
+	gcm, err := cipher.NewGCM(block)
+	if err != nil {
+		panic(err)
+	}
+	return gcm
+}
+
+// stateID names the state key of k in the state file, without revealing it.
+func (k codecKey) stateID() string {
+	sum := sha256.Sum256(k.state)
+	return hex.EncodeToString(sum[:4])
 }
