@@ -794,6 +794,23 @@ func TestRefresh(t *testing.T) {
 		first = second
 	})
 
+	t.Run("two refreshes at once with the same token both get the same new tokens", func(t *testing.T) {
+		form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {first.RefreshToken}, "client_id": {c.id}}.Encode()
+		h := http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
+		answers := make([]string, 2)
+		var wg sync.WaitGroup
+		for i := range answers {
+			wg.Go(func() { answers[i] = postRaw(t.Context(), env.url+"/token", h, form) })
+		}
+		wg.Wait()
+		if !strings.HasPrefix(answers[0], "200 ") || answers[0] != answers[1] {
+			t.Fatalf("concurrent refreshes = %q and %q, want the same 200", answers[0], answers[1])
+		}
+		var next tokenResponse
+		json.Unmarshal([]byte(strings.TrimPrefix(answers[0], "200 ")), &next)
+		first = next
+	})
+
 	t.Run("another client cannot use the refresh token, nor spoil it", func(t *testing.T) {
 		other := env.newClient(t, `"token_endpoint_auth_method":"none"`)
 		wantOAuthError(t, refresh(first.RefreshToken, other.id), 400, "invalid_grant")
