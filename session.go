@@ -27,13 +27,17 @@ import (
 	"golang.org/x/oauth2"
 )
 
-// Session mapping: steps 1 and 7 of the flow.
+// Session mapping: steps 1, 7 and 10 of the flow.
 //
 // After a sign-in, the Entra tokens stay here, in a [session]. The client gets
 // a session token instead: a JWT-shaped string, HMAC-signed by this server,
-// that names the session and nothing else about the user. Every MCP request
-// carries it (step 1 checks it); the server maps it back to the session and,
-// from there, to the Entra token (step 10).
+// that names the session and nothing else about the user, and a refresh token
+// that rotates. Every MCP request carries the session token (step 1 checks
+// it); the server maps it back to the session and, from there, to the Entra
+// token, which it keeps fresh itself (step 10).
+//
+// The file also holds the stores every step keeps its state in (bounded and
+// expiring), and the state file that lets all of it survive a restart.
 //
 // This is the "session binding" of MCP 2025-03-26 "Third-Party Authorization
 // Flow": the client never sees, and can never present, a token from Entra ID
