@@ -1542,6 +1542,48 @@ func TestStateFileSurvivesRestart(t *testing.T) {
 	})
 }
 
+// TestStateFileUnderLoad refreshes several sessions at once while every
+// refresh saves the state: saving takes each session's lock, refreshing holds
+// one while it stores the session, and the two must not wait on each other.
+func TestStateFileUnderLoad(t *testing.T) {
+	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state") })
+	h := http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
+	// A deadlock shows as requests that never end: fail, rather than hang.
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	var wg sync.WaitGroup
+	for range 8 {
+		tokens := env.signIn(t, signInOptions{})
+		wg.Go(func() {
+			for range 200 {
+				form := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}
+				answer := postRaw(ctx, env.url+"/token", h, form.Encode())
+				body, ok := strings.CutPrefix(answer, "200 ")
+				if !ok || json.Unmarshal([]byte(body), &tokens.tokenResponse) != nil {
+					t.Errorf("refresh = %s", answer)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+func TestStateFileForgetsEndedSessions(t *testing.T) {
+	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state") })
+	tokens := env.signIn(t, signInOptions{})
+	sess, _ := env.srv.sessions.get(tokenClaims(t, tokens.AccessToken)["sid"].(string))
+	env.srv.endSession(sess)
+	env.srv.sessions.put(sess.id, sess, time.Hour) // a token request that lost the race puts it back...
+	env.srv.saveState()
+	if err := env.start(t); err != nil { // ...and a restart must not bring it to life
+		t.Fatal(err)
+	}
+	if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("GET /sse with an ended session's token after a restart = %d, want 401", resp.StatusCode)
+	}
+}
+
 func TestStateFileKeepsRegistrations(t *testing.T) {
 	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state") })
 	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)

@@ -611,15 +611,21 @@ func (m *ttlMap[V]) deleteFunc(del func(V) bool) {
 	}
 }
 
-// each calls f for every live entry, with its deadline.
-func (m *ttlMap[V]) each(f func(key string, v V, expires time.Time)) {
+// each calls f for every live entry, with its deadline. It calls f after
+// releasing the map's lock, so f may take other locks: a session's lock is
+// taken before the map's elsewhere, and never the other way round.
+func (m *ttlMap[V]) each(f func(v V, expires time.Time)) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	now := m.now()
-	for k, e := range m.entries {
+	live := make([]ttlEntry[V], 0, len(m.entries))
+	for _, e := range m.entries {
 		if !e.expired(now) {
-			f(k, e.value, e.expires)
+			live = append(live, e)
 		}
+	}
+	m.mu.Unlock()
+	for _, e := range live {
+		f(e.value, e.expires)
 	}
 }
 
@@ -720,10 +726,13 @@ func (s *server) saveState() {
 // snapshot copies the clients and live sessions.
 func (s *server) snapshot() savedState {
 	var st savedState
-	s.clients.each(func(_ string, c *client, expires time.Time) {
+	s.clients.each(func(c *client, expires time.Time) {
 		st.Clients = append(st.Clients, savedClient{Metadata: c.clientMetadata, ID: c.ID, IssuedAt: c.IssuedAt, SecretHash: []byte(c.secretHash), Expires: expires})
 	})
-	s.sessions.each(func(_ string, sess *session, expires time.Time) {
+	s.sessions.each(func(sess *session, expires time.Time) {
+		if sess.ended.Load() {
+			return // a token request racing with endSession may have put it back
+		}
 		sess.mu.Lock()
 		defer sess.mu.Unlock()
 		u := sess.user
