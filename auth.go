@@ -168,7 +168,9 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		resp.ClientSecret = secret
 		resp.ClientSecretExpiresAt = new(int64)
 	}
-	if err := s.clients.put(c.ID, c, clientTTL); err != nil {
+	// Kept for an hour; for clientTTL once it completes a sign-in, so that a
+	// loop of registrations cannot fill the store for long.
+	if err := s.clients.put(c.ID, c, unusedClientTTL); err != nil {
 		writeOAuthError(w, unavailable())
 		return
 	}
@@ -320,7 +322,6 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 		s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application is not registered with this server. Remove the server from your MCP client and add it again.")
 		return
 	}
-	s.clients.touch(c.ID, clientTTL) // in use
 	redirectURI, ok := c.matchRedirectURI(q.Get("redirect_uri"))
 	if !ok {
 		s.errorPage(w, http.StatusBadRequest, "Invalid redirect URI", "The redirect_uri does not match any URI this client registered.")
@@ -872,7 +873,6 @@ func (s *server) authenticateClient(r *http.Request) (*client, error) {
 	case !sameSecret(hashKey(secret), c.secretHash):
 		return nil, invalid
 	}
-	s.clients.touch(c.ID, clientTTL) // in use
 	return c, nil
 }
 
@@ -910,8 +910,10 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	}
 	resp, err := s.startSession(c, code.session)
 	if err != nil {
+		code.redeemed.Store(false) // the server was full: the client may try again
 		return nil, unavailable()
 	}
+	s.clients.touch(c.ID, clientTTL) // a client that completed a sign-in is kept
 	s.saveState()
 	return resp, nil
 }
@@ -939,11 +941,20 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 			return nil, badRequest("invalid_target", "resource must be this server's URL, its /sse or its /mcp endpoint")
 		}
 	}
+	// Our session must not outlive the Entra sign-in it stands for. If the
+	// Entra token has expired, renewing it now checks that Entra still honours
+	// the sign-in (the user may have been signed out there) and keeps Entra's
+	// own refresh token from going idle. If Entra cannot be reached, the
+	// refresh goes ahead: the next tool call tries again.
+	if _, err := s.entraAccessToken(sess, ""); errors.Is(err, errSessionEnded) {
+		return nil, badRequest("invalid_grant", "the Microsoft sign-in has ended; sign in again")
+	}
 	resp, err := s.rotateRefresh(c, sess, gen)
 	if errors.Is(err, errStoreFull) {
 		return nil, unavailable()
 	}
 	if err == nil {
+		s.clients.touch(c.ID, clientTTL)
 		s.saveState() // the new generation must survive a restart
 	}
 	return resp, err

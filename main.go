@@ -239,8 +239,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 		cfg.sessionKeys = append(cfg.sessionKeys, old)
 	}
 	ttl := env("ACCESS_TOKEN_TTL", "1h")
-	if cfg.accessTTL, err = time.ParseDuration(ttl); err != nil || cfg.accessTTL < time.Minute || cfg.accessTTL > 24*time.Hour {
-		return config{}, fmt.Errorf("ACCESS_TOKEN_TTL %q: want a Go duration between 1m and 24h, such as 1h", ttl)
+	// Not less than 10 minutes: clients refresh ahead of expiry (VS Code five
+	// minutes ahead), and every refresh is a write of the state file.
+	if cfg.accessTTL, err = time.ParseDuration(ttl); err != nil || cfg.accessTTL < 10*time.Minute || cfg.accessTTL > 24*time.Hour {
+		return config{}, fmt.Errorf("ACCESS_TOKEN_TTL %q: want a Go duration between 10m and 24h, such as 1h", ttl)
 	}
 	// Entra's own refresh tokens expire after 90 days of disuse; ours must
 	// not outlive the Entra session they stand for.

@@ -788,8 +788,8 @@ func TestRefresh(t *testing.T) {
 		env.clock.advance(refreshGrace - time.Second)
 		var again tokenResponse
 		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &again)
-		if again != second {
-			t.Errorf("duplicate refresh = %+v, want the same tokens %+v", again, second)
+		if again.AccessToken != second.AccessToken || again.RefreshToken != second.RefreshToken || again.ExpiresIn != second.ExpiresIn-int64((refreshGrace-time.Second)/time.Second) {
+			t.Errorf("duplicate refresh = %+v, want the same tokens as %+v, expiring as they do", again, second)
 		}
 		first = second
 	})
@@ -832,6 +832,36 @@ func TestRefresh(t *testing.T) {
 	})
 }
 
+func TestRefreshEdges(t *testing.T) {
+	env := newTestEnv(t)
+	c := env.newClient(t, `"token_endpoint_auth_method":"client_secret_basic"`)
+	refresh := func(token string) *http.Response {
+		h := http.Header{"Authorization": {"Basic " + base64.StdEncoding.EncodeToString([]byte(c.id+":"+c.secret))}}
+		return env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {token}}, h)
+	}
+	tokens := env.redeem(t, c, env.codeFor(t, c))
+
+	t.Run("a confidential client refreshes with HTTP Basic", func(t *testing.T) {
+		decodeJSON(t, refresh(tokens.RefreshToken), http.StatusOK, &tokens)
+	})
+	t.Run("a later generation than the server remembers moves it forward", func(t *testing.T) {
+		// As after a restart from a state file that missed the last save.
+		sid := tokenClaims(t, tokens.AccessToken)["sid"].(string)
+		sess, _ := env.srv.sessions.get(sid)
+		sess.mu.Lock()
+		sess.refreshGen--
+		sess.mu.Unlock()
+		decodeJSON(t, refresh(tokens.RefreshToken), http.StatusOK, &tokens)
+		if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusOK {
+			t.Errorf("GET /sse after moving forward = %d, want 200", resp.StatusCode)
+		}
+	})
+	t.Run("a session nobody refreshes for REFRESH_TOKEN_TTL ends", func(t *testing.T) {
+		env.clock.advance(env.cfg.refreshTTL)
+		wantOAuthError(t, refresh(tokens.RefreshToken), 400, "invalid_grant")
+	})
+}
+
 func TestRevoke(t *testing.T) {
 	env := newTestEnv(t)
 	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
@@ -842,6 +872,17 @@ func TestRevoke(t *testing.T) {
 			t.Errorf("POST /revoke = %d, want 200", resp.StatusCode)
 		}
 	}
+	t.Run("a confidential client revokes with HTTP Basic", func(t *testing.T) {
+		cc := env.newClient(t, `"token_endpoint_auth_method":"client_secret_basic"`)
+		tokens := env.redeem(t, cc, env.codeFor(t, cc))
+		h := http.Header{"Authorization": {"Basic " + base64.StdEncoding.EncodeToString([]byte(cc.id+":"+cc.secret))}}
+		if resp := env.postForm(t, "/revoke", url.Values{"token": {tokens.RefreshToken}}, h); resp.StatusCode != http.StatusOK {
+			t.Fatalf("POST /revoke = %d", resp.StatusCode)
+		}
+		if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("GET /sse after revocation = %d, want 401", resp.StatusCode)
+		}
+	})
 	for _, kind := range []string{"access token", "refresh token"} {
 		t.Run(kind, func(t *testing.T) {
 			tokens := env.redeem(t, c, env.codeFor(t, c))
@@ -1425,6 +1466,62 @@ func TestEntraRefusesToRenew(t *testing.T) {
 	}
 }
 
+func TestEntraSignInBoundsOurs(t *testing.T) {
+	tests := []struct {
+		name  string
+		knob  func(f *fakeEntra)
+		after func(t *testing.T, env *testEnv, tokens signedIn)
+	}{
+		{"our refresh after Entra revoked the sign-in", func(f *fakeEntra) { f.refreshRevoked = true }, func(t *testing.T, env *testEnv, tokens signedIn) {
+			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+			wantOAuthError(t, resp, 400, "invalid_grant")
+		}},
+		{"Entra wants the user again (interaction_required)", func(f *fakeEntra) { f.refreshError = "interaction_required" }, func(t *testing.T, env *testEnv, tokens signedIn) {
+			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+			wantOAuthError(t, resp, 400, "invalid_grant")
+		}},
+		{"Entra is down: our refresh goes ahead", func(f *fakeEntra) { f.refreshError = "temporarily_unavailable" }, func(t *testing.T, env *testEnv, tokens signedIn) {
+			var next tokenResponse
+			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+			decodeJSON(t, resp, http.StatusOK, &next)
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := newTestEnv(t)
+			tokens := env.signIn(t, signInOptions{})
+			env.entra.set(func() { tt.knob(env.entra) })
+			env.clock.advance(time.Hour) // our token and Entra's have both expired
+			tt.after(t, env, tokens)
+		})
+	}
+
+	t.Run("a sign-in without an Entra refresh token ends when its Entra token does", func(t *testing.T) {
+		env := newTestEnv(t)
+		env.entra.set(func() { env.entra.noOfflineAccess = true })
+		c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+		c.initialize(t, "2025-11-25")
+		env.clock.advance(59*time.Minute + time.Second)
+		resp := c.post(t, `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails"}}`, nil)
+		if resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("tools/call = %d, want 401: the client must sign in again", resp.StatusCode)
+		}
+	})
+}
+
+func TestEndedSessionLeavesEntraAlone(t *testing.T) {
+	env := newTestEnv(t)
+	tokens := env.signIn(t, signInOptions{})
+	sess, _ := env.srv.sessions.get(tokenClaims(t, tokens.AccessToken)["sid"].(string))
+	env.clock.advance(time.Hour) // the Entra token has expired
+	// A tool call that was waiting for the session's refresh lock when the
+	// session ended (revoked, or refused by Entra) must not refresh it again.
+	env.srv.endSession(sess)
+	if _, err := env.srv.entraAccessToken(sess, ""); !errors.Is(err, errSessionEnded) || env.entra.refreshCount() != 0 {
+		t.Errorf("entraAccessToken for an ended session = %v after %d refreshes, want errSessionEnded and none", err, env.entra.refreshCount())
+	}
+}
+
 func TestGraphRefusesTheToken(t *testing.T) {
 	env := newTestEnv(t)
 	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
@@ -1704,6 +1801,7 @@ func TestBoundedState(t *testing.T) {
 			"redirect_uri": {c.redirectURI}, "client_id": {c.id}, "code_verifier": {c.verifier}}, nil)
 		wantOAuthError(t, resp, http.StatusServiceUnavailable, "temporarily_unavailable")
 		capAt(env.srv.sessions, maxSessions)
+		env.redeem(t, c, code) // the code was not used up: the client may try again
 	})
 	t.Run("MCP sessions stop at the cap", func(t *testing.T) {
 		token := env.signIn(t, signInOptions{}).AccessToken
@@ -1717,6 +1815,22 @@ func TestBoundedState(t *testing.T) {
 			t.Errorf("GET /sse past the cap = %d, want 503", resp.StatusCode)
 		}
 	})
+}
+
+func TestRegistrationLifetime(t *testing.T) {
+	env := newTestEnv(t)
+	unused := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	used := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	env.redeem(t, used, env.codeFor(t, used))
+	env.clock.advance(unusedClientTTL)
+	for _, tt := range []struct {
+		c    *testClient
+		want int
+	}{{unused, http.StatusBadRequest}, {used, http.StatusOK}} {
+		if got := newBrowser(t).get(t, env.url+tt.c.authorizeURL(nil)).StatusCode; got != tt.want {
+			t.Errorf("GET /authorize an hour after registering = %d, want %d", got, tt.want)
+		}
+	}
 }
 
 func TestIdleMCPSessionsExpire(t *testing.T) {
@@ -2100,8 +2214,12 @@ func (e *testEnv) codeFor(t *testing.T, c *testClient) string {
 func (e *testEnv) redeem(t *testing.T, c *testClient, code string) tokenResponse {
 	t.Helper()
 	var tokens tokenResponse
-	resp := e.postForm(t, "/token", url.Values{"grant_type": {"authorization_code"}, "code": {code},
-		"redirect_uri": {c.redirectURI}, "client_id": {c.id}, "code_verifier": {c.verifier}}, nil)
+	form := url.Values{"grant_type": {"authorization_code"}, "code": {code},
+		"redirect_uri": {c.redirectURI}, "client_id": {c.id}, "code_verifier": {c.verifier}}
+	if c.secret != "" {
+		form.Set("client_secret", c.secret)
+	}
+	resp := e.postForm(t, "/token", form, nil)
 	decodeJSON(t, resp, http.StatusOK, &tokens)
 	return tokens
 }
@@ -2507,22 +2625,24 @@ type fakeEntra struct {
 	now                func() time.Time
 	key                *rsa.PrivateKey
 
-	mu             sync.Mutex
-	clientSecret   string
-	user           fakeUser
-	codes          map[string]*fakeCode
-	refreshTokens  map[string]fakeGrant
-	accessTokens   map[string]fakeGrant
-	lastAT         string
-	authorizeError string               // knob: the next sign-ins fail with this error
-	idTokenEdit    func(map[string]any) // knob: tamper with issued id_tokens
-	graphStatus    int                  // knob: Graph fails with this status
-	expiresIn      int                  // knob: lifetime of access tokens in seconds (default 3600)
-	refreshRevoked bool                 // knob: refresh tokens fail as after "revoke sessions" (AADSTS50173)
-	keepRT         bool                 // knob: refresh responses carry no new refresh token
-	refreshes      []url.Values         // refresh_token grants received, for assertions
-	lastRT         string               // the last refresh token issued
-	graphToken     string               // the last access token Graph accepted
+	mu              sync.Mutex
+	clientSecret    string
+	user            fakeUser
+	codes           map[string]*fakeCode
+	refreshTokens   map[string]fakeGrant
+	accessTokens    map[string]fakeGrant
+	lastAT          string
+	authorizeError  string               // knob: the next sign-ins fail with this error
+	idTokenEdit     func(map[string]any) // knob: tamper with issued id_tokens
+	graphStatus     int                  // knob: Graph fails with this status
+	expiresIn       int                  // knob: lifetime of access tokens in seconds (default 3600)
+	refreshRevoked  bool                 // knob: refresh tokens fail as after "revoke sessions" (AADSTS50173)
+	keepRT          bool                 // knob: refresh responses carry no new refresh token
+	refreshError    string               // knob: refresh_token grants fail with this error
+	noOfflineAccess bool                 // knob: the user did not consent to offline_access: no refresh tokens
+	refreshes       []url.Values         // refresh_token grants received, for assertions
+	lastRT          string               // the last refresh token issued
+	graphToken      string               // the last access token Graph accepted
 }
 
 type fakeCode struct {
@@ -2844,6 +2964,12 @@ func (f *fakeEntra) token(w http.ResponseWriter, r *http.Request) {
 		case f.refreshRevoked:
 			f.tokenError(w, 400, "invalid_grant", 50173, "The provided grant has expired due to it being revoked.")
 			return
+		case f.refreshError == "interaction_required":
+			f.tokenError(w, 400, "interaction_required", 50076, "Due to a configuration change you must use multi-factor authentication.")
+			return
+		case f.refreshError != "":
+			f.tokenError(w, 503, f.refreshError, 90033, "A transient error has occurred. Please try again.")
+			return
 		}
 		user, scope = g.user, g.scope // Entra rotates but leaves the old refresh token valid
 	}
@@ -2857,7 +2983,7 @@ func (f *fakeEntra) token(w http.ResponseWriter, r *http.Request) {
 		"token_type": "Bearer", "scope": "openid profile offline_access https://graph.microsoft.com/User.Read",
 		"expires_in": expiresIn, "ext_expires_in": expiresIn, "access_token": at,
 	}
-	if slices.Contains(scopes, "offline_access") && !(grant == "refresh_token" && f.keepRT) {
+	if slices.Contains(scopes, "offline_access") && !f.noOfflineAccess && !(grant == "refresh_token" && f.keepRT) {
 		rt := "1.AAAA" + rand.Text() + rand.Text()
 		f.refreshTokens[rt] = fakeGrant{user: user, scope: scope, expires: f.now().Add(90 * 24 * time.Hour)}
 		resp["refresh_token"] = rt

@@ -55,12 +55,11 @@ type session struct {
 
 	refreshing sync.Mutex // held while the Entra tokens are refreshed: one refresh at a time
 
-	mu          sync.Mutex     // guards what follows
-	entraToken  *oauth2.Token  // Entra's access and refresh tokens
-	entraExpiry time.Time      // when entraToken's access token expires, by our clock
-	refreshGen  uint64         // generation of the one refresh token of ours that works now
-	rotatedAt   time.Time      // when refreshGen last moved on
-	lastIssued  *tokenResponse // the tokens issued with refreshGen, for a duplicate refresh
+	mu          sync.Mutex    // guards what follows
+	entraToken  *oauth2.Token // Entra's access and refresh tokens
+	entraExpiry time.Time     // when entraToken's access token expires, by our clock
+	refreshGen  uint64        // generation of the one refresh token of ours that works now
+	rotatedAt   time.Time     // when refreshGen began: the issue time of its tokens
 }
 
 // entraUser is who signed in, read from the verified id_token. It stays on the
@@ -74,11 +73,12 @@ type entraUser struct {
 
 // Lifetimes of the server's own state.
 const (
-	consentTTL = 10 * time.Minute    // a consent page stays usable
-	flowTTL    = 10 * time.Minute    // a sign-in at Entra may take
-	codeTTL    = 2 * time.Minute     // our authorization codes (OAuth 2.1 §4.1.2: short)
-	clientTTL  = 90 * 24 * time.Hour // a registration nobody uses
-	mcpIdleTTL = 24 * time.Hour      // a Streamable HTTP session nobody uses
+	consentTTL      = 10 * time.Minute    // a consent page stays usable
+	flowTTL         = 10 * time.Minute    // a sign-in at Entra may take
+	codeTTL         = 2 * time.Minute     // our authorization codes (OAuth 2.1 §4.1.2: short)
+	unusedClientTTL = time.Hour           // a registration that never completes a sign-in
+	clientTTL       = 90 * 24 * time.Hour // a registration nobody uses any more
+	mcpIdleTTL      = 24 * time.Hour      // a Streamable HTTP session nobody uses
 
 	// refreshGrace is how long a refresh token stays good for a duplicate of
 	// the refresh that replaced it: clients that lose a response, or send
@@ -92,6 +92,11 @@ const (
 // errSessionEnded reports that Entra ID refused to renew a session's tokens,
 // so the session is over and its user must sign in again.
 var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
+
+// entraSignInOver are the refresh errors after which only a new sign-in
+// helps: the grant was revoked or expired, or Entra now wants the user
+// (multi-factor, consent, a fresh login).
+var entraSignInOver = []string{"invalid_grant", "interaction_required", "consent_required", "login_required"}
 
 // setEntraToken stores Entra tokens just received. Entra rotates refresh
 // tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries
@@ -123,21 +128,32 @@ func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
 func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
 	sess.refreshing.Lock()
 	defer sess.refreshing.Unlock()
+	if sess.ended.Load() { // while this caller waited
+		return "", errSessionEnded
+	}
 	sess.mu.Lock()
 	current, refreshToken, expiry := sess.entraToken.AccessToken, sess.entraToken.RefreshToken, sess.entraExpiry
 	sess.mu.Unlock()
 	if current != refused && s.now().Before(expiry.Add(-time.Minute)) {
 		return current, nil
 	}
+	if refreshToken == "" {
+		s.log.Warn("Entra gave no refresh token (is offline_access granted?); ending the session", "subject", sess.subject)
+		s.endSession(sess)
+		return "", errSessionEnded
+	}
 	stale := &oauth2.Token{RefreshToken: refreshToken} // no access token: refresh now
 	tok, err := s.entra.oauth.TokenSource(s.entra.background, stale).Token()
-	if err != nil {
-		var rerr *oauth2.RetrieveError
-		if errors.As(err, &rerr) && rerr.ErrorCode == "invalid_grant" {
-			s.log.Warn("Entra refused to renew the sign-in; ending the session", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
-			s.endSession(sess)
-			return "", errSessionEnded
-		}
+	var rerr *oauth2.RetrieveError
+	switch {
+	case errors.As(err, &rerr) && slices.Contains(entraSignInOver, rerr.ErrorCode):
+		s.log.Warn("Entra refused to renew the sign-in; ending the session", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
+		s.endSession(sess)
+		return "", errSessionEnded
+	case errors.As(err, &rerr):
+		s.log.Warn("Entra token refresh failed", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
+		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
+	case err != nil:
 		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
 		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
 	}
@@ -212,12 +228,15 @@ type tokenResponse struct {
 func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) {
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
+	sess.rotatedAt = s.now()
 	return s.issueTokens(c, sess)
 }
 
 // rotateRefresh redeems the refresh token of generation gen of sess:
 //   - the current generation: the next one is issued, with a new access
-//     token, and the current one stops working;
+//     token, and the current one stops working. A later generation counts as
+//     current too: its MAC proves this server issued it, so a state file that
+//     missed a save before a crash merely lags behind;
 //   - the previous generation within refreshGrace of its rotation: a
 //     duplicate of that refresh, which gets the same tokens again;
 //   - anything older: the token was replaced long ago, so someone kept a
@@ -226,18 +245,17 @@ func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) 
 func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResponse, error) {
 	sess.mu.Lock()
 	switch now := s.now(); {
-	case gen == sess.refreshGen:
-		sess.refreshGen++
+	case sess.ended.Load():
+		sess.mu.Unlock()
+		return nil, badRequest("invalid_grant", "the session has ended; sign in again")
+	case gen >= sess.refreshGen:
+		sess.refreshGen = gen + 1
 		sess.rotatedAt = now
 		defer sess.mu.Unlock()
 		return s.issueTokens(c, sess)
 	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < refreshGrace:
 		defer sess.mu.Unlock()
-		if sess.lastIssued == nil { // restarted since: issue the same refresh token again
-			return s.issueTokens(c, sess)
-		}
-		resp := *sess.lastIssued
-		return &resp, nil
+		return s.issueTokens(c, sess)
 	}
 	sess.mu.Unlock()
 	s.log.Warn("replaced refresh token used again; ending its session", "client_id", c.ID, "subject", sess.subject)
@@ -245,12 +263,16 @@ func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResp
 	return nil, badRequest("invalid_grant", "the refresh token was already used; sign in again")
 }
 
-// issueTokens mints a session token for sess and, for clients registered for
-// the refresh_token grant, the refresh token of its current generation; it
-// keeps the session alive for as long as that refresh token lives. sess.mu
-// is held.
+// issueTokens issues the tokens of the session's current generation: a
+// session token and, for clients registered for the refresh_token grant, a
+// refresh token, and keeps the session alive for as long as that refresh token
+// lives. The tokens of a generation are the same bytes however often they are
+// issued (their times are the generation's start, their ids derived from it),
+// so a duplicate refresh gets exactly what the first one got, and nothing
+// needs to be kept to give it. sess.mu is held.
 func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
-	now := s.now()
+	issued := sess.rotatedAt
+	expiry := issued.Add(s.cfg.accessTTL)
 	resp := &tokenResponse{
 		AccessToken: s.tokens.mint(sessionClaims{
 			Audience:  sess.resource,
@@ -258,11 +280,12 @@ func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
 			SessionID: sess.id,
 			ClientID:  sess.clientID,
 			Scope:     sess.scope,
-			IssuedAt:  now.Unix(),
-			Expiry:    now.Add(s.cfg.accessTTL).Unix(),
+			IssuedAt:  issued.Unix(),
+			Expiry:    expiry.Unix(),
+			TokenID:   s.tokens.tokenID(sess.id, sess.refreshGen),
 		}),
 		TokenType: "Bearer",
-		ExpiresIn: int64(s.cfg.accessTTL / time.Second),
+		ExpiresIn: int64(expiry.Sub(s.now()) / time.Second),
 		Scope:     sess.scope,
 	}
 	ttl := s.cfg.accessTTL
@@ -275,7 +298,6 @@ func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
 			return nil, err
 		}
 	}
-	sess.lastIssued = resp
 	return resp, nil
 }
 
@@ -284,7 +306,9 @@ func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
 // deletion, is what counts: a token request racing with endSession may put
 // the session back, ended.
 func (s *server) endSession(sess *session) {
+	sess.mu.Lock() // so that no token request of the session is halfway through
 	sess.ended.Store(true)
+	sess.mu.Unlock()
 	s.sessions.delete(sess.id)
 	s.endMCPSessions(sess.id)
 	s.saveState()
@@ -453,6 +477,13 @@ func hmacSHA256(key []byte, data string) []byte {
 func (c *sessionCodec) refreshToken(sid string, gen uint64) string {
 	signed := "rt1." + sid + "." + strconv.FormatUint(gen, 10)
 	return signed + "." + base64.RawURLEncoding.EncodeToString(hmacSHA256(c.keys[0].refresh, signed))
+}
+
+// tokenID derives the jti of the session token of generation gen of session
+// sid, so that issuing a generation's tokens again gives the same bytes.
+func (c *sessionCodec) tokenID(sid string, gen uint64) string {
+	mac := hmacSHA256(c.keys[0].refresh, "jti."+sid+"."+strconv.FormatUint(gen, 10))
+	return base64.RawURLEncoding.EncodeToString(mac[:16])
 }
 
 // parseRefreshToken checks a refresh token's MAC, under any of the codec's
