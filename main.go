@@ -398,7 +398,7 @@ type server struct {
 	keepAlive time.Duration        // interval of SSE keep-alive comments
 	closing   chan struct{}        // closed when the server shuts down
 	closeOnce sync.Once
-	saveMu    sync.Mutex // serializes writes of the state file
+	state     stateWriter // writes of the state file
 }
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }

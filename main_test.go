@@ -28,6 +28,7 @@ import (
 	"fmt"
 	"html/template"
 	"io"
+	"io/fs"
 	"log/slog"
 	"maps"
 	"math/big"
@@ -1581,8 +1582,12 @@ func TestStateFileSurvivesRestart(t *testing.T) {
 	c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
 	rotatedRT := env.entra.lastRefreshToken()
 
-	if err := env.start(t); err != nil { // ...then the process is killed and started again
+	os.WriteFile(path+".tmp123", []byte("half"), 0o600) // killed while writing, even
+	if err := env.start(t); err != nil {                // ...then the process is killed and started again
 		t.Fatal(err)
+	}
+	if _, err := os.Stat(path + ".tmp123"); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("a temporary file left by a killed write is still there")
 	}
 
 	t.Run("the file is private, and holds nothing readable", func(t *testing.T) {

@@ -739,18 +739,50 @@ type stateEnvelope struct {
 
 const stateFormat = "entra-mcp state"
 
-// saveState writes the state to STATE_FILE, if set. Saves are serialized,
-// each with a fresh snapshot, so the file never goes back in time. A failed
-// save is logged, not returned: the request has already succeeded in memory.
-// No lock of any session may be held by the caller.
+// stateWriter lets concurrent saves share writes (a group commit): each
+// change waits for a write that began after it, and one write covers every
+// change made before it began. Under load the file is written about as often
+// as a write takes, however many changes arrive.
+type stateWriter struct {
+	mu      sync.Mutex
+	written *sync.Cond // signalled when a write ends
+	changes uint64     // changes announced so far
+	saved   uint64     // changes covered by the last write
+	writing bool
+}
+
+// saveState writes the state to STATE_FILE, if set, and returns once a write
+// that includes the caller's change is on disk. A failed write is logged, not
+// returned: the request has already succeeded in memory, and a lagging file
+// costs no session (see rotateRefresh). No lock of any session may be held by
+// the caller.
 func (s *server) saveState() {
 	if s.cfg.stateFile == "" {
 		return
 	}
-	s.saveMu.Lock()
-	defer s.saveMu.Unlock()
-	if err := writeStateFile(s.cfg.stateFile, s.tokens.keys[0], s.snapshot()); err != nil {
-		s.log.Error("save state; a restart now would lose recent sign-ins", "path", s.cfg.stateFile, "err", err)
+	w := &s.state
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.written == nil {
+		w.written = sync.NewCond(&w.mu)
+	}
+	w.changes++
+	mine := w.changes
+	for w.saved < mine {
+		if w.writing {
+			w.written.Wait()
+			continue
+		}
+		w.writing = true
+		covered := w.changes // every change announced so far is in the snapshot below
+		w.mu.Unlock()
+		if err := writeStateFile(s.cfg.stateFile, s.tokens.keys[0], s.snapshot()); err != nil {
+			s.log.Error("save state; a restart now would lose recent changes", "path", s.cfg.stateFile, "err", err)
+		}
+		w.mu.Lock()
+		w.writing = false
+		w.saved = covered
+		w.written.Broadcast()
 	}
 }
 
@@ -807,7 +839,16 @@ func writeStateFile(path string, key codecKey, st savedState) error {
 	if err := tmp.Close(); err != nil {
 		return err
 	}
-	return os.Rename(tmp.Name(), path)
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return err
+	}
+	// The rename survives a power cut, not only a crash, once the directory
+	// holding it is on disk too.
+	if dir, err := os.Open(filepath.Dir(path)); err == nil {
+		dir.Sync()
+		dir.Close()
+	}
+	return nil
 }
 
 // loadState reads STATE_FILE, if set and present, into the server. A file
@@ -817,6 +858,11 @@ func (s *server) loadState() error {
 	path := s.cfg.stateFile
 	if path == "" {
 		return nil
+	}
+	// A process killed while writing leaves its temporary file behind.
+	leftovers, _ := filepath.Glob(path + ".tmp*")
+	for _, f := range leftovers {
+		os.Remove(f)
 	}
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
