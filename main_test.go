@@ -1838,6 +1838,29 @@ func TestRegistrationLifetime(t *testing.T) {
 	}
 }
 
+func TestMCPSessionsPerUser(t *testing.T) {
+	env := newTestEnv(t)
+	other := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	other.initialize(t, "2025-11-25")
+	token := env.signIn(t, signInOptions{}).AccessToken
+	var mine []*mcpClient
+	for range maxMCPSessionsPerUser + 1 {
+		c := &mcpClient{env: env, token: token}
+		c.initialize(t, "2025-11-25")
+		env.clock.advance(time.Second)
+		mine = append(mine, c)
+	}
+	ping := `{"jsonrpc":"2.0","id":1,"method":"ping"}`
+	if resp := mine[0].post(t, ping, nil); resp.StatusCode != http.StatusNotFound {
+		t.Errorf("the oldest of %d sessions = %d, want 404: it made room", len(mine), resp.StatusCode)
+	}
+	for _, c := range []*mcpClient{mine[1], mine[len(mine)-1], other} {
+		if resp := c.post(t, ping, nil); resp.StatusCode != http.StatusOK {
+			t.Errorf("a newer session, or another user's = %d, want 200", resp.StatusCode)
+		}
+	}
+}
+
 func TestIdleMCPSessionsExpire(t *testing.T) {
 	env := newTestEnv(t)
 	tokens := env.signIn(t, signInOptions{})

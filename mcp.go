@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 )
 
 // Steps 9 and 10: the MCP layer, JSON-RPC 2.0 written out by hand, shared by
@@ -64,9 +65,10 @@ var serverInfo = struct {
 // mcpSession is one MCP session, on either transport: what initialize
 // negotiated, for whom.
 type mcpSession struct {
-	id     string  // random; the transport's session id
-	owner  string  // id of the signed-in session that opened it
-	stream *stream // HTTP+SSE: the stream its answers go to; nil on Streamable HTTP
+	id      string    // random; the transport's session id
+	owner   string    // id of the signed-in session that opened it
+	stream  *stream   // HTTP+SSE: the stream its answers go to; nil on Streamable HTTP
+	created time.Time // when it was added
 
 	mu              sync.Mutex
 	protocolVersion string // negotiated by initialize
@@ -79,6 +81,9 @@ func (ms *mcpSession) version() string {
 	return ms.protocolVersion
 }
 
+// maxMCPSessionsPerUser bounds the MCP sessions of one signed-in session.
+const maxMCPSessionsPerUser = 32
+
 // addMCPSession registers ms for the signed-in session owner. A Streamable
 // HTTP session expires after mcpIdleTTL unused; an HTTP+SSE one lives as long
 // as its stream. It fails with errStoreFull, or with errSessionEnded if owner
@@ -87,6 +92,25 @@ func (ms *mcpSession) version() string {
 // ended before it removes its MCP sessions, and this checks the mark after
 // the put, so one of the two always sees the other.
 func (s *server) addMCPSession(ms *mcpSession, owner *session) error {
+	// One signed-in session may hold only so many: past that, its oldest
+	// makes room, so that one client cannot fill the store for everyone.
+	var oldest *mcpSession
+	n := 0
+	s.mcp.each(func(o *mcpSession, _ time.Time) {
+		if o.owner == owner.id {
+			n++
+			if oldest == nil || o.created.Before(oldest.created) {
+				oldest = o
+			}
+		}
+	})
+	if n >= maxMCPSessionsPerUser {
+		s.mcp.delete(oldest.id)
+		if oldest.stream != nil {
+			oldest.stream.end()
+		}
+	}
+	ms.created = s.now()
 	ttl := mcpIdleTTL
 	if ms.stream != nil {
 		ttl = 0
