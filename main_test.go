@@ -1790,6 +1790,26 @@ func TestBoundedState(t *testing.T) {
 			t.Errorf("GET /authorize after they expired = %d with %d kept, want 200 with 1", rec.Code, env.srv.consents.len())
 		}
 	})
+	t.Run("sign-ins at Entra stop at the cap", func(t *testing.T) {
+		b := newBrowser(t)
+		id := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
+		capAt(env.srv.flows, 0)
+		resp := b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}})
+		if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" || resp.Header.Get("Location") != "" {
+			t.Errorf("approving past the cap = %d, want a 503 page with Retry-After", resp.StatusCode)
+		}
+		capAt(env.srv.flows, maxPending)
+	})
+	t.Run("codes stop at the cap, and the client hears of it", func(t *testing.T) {
+		b := newBrowser(t)
+		callback := env.toCallback(t, b, c)
+		capAt(env.srv.codes, 0)
+		u := location(t, b.get(t, callback), http.StatusFound)
+		if u.Query().Get("error") != "temporarily_unavailable" || u.Query().Get("state") != "client-state" {
+			t.Errorf("callback past the cap redirected to %s, want error=temporarily_unavailable", u)
+		}
+		capAt(env.srv.codes, maxPending)
+	})
 	t.Run("registrations stop at the cap", func(t *testing.T) {
 		capAt(env.srv.clients, env.srv.clients.len())
 		resp := env.do(t, "POST", "/register", strings.NewReader(`{"redirect_uris":["https://a.example/cb"]}`), nil)
