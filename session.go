@@ -285,7 +285,7 @@ func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
 			TokenID:   s.tokens.tokenID(sess.id, sess.refreshGen),
 		}),
 		TokenType: "Bearer",
-		ExpiresIn: int64(expiry.Sub(s.now()) / time.Second),
+		ExpiresIn: int64(expiry.Sub(s.now()).Round(time.Second) / time.Second),
 		Scope:     sess.scope,
 	}
 	ttl := s.cfg.accessTTL
