@@ -82,6 +82,7 @@ type serverMetadata struct {
 	TokenEndpointAuthMethodsSupported []string `json:"token_endpoint_auth_methods_supported"`
 	RevocationAuthMethodsSupported    []string `json:"revocation_endpoint_auth_methods_supported"`
 	ScopesSupported                   []string `json:"scopes_supported"`
+	IssParameterSupported             bool     `json:"authorization_response_iss_parameter_supported"`
 }
 
 // authMethods are the client authentication methods of RFC 7591 §2 that the
@@ -106,6 +107,7 @@ func (s *server) handleServerMetadata(w http.ResponseWriter, r *http.Request) {
 		TokenEndpointAuthMethodsSupported: authMethods,
 		RevocationAuthMethodsSupported:    authMethods,
 		ScopesSupported:                   []string{serverScope},
+		IssParameterSupported:             true, // every redirect to the client carries iss (RFC 9207)
 	})
 }
 
@@ -1025,8 +1027,10 @@ func (s *server) redirectError(w http.ResponseWriter, r *http.Request, req *auth
 }
 
 // redirectToClient sends the browser to the request's redirect URI with
-// params and the client's state, unchanged. The parameters are added to any
-// query the URI has (RFC 6749 §3.1.2), which works for https, loopback and
+// params, the client's state, unchanged, and iss, our issuer: a client that
+// talks to several authorization servers can tell which one answered, which
+// defeats mix-up attacks (RFC 9207). The parameters are added to any query
+// the URI has (RFC 6749 §3.1.2), which works for https, loopback and
 // private-use schemes alike. After the consent form's POST it is 303 See
 // Other, so that the browser follows with a GET.
 func (s *server) redirectToClient(w http.ResponseWriter, r *http.Request, req *authRequest, params url.Values) {
@@ -1038,6 +1042,7 @@ func (s *server) redirectToClient(w http.ResponseWriter, r *http.Request, req *a
 	if req.state != "" {
 		q.Set("state", req.state)
 	}
+	q.Set("iss", s.cfg.publicURL)
 	u.RawQuery = q.Encode()
 	status := http.StatusFound
 	if r.Method == http.MethodPost {

@@ -158,8 +158,8 @@ func TestWalkthrough(t *testing.T) {
 		if got := u.Scheme + "://" + u.Host + u.Path; got != redirectURI {
 			t.Errorf("redirected to %s, want %s", got, redirectURI)
 		}
-		if u.Query().Get("state") != state {
-			t.Errorf("state = %q, want the client's %q unchanged", u.Query().Get("state"), state)
+		if u.Query().Get("state") != state || u.Query().Get("iss") != env.url {
+			t.Errorf("state = %q, iss = %q; want the client's %q unchanged, and our issuer (RFC 9207)", u.Query().Get("state"), u.Query().Get("iss"), state)
 		}
 		code = u.Query().Get("code")
 		if code == "" || strings.Contains(callbackURL, code) {
@@ -393,13 +393,14 @@ func TestDiscovery(t *testing.T) {
 	var md map[string]any
 	env.getJSON(t, "/.well-known/oauth-authorization-server", &md)
 	want := map[string]any{
-		"issuer":                                env.url,
-		"revocation_endpoint":                   env.url + "/revoke",
-		"response_types_supported":              []any{"code"},
-		"grant_types_supported":                 []any{"authorization_code", "refresh_token"},
-		"code_challenge_methods_supported":      []any{"S256"},
-		"token_endpoint_auth_methods_supported": []any{"client_secret_basic", "client_secret_post", "none"},
-		"scopes_supported":                      []any{"mcp"},
+		"issuer":                                         env.url,
+		"revocation_endpoint":                            env.url + "/revoke",
+		"response_types_supported":                       []any{"code"},
+		"grant_types_supported":                          []any{"authorization_code", "refresh_token"},
+		"code_challenge_methods_supported":               []any{"S256"},
+		"token_endpoint_auth_methods_supported":          []any{"client_secret_basic", "client_secret_post", "none"},
+		"scopes_supported":                               []any{"mcp"},
+		"authorization_response_iss_parameter_supported": true,
 	}
 	for k, v := range want {
 		if fmt.Sprint(md[k]) != fmt.Sprint(v) {
@@ -514,8 +515,8 @@ func TestConsent(t *testing.T) {
 		b := newBrowser(t)
 		id := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
 		u := location(t, b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"deny"}}), http.StatusSeeOther)
-		if u.Query().Get("error") != "access_denied" || u.Query().Get("state") != "client-state" {
-			t.Errorf("deny redirected to %s, want error=access_denied and the state", u)
+		if u.Query().Get("error") != "access_denied" || u.Query().Get("state") != "client-state" || u.Query().Get("iss") != env.url {
+			t.Errorf("deny redirected to %s, want error=access_denied, the state and iss", u)
 		}
 	})
 
