@@ -242,6 +242,70 @@ func TestWalkthrough(t *testing.T) {
 	})
 }
 
+// TestNothingLeaks runs a sign-in, a refresh, tool calls that refresh the
+// Entra token, failures and a sign-out with the log captured, and checks that
+// no secret, token, code, verifier, state, nonce or cookie of any of it
+// reached a log line.
+func TestNothingLeaks(t *testing.T) {
+	env := newTestEnv(t)
+	env.entra.set(func() { env.entra.expiresIn = 600 })
+	c := env.newClient(t, `"token_endpoint_auth_method":"client_secret_post","client_name":"leak test"`)
+	b := newBrowser(t)
+	page := readBody(t, b.get(t, env.url+c.authorizeURL(nil)))
+	consentID := consentIDFrom(t, page)
+	entraURL := location(t, b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {consentID}, "decision": {"approve"}}), http.StatusSeeOther)
+	callback := location(t, b.get(t, entraURL.String()), http.StatusFound)
+	code := location(t, b.get(t, callback.String()), http.StatusFound).Query().Get("code")
+	tokens := env.redeem(t, c, code)
+	wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "client_id": {c.id},
+		"client_secret": {c.secret}, "code_verifier": {c.verifier}, "redirect_uri": {c.redirectURI}}, nil), 400, "invalid_grant") // reused: logged
+	wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken},
+		"client_id": {c.id}, "client_secret": {c.secret + "x"}}, nil), 401, "invalid_client")
+
+	c2 := env.newClient(t, `"token_endpoint_auth_method":"client_secret_post"`)
+	tokens2 := env.redeem(t, c2, env.codeFor(t, c2))
+	mcp := &mcpClient{env: env, token: tokens2.AccessToken}
+	mcp.initialize(t, "2025-11-25")
+	env.clock.advance(10 * time.Minute) // the tool call refreshes the Entra token
+	var result toolResult
+	mcp.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	env.entra.set(func() { env.entra.refreshRevoked = true })
+	env.clock.advance(10 * time.Minute) // and now Entra refuses: logged, with Entra's ids
+	mcp.post(t, `{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"getUserDetails"}}`, nil)
+	env.postForm(t, "/revoke", url.Values{"token": {tokens2.RefreshToken}, "client_id": {c2.id}, "client_secret": {c2.secret}}, nil)
+
+	cookies := b.client.Jar.Cookies(&url.URL{Scheme: "http", Host: strings.TrimPrefix(env.url, "http://")})
+	secrets := map[string]string{
+		"Entra client secret":   env.entra.clientSecret,
+		"client secret":         c.secret,
+		"PKCE verifier":         c.verifier,
+		"consent id":            consentID,
+		"browser cookie":        cookies[0].Value,
+		"our state at Entra":    entraURL.Query().Get("state"),
+		"our nonce":             entraURL.Query().Get("nonce"),
+		"Entra's code":          callback.Query().Get("code"),
+		"our code":              code,
+		"access token":          tokens.AccessToken,
+		"refresh token":         tokens.RefreshToken,
+		"session id":            tokenClaims(t, tokens.AccessToken)["sid"].(string),
+		"Entra access token":    env.entra.lastAccessToken(),
+		"Entra refresh token":   env.entra.lastRefreshToken(),
+		"Entra refused refresh": env.entra.refreshes[len(env.entra.refreshes)-1].Get("refresh_token"),
+	}
+	logs := env.logs.String()
+	if !strings.Contains(logs, "aadsts=50173") {
+		t.Fatalf("the run did not log what it should have; the check below would prove nothing:\n%s", logs)
+	}
+	for name, secret := range secrets {
+		if len(secret) < 8 {
+			t.Fatalf("%s %q: not collected", name, secret)
+		}
+		if strings.Contains(logs, secret) {
+			t.Errorf("the log holds the %s", name)
+		}
+	}
+}
+
 // Step 1: the challenge.
 
 func TestChallengeRejectsBadTokens(t *testing.T) {
