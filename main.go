@@ -47,6 +47,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -153,6 +154,8 @@ Usage: go run .   (configured from the environment)
                        needs SESSION_KEY)
   ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues)
   REFRESH_TOKEN_TTL    default 336h (14 days; lifetime of refresh tokens and idle sessions)
+  RATE_LIMIT           default 120 (requests per minute per client IP to /register,
+                       /authorize and /token; 0: no limit)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp
                        and /sse, besides PUBLIC_URL's and loopback ones)
 
@@ -174,6 +177,7 @@ type config struct {
 	refreshTTL     time.Duration // refresh tokens, and the sessions they keep alive
 	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
 	stateFile      string        // where clients and sessions survive restarts; "" keeps them in memory
+	rateLimit      int           // requests per minute per client IP and endpoint; 0: no limit
 }
 
 // loadConfig reads and validates the configuration. Each error is one line
@@ -249,6 +253,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 	rttl := env("REFRESH_TOKEN_TTL", "336h")
 	if cfg.refreshTTL, err = time.ParseDuration(rttl); err != nil || cfg.refreshTTL < cfg.accessTTL || cfg.refreshTTL > 90*24*time.Hour {
 		return config{}, fmt.Errorf("REFRESH_TOKEN_TTL %q: want a Go duration from ACCESS_TOKEN_TTL up to 2160h (90 days), such as 336h (14 days)", rttl)
+	}
+	limit := env("RATE_LIMIT", "120")
+	if cfg.rateLimit, err = strconv.Atoi(limit); err != nil || cfg.rateLimit < 0 {
+		return config{}, fmt.Errorf("RATE_LIMIT %q: want requests per minute per client IP and endpoint, such as 120, or 0 for no limit", limit)
 	}
 	for o := range strings.SplitSeq(env("ALLOWED_ORIGINS", ""), ",") {
 		if o = strings.TrimSpace(o); o == "" {
@@ -340,6 +348,7 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		codes:     newTTLMap[*authCode](now, maxPending),
 		sessions:  newTTLMap[*session](now, maxSessions),
 		mcp:       newTTLMap[*mcpSession](now, maxSessions),
+		limiter:   newRateLimiter(now, cfg.rateLimit),
 		keepAlive: 15 * time.Second,
 		closing:   make(chan struct{}),
 	}
@@ -351,14 +360,14 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 	mux.HandleFunc("GET /.well-known/oauth-protected-resource/mcp", s.handleResourceMetadata("/mcp"))
 	mux.HandleFunc("GET /.well-known/oauth-authorization-server", s.handleServerMetadata)
 	// Step 3: registration (RFC 7591).
-	mux.HandleFunc("POST /register", s.handleRegister)
+	mux.HandleFunc("POST /register", s.limit("register", s.handleRegister))
 	// Steps 4 and 5: consent, then off to Entra ID.
-	mux.HandleFunc("GET /authorize", s.handleAuthorize)
-	mux.Handle("POST /authorize", http.NewCrossOriginProtection().Handler(http.HandlerFunc(s.handleConsent)))
+	mux.HandleFunc("GET /authorize", s.limit("authorize", s.handleAuthorize))
+	mux.Handle("POST /authorize", http.NewCrossOriginProtection().Handler(s.limit("authorize", s.handleConsent)))
 	// Step 6: back from Entra ID.
 	mux.HandleFunc("GET /auth/callback", s.handleCallback)
 	// Step 7: our own tokens; and their revocation (RFC 7009).
-	mux.HandleFunc("POST /token", s.handleToken)
+	mux.HandleFunc("POST /token", s.limit("token", s.handleToken))
 	mux.HandleFunc("POST /revoke", s.handleRevoke)
 	// Steps 8 to 10: MCP over Streamable HTTP (MCP 2025-03-26 and later)...
 	mux.HandleFunc("POST /mcp", s.handleMCPPost)
@@ -398,7 +407,8 @@ type server struct {
 	keepAlive time.Duration        // interval of SSE keep-alive comments
 	closing   chan struct{}        // closed when the server shuts down
 	closeOnce sync.Once
-	state     stateWriter // writes of the state file
+	state     stateWriter  // writes of the state file
+	limiter   *rateLimiter // requests per client IP to the endpoints anyone can call
 }
 
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
@@ -419,4 +429,91 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Cache-Control", "no-store")
 	w.WriteHeader(status)
 	w.Write(buf.Bytes())
+}
+
+// Rate limits.
+
+// limit wraps the handler of an endpoint anyone can call with the rate limit
+// of its client's IP address, so that a loop cannot fill the stores behind it
+// or flood Entra with sign-ins. Past the limit: 429 with Retry-After, and an
+// OAuth JSON error (a page at /authorize, which browsers show).
+func (s *server) limit(endpoint string, h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		ip, _, err := net.SplitHostPort(r.RemoteAddr)
+		if err != nil {
+			ip = r.RemoteAddr
+		}
+		if wait, ok := s.limiter.allow(endpoint + " " + ip); !ok {
+			w.Header().Set("Retry-After", strconv.Itoa(int(wait/time.Second)+1))
+			if endpoint == "authorize" {
+				s.errorPage(w, http.StatusTooManyRequests, "Too many requests", "Too many sign-in attempts from your address. Wait a minute, then try again.")
+				return
+			}
+			writeJSON(w, http.StatusTooManyRequests, &oauthError{Code: "temporarily_unavailable", Description: "too many requests from your address; try again in a minute"})
+			return
+		}
+		h(w, r)
+	}
+}
+
+// rateLimiter keeps a token bucket per key (endpoint and client IP): each
+// holds up to perMinute tokens, refills at perMinute a minute, and a request
+// takes one. A client gets a burst of perMinute requests, then perMinute a
+// minute: ample for a person, or an automated test that signs in a few dozen
+// times a minute, and a brake on loops. Behind a proxy every client shares
+// the proxy's address: raise RATE_LIMIT there.
+type rateLimiter struct {
+	mu        sync.Mutex
+	now       func() time.Time
+	perMinute float64 // 0: no limit
+	buckets   map[string]*bucket
+}
+
+type bucket struct {
+	tokens float64
+	at     time.Time // when tokens was counted
+}
+
+// maxBuckets bounds the limiter's memory. Full buckets are dropped when it is
+// reached (they are the same as none); if it is still reached, new addresses
+// go unlimited, and the capped stores behind the endpoints still hold.
+const maxBuckets = 10_000
+
+func newRateLimiter(now func() time.Time, perMinute int) *rateLimiter {
+	return &rateLimiter{now: now, perMinute: float64(perMinute), buckets: make(map[string]*bucket)}
+}
+
+// allow takes a token from key's bucket, or says how long until there is one.
+func (l *rateLimiter) allow(key string) (time.Duration, bool) {
+	if l.perMinute == 0 {
+		return 0, true
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	now := l.now()
+	refill := func(b *bucket) {
+		b.tokens = min(l.perMinute, b.tokens+now.Sub(b.at).Minutes()*l.perMinute)
+		b.at = now
+	}
+	b, ok := l.buckets[key]
+	if !ok {
+		if len(l.buckets) >= maxBuckets {
+			for k, b := range l.buckets {
+				if refill(b); b.tokens == l.perMinute {
+					delete(l.buckets, k)
+				}
+			}
+		}
+		if len(l.buckets) >= maxBuckets {
+			return 0, true
+		}
+		b = &bucket{tokens: l.perMinute, at: now}
+		l.buckets[key] = b
+	}
+	refill(b)
+	if b.tokens < 1 {
+		return time.Duration((1 - b.tokens) / l.perMinute * float64(time.Minute)), false
+	}
+	b.tokens--
+	return 0, true
 }

@@ -1825,6 +1825,55 @@ func TestStateFileErrors(t *testing.T) {
 	}
 }
 
+// Rate limits.
+
+func TestRateLimits(t *testing.T) {
+	t.Run("the default lets an automated test sign in dozens of times a minute", func(t *testing.T) {
+		env := newTestEnv(t, func(c *config) { c.rateLimit = 120 })
+		for range 40 {
+			env.signIn(t, signInOptions{}) // each: /register, /authorize twice, /token
+		}
+	})
+
+	env := newTestEnv(t, func(c *config) { c.rateLimit = 3 })
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`) // the first of 3 registrations
+	from := func(ip, method, target, body string) *httptest.ResponseRecorder {
+		r := httptest.NewRequest(method, target, strings.NewReader(body))
+		r.RemoteAddr = ip + ":1234"
+		r.Header.Set("Content-Type", map[string]string{"/register": "application/json", "/token": "application/x-www-form-urlencoded"}[target])
+		rec := httptest.NewRecorder()
+		env.srv.ServeHTTP(rec, r)
+		return rec
+	}
+	register := `{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`
+	for range 2 {
+		env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	}
+	for _, tt := range []struct{ method, target, body, wantType string }{
+		{"POST", "/register", register, "application/json"},
+		{"GET", c.authorizeURL(nil), "", "text/html; charset=utf-8"},
+		{"POST", "/token", "grant_type=refresh_token&refresh_token=x&client_id=" + c.id, "application/json"},
+	} {
+		for range 3 {
+			from("127.0.0.1", tt.method, tt.target, tt.body) // what is left of the burst
+		}
+		rec := from("127.0.0.1", tt.method, tt.target, tt.body)
+		if rec.Code != http.StatusTooManyRequests || rec.Header().Get("Retry-After") == "" || rec.Header().Get("Content-Type") != tt.wantType {
+			t.Errorf("%s %s past the limit = %d %q, Retry-After %q; want 429 %s", tt.method, tt.target, rec.Code, rec.Header().Get("Content-Type"), rec.Header().Get("Retry-After"), tt.wantType)
+		}
+		if tt.wantType == "application/json" && !strings.Contains(rec.Body.String(), `"error":"temporarily_unavailable"`) {
+			t.Errorf("429 body = %s, want an OAuth error", rec.Body)
+		}
+		if rec := from("192.0.2.7", tt.method, tt.target, tt.body); rec.Code == http.StatusTooManyRequests {
+			t.Errorf("%s %s from another address = 429, want its own limit", tt.method, tt.target)
+		}
+	}
+	env.clock.advance(time.Minute)
+	if rec := from("127.0.0.1", "POST", "/register", register); rec.Code != http.StatusCreated {
+		t.Errorf("POST /register a minute later = %d, want 201", rec.Code)
+	}
+}
+
 // Bounded state.
 
 func TestBoundedState(t *testing.T) {
@@ -2029,6 +2078,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"previous key without a key", map[string]string{"SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY"},
 		{"previous key equal to the key", map[string]string{"SESSION_KEY": strings.Repeat("ab", 32), "SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY_PREVIOUS"},
 		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
+		{"bad rate limit", map[string]string{"RATE_LIMIT": "lots"}, "RATE_LIMIT"},
 		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
 		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
