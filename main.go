@@ -411,7 +411,52 @@ type server struct {
 	limiter   *rateLimiter // requests per client IP to the endpoints anyone can call
 }
 
-func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) { s.mux.ServeHTTP(w, r) }
+// ServeHTTP answers CORS first, so that browser-based clients (MCP Inspector
+// in direct mode, web apps) can read every answer, 401s included, then routes.
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if s.cors(w, r) {
+		return
+	}
+	s.mux.ServeHTTP(w, r)
+}
+
+// cors adds the CORS headers a browser needs to let a page read the answer,
+// and answers preflight requests, before any authentication (Fetch standard,
+// "CORS protocol"). Which pages may read what:
+//   - the metadata documents, /register, /token and /revoke: any page. They
+//     use no cookies, and what they give out needs a code, a verifier or a
+//     secret the page must already have;
+//   - /mcp, /sse and /message: the pages the Origin check lets through (see
+//     mcpRequest), and no others;
+//   - /authorize and /auth/callback: none. Browsers reach them by navigating,
+//     not by fetching.
+//
+// It reports whether it has answered the request itself (a preflight).
+func (s *server) cors(w http.ResponseWriter, r *http.Request) bool {
+	origin := r.Header.Get("Origin")
+	if origin == "" {
+		return false
+	}
+	h := w.Header()
+	switch p := r.URL.Path; {
+	case strings.HasPrefix(p, "/.well-known/") || p == "/register" || p == "/token" || p == "/revoke":
+		h.Set("Access-Control-Allow-Origin", "*")
+	case (p == "/mcp" || p == "/sse" || p == "/message") && s.originAllowed(origin):
+		h.Set("Access-Control-Allow-Origin", origin)
+		h.Add("Vary", "Origin")
+	default:
+		return false
+	}
+	h.Set("Access-Control-Expose-Headers", "WWW-Authenticate, Mcp-Session-Id, Mcp-Protocol-Version")
+	if r.Method != http.MethodOptions || r.Header.Get("Access-Control-Request-Method") == "" {
+		return false
+	}
+	h.Set("Access-Control-Allow-Methods", "GET, POST, DELETE, OPTIONS")
+	h.Set("Access-Control-Allow-Headers", "Authorization, Content-Type, Accept, Mcp-Session-Id, Mcp-Protocol-Version, Last-Event-ID, Mcp-Method, Mcp-Name")
+	h.Set("Access-Control-Max-Age", "86400")
+	w.WriteHeader(http.StatusNoContent)
+	return true
+}
 
 // closeStreams ends every open SSE stream; run calls it on shutdown.
 func (s *server) closeStreams() { s.closeOnce.Do(func() { close(s.closing) }) }

@@ -1825,6 +1825,64 @@ func TestStateFileErrors(t *testing.T) {
 	}
 }
 
+// CORS, for browser-based clients.
+
+func TestCORS(t *testing.T) {
+	env := newTestEnv(t, func(c *config) { c.allowedOrigins = []string{"https://app.example"} })
+	token := env.signIn(t, signInOptions{}).AccessToken
+	preflight := func(path, origin string) *http.Response {
+		return env.do(t, "OPTIONS", path, nil, http.Header{"Origin": {origin}, "Access-Control-Request-Method": {"POST"},
+			"Access-Control-Request-Headers": {"authorization, content-type, mcp-protocol-version"}})
+	}
+	tests := []struct {
+		name, method, path, origin string
+		header                     http.Header
+		wantStatus                 int
+		wantACAO                   string
+	}{
+		{"preflight of /mcp, from Inspector", "OPTIONS", "/mcp", "http://localhost:6274", nil, 204, "http://localhost:6274"},
+		{"preflight of /mcp, from an allowed app", "OPTIONS", "/mcp", "https://app.example", nil, 204, "https://app.example"},
+		{"preflight of /message", "OPTIONS", "/message", "http://127.0.0.1:6274", nil, 204, "http://127.0.0.1:6274"},
+		{"preflight of /token, from anywhere", "OPTIONS", "/token", "https://any.example", nil, 204, "*"},
+		{"preflight of /register", "OPTIONS", "/register", "https://any.example", nil, 204, "*"},
+		{"preflight of the metadata", "OPTIONS", "/.well-known/oauth-protected-resource/mcp", "https://any.example", nil, 204, "*"},
+		{"preflight of /mcp, from a foreign page", "OPTIONS", "/mcp", "https://evil.example", nil, 403, ""},
+		{"a 401 is readable", "POST", "/mcp", "http://localhost:6274", http.Header{}, 401, "http://localhost:6274"},
+		{"an answer is readable", "POST", "/mcp", "http://localhost:6274", bearer(token), 200, "http://localhost:6274"},
+		{"metadata is readable", "GET", "/.well-known/oauth-authorization-server", "https://any.example", http.Header{}, 200, "*"},
+		{"a token error is readable", "POST", "/token", "https://any.example", http.Header{}, 401, "*"},
+		{"/authorize is not fetched", "GET", "/authorize", "https://any.example", http.Header{}, 400, ""},
+		{"/auth/callback is not fetched", "GET", "/auth/callback", "https://any.example", http.Header{}, 400, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var resp *http.Response
+			if tt.method == "OPTIONS" {
+				resp = preflight(tt.path, tt.origin)
+			} else {
+				h := tt.header.Clone()
+				h.Set("Origin", tt.origin)
+				h.Set("Accept", "application/json, text/event-stream")
+				body := `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`
+				if tt.path == "/token" {
+					h.Set("Content-Type", "application/x-www-form-urlencoded")
+					body = "grant_type=password"
+				}
+				resp = env.do(t, tt.method, tt.path, strings.NewReader(body), h)
+			}
+			if resp.StatusCode != tt.wantStatus || resp.Header.Get("Access-Control-Allow-Origin") != tt.wantACAO {
+				t.Fatalf("%s %s from %s = %d, ACAO %q; want %d, %q", tt.method, tt.path, tt.origin, resp.StatusCode, resp.Header.Get("Access-Control-Allow-Origin"), tt.wantStatus, tt.wantACAO)
+			}
+			if tt.wantACAO != "" && !strings.Contains(resp.Header.Get("Access-Control-Expose-Headers"), "WWW-Authenticate") {
+				t.Errorf("Access-Control-Expose-Headers = %q, want WWW-Authenticate among them", resp.Header.Get("Access-Control-Expose-Headers"))
+			}
+			if tt.method == "OPTIONS" && tt.wantStatus == 204 && !strings.Contains(resp.Header.Get("Access-Control-Allow-Headers"), "Mcp-Protocol-Version") {
+				t.Errorf("Access-Control-Allow-Headers = %q", resp.Header.Get("Access-Control-Allow-Headers"))
+			}
+		})
+	}
+}
+
 // Rate limits.
 
 func TestRateLimits(t *testing.T) {

@@ -48,17 +48,19 @@ const maxMessageSize = 1 << 20
 //
 // Then the bearer token, for endpoint (step 1).
 func (s *server) mcpRequest(w http.ResponseWriter, r *http.Request, endpoint string) *session {
-	if origin := r.Header.Get("Origin"); origin != "" {
-		u, err := url.Parse(origin)
-		ok := err == nil && u.Host != "" && u.User == nil && u.Path == "" &&
-			(u.Scheme == "http" || u.Scheme == "https") &&
-			(normalOrigin(u) == s.cfg.publicURL || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, normalOrigin(u)))
-		if !ok {
-			writeRPCError(w, http.StatusForbidden, codeInvalidRequest, "origin not allowed")
-			return nil
-		}
+	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin) {
+		writeRPCError(w, http.StatusForbidden, codeInvalidRequest, "origin not allowed")
+		return nil
 	}
 	return s.authenticate(w, r, endpoint)
+}
+
+// originAllowed reports whether pages from origin may use the MCP endpoints.
+func (s *server) originAllowed(origin string) bool {
+	u, err := url.Parse(origin)
+	return err == nil && u.Host != "" && u.User == nil && u.Path == "" &&
+		(u.Scheme == "http" || u.Scheme == "https") &&
+		(normalOrigin(u) == s.cfg.publicURL || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, normalOrigin(u)))
 }
 
 // findSession returns the caller's MCP session id on one transport (sse: the
