@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto"
+	"crypto/rsa"
 	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
@@ -9,11 +11,14 @@ import (
 	"fmt"
 	"html/template"
 	"io"
+	"math/big"
 	"net/http"
 	"net/url"
+	"path"
 	"regexp"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -560,6 +565,11 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 	}
 
 	tok, user, err := s.entra.redeem(r.Context(), q.Get("code"), flow, s.now())
+	if errors.Is(err, errTenantNotAllowed) {
+		s.log.Warn("sign-in refused: tenant not allowed", "client_id", req.clientID, "err", err)
+		s.redirectError(w, r, req, "access_denied", "users of your organization may not use this server")
+		return
+	}
 	if err != nil {
 		var rerr *oauth2.RetrieveError
 		if errors.As(err, &rerr) {
@@ -595,11 +605,17 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 
 // entraClient is this server as a confidential client of Entra ID.
 type entraClient struct {
-	oauth      *oauth2.Config
-	issuer     string // from Entra's discovery document; may hold "{tenantid}"
-	graphURL   string
-	httpClient *http.Client
-	background context.Context // for token refreshes, which no request may cancel
+	oauth          *oauth2.Config
+	issuer         string   // from Entra's discovery document; may hold "{tenantid}"
+	allowedTenants []string // tenants whose users may sign in; "*" for any
+	graphURL       string
+	httpClient     *http.Client
+	background     context.Context // for token refreshes, which no request may cancel
+
+	jwksURL     string
+	keysMu      sync.Mutex
+	keys        map[string]*rsa.PublicKey // Entra's signing keys, by key id
+	keysFetched time.Time                 // when keys were last fetched again
 }
 
 // discoverEntra fetches Entra's OpenID discovery document, so that a wrong
@@ -624,10 +640,27 @@ func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client) (*e
 		return nil, fmt.Errorf("tenant %q unknown to Entra ID (HTTP %d from %s): check ENTRA_TENANT_ID and ENTRA_AUTHORITY", cfg.tenantID, resp.StatusCode, docURL)
 	}
 	var doc struct {
-		Issuer string `json:"issuer"`
+		Issuer  string `json:"issuer"`
+		JWKSURI string `json:"jwks_uri"`
 	}
-	if err := json.Unmarshal(body, &doc); err != nil || doc.Issuer == "" {
+	if err := json.Unmarshal(body, &doc); err != nil || doc.Issuer == "" || doc.JWKSURI == "" {
 		return nil, fmt.Errorf("%s is not an OpenID discovery document: check ENTRA_AUTHORITY", docURL)
+	}
+
+	// Who may sign in. With a tenant configured, its users: the discovery
+	// document names its id, even if ENTRA_TENANT_ID is a domain name. With
+	// organizations or common, any Entra user anywhere could sign in, so
+	// ALLOWED_TENANTS must say whom this server is for.
+	allowed := cfg.allowedTenants
+	if len(allowed) == 0 {
+		if strings.Contains(doc.Issuer, "{tenantid}") {
+			return nil, fmt.Errorf("ENTRA_TENANT_ID is %q, which lets users of any organization sign in: set ALLOWED_TENANTS to the tenant ids whose users may use this server (or * for all)", cfg.tenantID)
+		}
+		allowed = []string{path.Base(path.Dir(doc.Issuer))} // https://login.microsoftonline.com/{tid}/v2.0
+	}
+	keys, err := fetchJWKS(ctx, httpClient, doc.JWKSURI)
+	if err != nil {
+		return nil, fmt.Errorf("fetch the signing keys of Entra ID (%s): %w", doc.JWKSURI, err)
 	}
 	return &entraClient{
 		oauth: &oauth2.Config{
@@ -643,11 +676,72 @@ func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client) (*e
 			RedirectURL: cfg.publicURL + "/auth/callback",
 			Scopes:      entraScopes,
 		},
-		issuer:     doc.Issuer,
-		graphURL:   cfg.graphURL,
-		httpClient: httpClient,
-		background: context.WithValue(context.Background(), oauth2.HTTPClient, httpClient),
+		issuer:         doc.Issuer,
+		jwksURL:        doc.JWKSURI,
+		keys:           keys,
+		allowedTenants: allowed,
+		graphURL:       cfg.graphURL,
+		httpClient:     httpClient,
+		background:     context.WithValue(context.Background(), oauth2.HTTPClient, httpClient),
 	}, nil
+}
+
+// fetchJWKS fetches Entra's signing keys (RFC 7517), by key id.
+func fetchJWKS(ctx context.Context, client *http.Client, jwksURL string) (map[string]*rsa.PublicKey, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, jwksURL, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var set struct {
+		Keys []struct {
+			Kty, Use, Kid, N, E string
+		} `json:"keys"`
+	}
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("HTTP %d", resp.StatusCode)
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&set); err != nil {
+		return nil, fmt.Errorf("not a key set: %w", err)
+	}
+	keys := make(map[string]*rsa.PublicKey)
+	for _, k := range set.Keys {
+		n, errN := base64.RawURLEncoding.DecodeString(k.N)
+		e, errE := base64.RawURLEncoding.DecodeString(k.E)
+		if k.Kty != "RSA" || (k.Use != "" && k.Use != "sig") || errN != nil || errE != nil || len(e) > 4 {
+			continue
+		}
+		keys[k.Kid] = &rsa.PublicKey{N: new(big.Int).SetBytes(n), E: int(new(big.Int).SetBytes(e).Int64())}
+	}
+	return keys, nil
+}
+
+// signingKey returns Entra's public key kid. Entra rotates its keys; a token
+// naming a key we do not know makes us fetch the key set again, but at most
+// once a minute, so that forged key ids cannot make us hammer Entra.
+func (e *entraClient) signingKey(ctx context.Context, kid string, now time.Time) (*rsa.PublicKey, error) {
+	e.keysMu.Lock()
+	defer e.keysMu.Unlock()
+	if key, ok := e.keys[kid]; ok {
+		return key, nil
+	}
+	if now.Sub(e.keysFetched) < time.Minute {
+		return nil, fmt.Errorf("signed with an unknown key %q", kid)
+	}
+	e.keysFetched = now
+	keys, err := fetchJWKS(ctx, e.httpClient, e.jwksURL)
+	if err != nil {
+		return nil, fmt.Errorf("fetch Entra's signing keys: %w", err)
+	}
+	e.keys = keys
+	if key, ok := keys[kid]; ok {
+		return key, nil
+	}
+	return nil, fmt.Errorf("signed with an unknown key %q", kid)
 }
 
 // redeem exchanges Entra's authorization code for Entra's tokens, sending our
@@ -663,12 +757,18 @@ func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, 
 		return nil, entraUser{}, fmt.Errorf("redeem code: %w", err)
 	}
 	idToken, _ := tok.Extra("id_token").(string)
-	user, err := e.checkIDToken(idToken, flow.nonce, now)
+	user, err := e.checkIDToken(ctx, idToken, flow.nonce, now)
 	if err != nil {
 		return nil, entraUser{}, fmt.Errorf("id_token: %w", err)
 	}
+	if !slices.Contains(e.allowedTenants, "*") && !slices.Contains(e.allowedTenants, user.tenantID) {
+		return nil, entraUser{}, fmt.Errorf("%w: tenant %s", errTenantNotAllowed, user.tenantID)
+	}
 	return tok, user, nil
 }
+
+// errTenantNotAllowed reports a user of a tenant outside ALLOWED_TENANTS.
+var errTenantNotAllowed = errors.New("the user's tenant is not in ALLOWED_TENANTS")
 
 // idTokenClaims are the id_token claims this server reads (Entra ID v2.0).
 type idTokenClaims struct {
@@ -686,15 +786,34 @@ type idTokenClaims struct {
 // clockSkew is how far Entra's clock and ours may disagree.
 const clockSkew = 5 * time.Minute
 
-// checkIDToken checks the id_token's claims (OIDC Core §3.1.3.7): the issuer
-// (for organizations/common, the template issuer with the token's own tenant),
-// the audience, the lifetime and our nonce. The token came straight from
-// Entra's token endpoint over TLS, which OIDC Core accepts in place of a
-// signature check for this flow.
-func (e *entraClient) checkIDToken(raw, nonce string, now time.Time) (entraUser, error) {
+// checkIDToken verifies the id_token (OIDC Core §3.1.3.7): its RS256
+// signature by one of Entra's published keys, then the issuer (for
+// organizations/common, the template issuer with the token's own tenant), the
+// audience, the lifetime and our nonce. The token came straight from Entra's
+// token endpoint over TLS, which OIDC Core would accept in place of the
+// signature; checking it anyway means a token that did not come from Entra,
+// by whatever path, never makes a session (Microsoft: "confidential clients
+// should validate ID tokens").
+func (e *entraClient) checkIDToken(ctx context.Context, raw, nonce string, now time.Time) (entraUser, error) {
 	parts := strings.Split(raw, ".")
 	if len(parts) != 3 {
 		return entraUser{}, errors.New("missing or malformed")
+	}
+	var header struct{ Alg, Kid string }
+	if h, err := base64.RawURLEncoding.DecodeString(parts[0]); err != nil || json.Unmarshal(h, &header) != nil {
+		return entraUser{}, errors.New("malformed header")
+	}
+	if header.Alg != "RS256" { // the only algorithm Entra signs id_tokens with
+		return entraUser{}, fmt.Errorf("signed with %q, not RS256", header.Alg)
+	}
+	key, err := e.signingKey(ctx, header.Kid, now)
+	if err != nil {
+		return entraUser{}, err
+	}
+	sig, err := base64.RawURLEncoding.DecodeString(parts[2])
+	digest := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
+	if err != nil || rsa.VerifyPKCS1v15(key, crypto.SHA256, digest[:], sig) != nil {
+		return entraUser{}, errors.New("bad signature")
 	}
 	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
 	if err != nil {

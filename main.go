@@ -154,6 +154,8 @@ Usage: go run .   (configured from the environment)
                        needs SESSION_KEY)
   ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues)
   REFRESH_TOKEN_TTL    default 336h (14 days; lifetime of refresh tokens and idle sessions)
+  ALLOWED_TENANTS      default the tenant of ENTRA_TENANT_ID (tenant ids whose users may
+                       sign in, comma-separated, or *; required for organizations/common)
   RATE_LIMIT           default 120 (requests per minute per client IP to /register,
                        /authorize and /token; 0: no limit)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp
@@ -178,6 +180,7 @@ type config struct {
 	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
 	stateFile      string        // where clients and sessions survive restarts; "" keeps them in memory
 	rateLimit      int           // requests per minute per client IP and endpoint; 0: no limit
+	allowedTenants []string      // tenants whose users may sign in; empty: the configured one
 }
 
 // loadConfig reads and validates the configuration. Each error is one line
@@ -253,6 +256,11 @@ func loadConfig(getenv func(string) string) (config, error) {
 	rttl := env("REFRESH_TOKEN_TTL", "336h")
 	if cfg.refreshTTL, err = time.ParseDuration(rttl); err != nil || cfg.refreshTTL < cfg.accessTTL || cfg.refreshTTL > 90*24*time.Hour {
 		return config{}, fmt.Errorf("REFRESH_TOKEN_TTL %q: want a Go duration from ACCESS_TOKEN_TTL up to 2160h (90 days), such as 336h (14 days)", rttl)
+	}
+	for t := range strings.SplitSeq(env("ALLOWED_TENANTS", ""), ",") {
+		if t = strings.TrimSpace(t); t != "" {
+			cfg.allowedTenants = append(cfg.allowedTenants, t)
+		}
 	}
 	limit := env("RATE_LIMIT", "120")
 	if cfg.rateLimit, err = strconv.Atoi(limit); err != nil || cfg.rateLimit < 0 {

@@ -709,6 +709,13 @@ func TestCallbackErrors(t *testing.T) {
 		{"id_token with another nonce", func(f *fakeEntra) {
 			f.set(func() { f.idTokenEdit = func(c map[string]any) { c["nonce"] = "replayed" } })
 		}, "server_error", "nonce"},
+		{"id_token unsigned (alg none)", func(f *fakeEntra) { f.set(func() { f.idTokenHeader = map[string]any{"alg": "none"} }) }, "server_error", "not RS256"},
+		{"id_token with a swapped algorithm", func(f *fakeEntra) { f.set(func() { f.idTokenHeader = map[string]any{"alg": "HS256"} }) }, "server_error", "not RS256"},
+		{"id_token signed by another key", func(f *fakeEntra) {
+			other, _ := rsa.GenerateKey(rand.Reader, 2048)
+			f.set(func() { f.idTokenSigner = other })
+		}, "server_error", "bad signature"},
+		{"id_token naming an unknown key", func(f *fakeEntra) { f.set(func() { f.idTokenHeader = map[string]any{"kid": "forged"} }) }, "server_error", "unknown key"},
 		{"id_token expired", func(f *fakeEntra) {
 			f.set(func() { f.idTokenEdit = func(c map[string]any) { c["exp"] = f.now().Add(-time.Hour).Unix() } })
 		}, "server_error", "expired"},
@@ -731,6 +738,73 @@ func TestCallbackErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+func TestEntraKeyRotation(t *testing.T) {
+	env := newTestEnv(t)
+	env.entra.rotateKey(t)
+	env.signIn(t, signInOptions{}) // signed with a key the server has not seen: it fetches the keys again
+	fetches := func() int {
+		env.entra.mu.Lock()
+		defer env.entra.mu.Unlock()
+		return env.entra.jwksFetches
+	}
+	if n := fetches(); n != 2 {
+		t.Errorf("the key set was fetched %d times, want 2: at start, and for the new key", n)
+	}
+
+	// Forged key ids do not make the server hammer Entra: once a minute.
+	env.entra.set(func() { env.entra.idTokenHeader = map[string]any{"kid": "forged"} })
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	for range 3 {
+		b := newBrowser(t)
+		location(t, b.get(t, env.toCallback(t, b, c)), http.StatusFound)
+	}
+	if n := fetches(); n != 2 {
+		t.Errorf("the key set was fetched %d times, want still 2 within the minute", n)
+	}
+	env.clock.advance(time.Minute)
+	b := newBrowser(t)
+	location(t, b.get(t, env.toCallback(t, b, c)), http.StatusFound)
+	if n := fetches(); n != 3 {
+		t.Errorf("the key set was fetched %d times, want 3 a minute later", n)
+	}
+}
+
+func TestAllowedTenants(t *testing.T) {
+	tests := []struct {
+		name      string
+		tenant    string
+		allowed   []string
+		wantError string // the error the client gets; "" for a sign-in
+	}{
+		{"the configured tenant, by id", "", nil, ""},
+		{"the configured tenant, by domain name", fakeTenantDomain, nil, ""},
+		{"organizations, with the tenant allowed", "organizations", []string{"11111111-1111-1111-1111-111111111111"}, ""},
+		{"organizations, with everyone allowed", "common", []string{"*"}, ""},
+		{"another tenant only", "organizations", []string{"99999999-9999-9999-9999-999999999999"}, "access_denied"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := newTestEnv(t, func(c *config) {
+				c.tenantID = cmp.Or(tt.tenant, c.tenantID)
+				c.allowedTenants = tt.allowed
+			})
+			c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+			b := newBrowser(t)
+			u := location(t, b.get(t, env.toCallback(t, b, c)), http.StatusFound)
+			if got := u.Query().Get("error"); got != tt.wantError || (tt.wantError == "") != u.Query().Has("code") {
+				t.Errorf("callback redirected to %s, want error %q", u, tt.wantError)
+			}
+		})
+	}
+	t.Run("organizations without ALLOWED_TENANTS does not start", func(t *testing.T) {
+		f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback"})
+		_, err := discoverEntra(t.Context(), config{tenantID: "organizations", authority: f.URL}, &http.Client{Timeout: 10 * time.Second})
+		if err == nil || !strings.Contains(err.Error(), "ALLOWED_TENANTS") {
+			t.Errorf("discoverEntra = %v, want an error naming ALLOWED_TENANTS", err)
+		}
+	})
 }
 
 // Step 7: the token endpoint.
@@ -2864,6 +2938,9 @@ type fakeEntra struct {
 	refreshes       []url.Values         // refresh_token grants received, for assertions
 	lastRT          string               // the last refresh token issued
 	graphToken      string               // the last access token Graph accepted
+	idTokenHeader   map[string]any       // knob: header fields of issued id_tokens (alg, kid)
+	idTokenSigner   *rsa.PrivateKey      // knob: sign id_tokens with this key instead
+	jwksFetches     int                  // how often the key set was fetched
 }
 
 type fakeCode struct {
@@ -2937,10 +3014,22 @@ func (f *fakeEntra) lastAccessToken() string {
 	return f.lastAT
 }
 
-// knownTenant reports whether the path's tenant segment names this tenant.
+// knownTenant reports whether the path's tenant segment names this tenant:
+// its id, its domain name, or organizations or common.
 func (f *fakeEntra) knownTenant(r *http.Request) bool {
-	t := r.PathValue("tenant")
-	return t == f.tenantID || t == "organizations" || t == "common"
+	return slices.Contains([]string{f.tenantID, fakeTenantDomain, "organizations", "common"}, r.PathValue("tenant"))
+}
+
+// fakeTenantDomain is the fake tenant's verified domain name.
+const fakeTenantDomain = "contoso.example"
+
+// rotateKey replaces the fake's signing key, as Entra does now and then.
+func (f *fakeEntra) rotateKey(t *testing.T) {
+	key, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.set(func() { f.key = key })
 }
 
 func (f *fakeEntra) discovery(w http.ResponseWriter, r *http.Request) {
@@ -2949,7 +3038,7 @@ func (f *fakeEntra) discovery(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	issuer := f.URL + "/" + f.tenantID + "/v2.0"
-	if t := r.PathValue("tenant"); t != f.tenantID {
+	if t := r.PathValue("tenant"); t == "organizations" || t == "common" {
 		issuer = f.URL + "/{tenantid}/v2.0" // the template issuer of organizations and common
 	}
 	base := f.URL + "/" + r.PathValue("tenant")
@@ -2967,6 +3056,9 @@ func (f *fakeEntra) discovery(w http.ResponseWriter, r *http.Request) {
 }
 
 func (f *fakeEntra) keys(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.jwksFetches++
 	pub := f.key.PublicKey
 	json.NewEncoder(w).Encode(map[string]any{"keys": []map[string]any{{
 		"kty": "RSA", "use": "sig", "kid": f.kid(), "x5t": f.kid(),
@@ -3252,11 +3344,16 @@ func (f *fakeEntra) mintIDToken(claims map[string]any) string {
 }
 
 func (f *fakeEntra) sign(claims map[string]any) string {
-	header, _ := json.Marshal(map[string]string{"typ": "JWT", "alg": "RS256", "kid": f.kid()})
+	h := map[string]any{"typ": "JWT", "alg": "RS256", "kid": f.kid()}
+	maps.Copy(h, f.idTokenHeader)
+	header, _ := json.Marshal(h)
 	payload, _ := json.Marshal(claims)
 	signed := base64.RawURLEncoding.EncodeToString(header) + "." + base64.RawURLEncoding.EncodeToString(payload)
+	if h["alg"] == "none" {
+		return signed + "."
+	}
 	sum := sha256.Sum256([]byte(signed))
-	sig, _ := rsa.SignPKCS1v15(nil, f.key, crypto.SHA256, sum[:])
+	sig, _ := rsa.SignPKCS1v15(nil, cmp.Or(f.idTokenSigner, f.key), crypto.SHA256, sum[:])
 	return signed + "." + base64.RawURLEncoding.EncodeToString(sig)
 }
 
