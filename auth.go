@@ -21,6 +21,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/oauth2"
 )
@@ -156,10 +157,14 @@ type registration struct {
 // handleRegister registers a client (RFC 7591 §3). Registration is open, as MCP
 // clients expect; what a client may do is still limited by consent (step 4).
 func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
+	if err != nil {
+		writeOAuthError(w, readError(err))
+		return
+	}
 	var md clientMetadata
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 64<<10))
-	if err := dec.Decode(&md); err != nil {
-		writeOAuthError(w, badRequest("invalid_client_metadata", "the body must be a JSON object of client metadata"))
+	if !utf8.Valid(body) || json.Unmarshal(body, &md) != nil {
+		writeOAuthError(w, badRequest("invalid_client_metadata", "the body must be a JSON object of client metadata, in UTF-8"))
 		return
 	}
 	if err := checkClientMetadata(&md); err != nil {
@@ -317,6 +322,10 @@ type authRequest struct {
 // consent page and decided, errors go back to the client as RFC 6749 §4.1.2.1
 // error redirects.
 func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
+	if len(r.URL.RawQuery) > maxAuthorizeQuery {
+		s.errorPage(w, http.StatusRequestURITooLong, "Invalid request", "The authorization request is too long.")
+		return
+	}
 	q := r.URL.Query()
 	for _, name := range []string{"client_id", "redirect_uri", "response_type", "state", "code_challenge", "code_challenge_method", "scope", "resource"} {
 		if len(q[name]) > 1 {
@@ -369,6 +378,11 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 	}
 	s.showConsent(w, c, req, consentID)
 }
+
+// maxAuthorizeQuery bounds an authorization request's query: room for long
+// states (VS Code sends a whole URI) and nothing like the megabyte net/http
+// would otherwise read.
+const maxAuthorizeQuery = 16 << 10
 
 // canonicalResource maps a resource indicator (RFC 8707) to one of the
 // resources this server publishes, tolerating case in the scheme and host and
@@ -480,7 +494,7 @@ func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest,
 func (s *server) handleConsent(w http.ResponseWriter, r *http.Request) {
 	r.Body = http.MaxBytesReader(w, r.Body, 16<<10)
 	if err := r.ParseForm(); err != nil {
-		s.errorPage(w, http.StatusBadRequest, "Invalid request", "The consent form could not be read.")
+		s.errorPage(w, readError(err).status, "Invalid request", "The consent form could not be read.")
 		return
 	}
 	req, ok := s.consents.take(hashKey(r.PostForm.Get("consent_id")))
@@ -947,7 +961,7 @@ func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
 func (s *server) clientRequest(w http.ResponseWriter, r *http.Request) (*client, bool) {
 	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
 	if err := r.ParseForm(); err != nil {
-		writeOAuthError(w, badRequest("invalid_request", "the body must be application/x-www-form-urlencoded"))
+		writeOAuthError(w, readError(err))
 		return nil, false
 	}
 	c, err := s.authenticateClient(r)
@@ -1113,6 +1127,15 @@ type oauthError struct {
 }
 
 func (e *oauthError) Error() string { return e.Code + ": " + e.Description }
+
+// readError is the error for a request body that could not be read: 413
+// when it is too large, else 400.
+func readError(err error) *oauthError {
+	if errors.As(err, new(*http.MaxBytesError)) {
+		return &oauthError{status: http.StatusRequestEntityTooLarge, Code: "invalid_request", Description: "the request body is too large"}
+	}
+	return badRequest("invalid_request", "the body must be application/x-www-form-urlencoded")
+}
 
 func badRequest(code, description string) *oauthError {
 	return &oauthError{status: http.StatusBadRequest, Code: code, Description: description}

@@ -103,6 +103,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		Addr:              cfg.addr,
 		Handler:           srv,
 		ReadHeaderTimeout: 10 * time.Second,
+		MaxHeaderBytes:    64 << 10, // the request line and headers; 431 past it
 		IdleTimeout:       2 * time.Minute,
 		// No WriteTimeout: it would cut off long-lived SSE streams.
 		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
@@ -345,20 +346,21 @@ func parseSessionKey(name, s string) ([]byte, error) {
 // themselves (step 1).
 func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() time.Time) *server {
 	s := &server{
-		cfg:       cfg,
-		log:       logger,
-		now:       now,
-		entra:     entra,
-		tokens:    newSessionCodec(cfg.publicURL, now, cfg.sessionKeys...),
-		clients:   newTTLMap[*client](now, maxClients),
-		consents:  newTTLMap[*authRequest](now, maxPending),
-		flows:     newTTLMap[*entraFlow](now, maxPending),
-		codes:     newTTLMap[*authCode](now, maxPending),
-		sessions:  newTTLMap[*session](now, maxSessions),
-		mcp:       newTTLMap[*mcpSession](now, maxSessions),
-		limiter:   newRateLimiter(now, cfg.rateLimit),
-		keepAlive: 15 * time.Second,
-		closing:   make(chan struct{}),
+		cfg:         cfg,
+		log:         logger,
+		now:         now,
+		entra:       entra,
+		tokens:      newSessionCodec(cfg.publicURL, now, cfg.sessionKeys...),
+		clients:     newTTLMap[*client](now, maxClients),
+		consents:    newTTLMap[*authRequest](now, maxPending),
+		flows:       newTTLMap[*entraFlow](now, maxPending),
+		codes:       newTTLMap[*authCode](now, maxPending),
+		sessions:    newTTLMap[*session](now, maxSessions),
+		mcp:         newTTLMap[*mcpSession](now, maxSessions),
+		limiter:     newRateLimiter(now, cfg.rateLimit),
+		keepAlive:   15 * time.Second,
+		streamStall: 30 * time.Second,
+		closing:     make(chan struct{}),
 	}
 
 	mux := http.NewServeMux()
@@ -411,12 +413,13 @@ type server struct {
 	codes    *ttlMap[*authCode]    // step 6: our authorization codes, by hash
 	sessions *ttlMap[*session]     // step 7: signed-in sessions, by session id
 
-	mcp       *ttlMap[*mcpSession] // steps 8 and 9: MCP sessions of both transports, by id
-	keepAlive time.Duration        // interval of SSE keep-alive comments
-	closing   chan struct{}        // closed when the server shuts down
-	closeOnce sync.Once
-	state     stateWriter  // writes of the state file
-	limiter   *rateLimiter // requests per client IP to the endpoints anyone can call
+	mcp         *ttlMap[*mcpSession] // steps 8 and 9: MCP sessions of both transports, by id
+	keepAlive   time.Duration        // interval of SSE keep-alive comments
+	streamStall time.Duration        // how long an SSE stream may go unread before it is closed
+	closing     chan struct{}        // closed when the server shuts down
+	closeOnce   sync.Once
+	state       stateWriter  // writes of the state file
+	limiter     *rateLimiter // requests per client IP to the endpoints anyone can call
 }
 
 // ServeHTTP answers CORS first, so that browser-based clients (MCP Inspector

@@ -1126,6 +1126,61 @@ func TestSSESessions(t *testing.T) {
 	})
 }
 
+func TestStalledStreamIsClosed(t *testing.T) {
+	env := newTestEnv(t)
+	env.srv.streamStall = time.Millisecond
+	tokens := env.signIn(t, signInOptions{})
+	sess, _ := env.srv.sessions.get(tokenClaims(t, tokens.AccessToken)["sid"].(string))
+	// A stream whose client stopped reading: its queue is full and nothing
+	// drains it.
+	st := &stream{out: make(chan []byte, 1), done: make(chan struct{})}
+	st.out <- []byte(`{}`)
+	if err := env.srv.addMCPSession(&mcpSession{id: "stalled", owner: sess.id, stream: st}, sess); err != nil {
+		t.Fatal(err)
+	}
+	resp := env.do(t, "POST", "/message?sessionId=stalled", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`), bearer(tokens.AccessToken))
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("POST to a stalled stream's session = %d, want 503", resp.StatusCode)
+	}
+	select {
+	case <-st.done:
+	default:
+		t.Errorf("the stalled stream was not closed")
+	}
+}
+
+func TestHostileInput(t *testing.T) {
+	env := newTestEnv(t)
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-11-25")
+	big := strings.Repeat("x", 70<<10)
+	tests := []struct {
+		name, method, path, body string
+		header                   http.Header
+		wantStatus               int
+		wantError                string // OAuth error, or JSON-RPC code as text
+	}{
+		{"registration too large", "POST", "/register", `{"client_name":"` + big + `"}`, nil, 413, "invalid_request"},
+		{"registration not UTF-8", "POST", "/register", "{\"redirect_uris\":[\"https://a.example/\xff\"]}", nil, 400, "invalid_client_metadata"},
+		{"token request too large", "POST", "/token", "grant_type=" + big, http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}, 413, "invalid_request"},
+		{"revocation too large", "POST", "/revoke", "token=" + big, http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}, 413, "invalid_request"},
+		{"JSON-RPC not UTF-8", "POST", "/mcp", "{\"jsonrpc\":\"2.0\",\"id\":\"\xff\",\"method\":\"ping\"}", c.headers(nil), 400, "-32700"},
+		{"JSON-RPC nested too deep", "POST", "/mcp", strings.Repeat("[", 20000) + strings.Repeat("]", 20000), c.headers(nil), 400, "-32700"},
+		{"JSON-RPC id too large a number", "POST", "/mcp", `{"jsonrpc":"2.0","id":1e999,"method":"ping"}`, c.headers(nil), 400, "-32600"},
+		{"JSON-RPC params of the wrong type", "POST", "/mcp", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["getUserDetails"]}`, c.headers(nil), 200, "-32602"},
+		{"authorization request too long", "GET", "/authorize?state=" + big, "", nil, 414, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := env.do(t, tt.method, tt.path, strings.NewReader(tt.body), tt.header)
+			body := readBody(t, resp)
+			if resp.StatusCode != tt.wantStatus || !strings.Contains(body, tt.wantError) {
+				t.Errorf("%s %s = %d %.200s, want %d with %s", tt.method, tt.name, resp.StatusCode, body, tt.wantStatus, tt.wantError)
+			}
+		})
+	}
+}
+
 func TestSSEKeepAlive(t *testing.T) {
 	env := newTestEnv(t)
 	env.srv.keepAlive = time.Millisecond
@@ -2282,6 +2337,16 @@ func TestRunServesAndShutsDown(t *testing.T) {
 		t.Errorf("first log line = %q, want the URL to give the client", first)
 	}
 	go io.Copy(io.Discard, logs)
+
+	// Request lines and headers are bounded.
+	huge := http.Header{"X-Padding": {strings.Repeat("x", 100<<10)}}
+	req, _ := http.NewRequestWithContext(t.Context(), "GET", publicURL+"/.well-known/oauth-authorization-server", nil)
+	req.Header = huge
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("a request with 100 KB of headers = %v, %v; want 431", resp, err)
+	} else {
+		resp.Body.Close()
+	}
 
 	// A client signs in through the real server and holds a stream open.
 	client := &testEnv{url: publicURL, entra: f}

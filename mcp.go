@@ -14,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 )
 
 // Steps 9 and 10: the MCP layer, JSON-RPC 2.0 written out by hand, shared by
@@ -181,8 +182,11 @@ type rpcBody struct {
 // decodeBody parses a POST body. A body that is neither a message nor a
 // batch of them gets the error response to send back instead, with HTTP 400.
 func decodeBody(body []byte) (*rpcBody, *rpcResponse) {
-	if !json.Valid(body) {
-		return nil, errorResponse(nil, codeParseError, "parse error: the body is not valid JSON")
+	// JSON-RPC is UTF-8 (MCP 2025-03-26, "Transports"); Go's decoder would
+	// quietly replace bad bytes. json.Valid also refuses nesting deeper than
+	// 10,000 levels.
+	if !utf8.Valid(body) || !json.Valid(body) {
+		return nil, errorResponse(nil, codeParseError, "parse error: the body is not valid JSON in UTF-8")
 	}
 	if !bytes.HasPrefix(bytes.TrimSpace(body), []byte("[")) {
 		m, errResp := decodeMessage(body)

@@ -122,7 +122,7 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request) (*rpcBody, boo
 
 // stream is the open event stream of an HTTP+SSE session.
 type stream struct {
-	out  chan []byte   // JSON-RPC messages waiting to be sent as "message" events
+	out  chan []byte   // JSON-RPC messages waiting to be sent as "message" events (a few)
 	done chan struct{} // closed when the stream ends
 	once sync.Once
 }
@@ -161,6 +161,9 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	keepAlive := time.NewTicker(s.keepAlive)
 	defer keepAlive.Stop()
 	for {
+		// A client that stops reading must not hold the stream for ever: a
+		// write that cannot finish in time ends it.
+		rc.SetWriteDeadline(time.Now().Add(s.streamStall))
 		if err := rc.Flush(); err != nil {
 			return
 		}
@@ -226,12 +229,21 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 			writeRPCError(w, http.StatusInternalServerError, codeInternalError, "internal error")
 			return
 		}
+		// The queue is short: a client that stopped reading its stream gets
+		// its session closed, rather than answers queued without bound.
+		stalled := time.NewTimer(s.streamStall)
+		defer stalled.Stop()
 		select {
 		case ms.stream.out <- out:
 		case <-ms.stream.done:
 			writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session ended")
 			return
 		case <-r.Context().Done():
+			return
+		case <-stalled.C:
+			s.log.Warn("SSE stream not read; closing it", "subject", sess.subject)
+			ms.stream.end()
+			writeRPCError(w, http.StatusServiceUnavailable, codeInternalError, "the event stream was not being read, and is now closed; connect again")
 			return
 		}
 	}
