@@ -2241,6 +2241,153 @@ func BenchmarkAbandonedAuthorizations(b *testing.B) {
 	b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/(1<<20), "heap-MiB")
 }
 
+// Fuzzing. go test runs each target on its seeds; go test -fuzz=FuzzX -run
+// '^$' explores further.
+
+// FuzzSessionToken: the verifiers never panic, and never accept a token
+// they did not mint.
+func FuzzSessionToken(f *testing.F) {
+	c := newSessionCodec("https://mcp.example", func() time.Time { return time.Unix(1e9, 0) }, make([]byte, 32))
+	valid := c.mint(sessionClaims{Audience: "https://mcp.example", SessionID: "SID", Expiry: 2e9, TokenID: "T"})
+	refresh := c.refreshToken("SID", 7)
+	h, p, sig, _ := cut3(valid)
+	for _, seed := range []string{valid, refresh, "", ".", "..", h + "." + p + "." + sig[:10], h + "." + p + ".", h + ".." + sig,
+		"eyJhbGciOiJub25lIn0." + p + ".", valid + "=", "rt1.SID.7.", "rt1.SID.18446744073709551616." + sig} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, token string) {
+		if claims, err := c.verify(token); err == nil && token != valid {
+			t.Errorf("verify accepted %q, which it did not mint (%+v)", token, claims)
+		}
+		if sid, gen, ok := c.parseRefreshToken(token); ok && token != c.refreshToken(sid, gen) {
+			t.Errorf("parseRefreshToken accepted %q, which it did not mint", token)
+		}
+	})
+}
+
+// FuzzJSONRPC: the decoder and the dispatcher never panic, and answer every
+// request with a valid JSON-RPC response (and notifications with nothing).
+func FuzzJSONRPC(f *testing.F) {
+	env := newTestEnv(f)
+	env.srv.log = slog.New(slog.DiscardHandler)
+	env.entra.set(func() {
+		env.entra.accessTokens["fuzz"] = fakeGrant{user: env.entra.user, scope: "User.Read", expires: env.clock.now().Add(24 * time.Hour)}
+	})
+	sess := &session{id: "fuzz", clientID: "c", resource: env.url,
+		entraToken: &oauth2.Token{AccessToken: "fuzz", RefreshToken: "r"}, entraExpiry: env.clock.now().Add(24 * time.Hour)}
+	for _, seed := range []string{
+		`{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26"}}`,
+		`{"jsonrpc":"2.0","id":"a","method":"ping"}`, `{"jsonrpc":"2.0","method":"notifications/initialized"}`,
+		`{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{"cursor":5}}`,
+		`{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"getUserDetails","arguments":{}}}`,
+		`[{"jsonrpc":"2.0","id":4,"method":"ping"},{"jsonrpc":"2.0","method":"x"},{"id":5}]`,
+		`{"jsonrpc":"2.0","id":6,"result":{}}`, `{"jsonrpc":"2.0","id":null}`, `[]`, `null`, `"`, "[[[[", "{\"id\":\"\xff\"}",
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		ms := &mcpSession{id: "m", owner: sess.id, protocolVersion: "2025-03-26"}
+		b, errResp := decodeBody(body)
+		if errResp != nil {
+			checkResponse(t, errResp, nil)
+			return
+		}
+		if errResp := b.checkBatch(ms); errResp != nil {
+			checkResponse(t, errResp, nil)
+			return
+		}
+		reply, err := env.srv.run(t.Context(), ms, sess, b)
+		if err != nil {
+			t.Fatalf("run: %v", err)
+		}
+		requests := 0
+		for _, m := range b.messages {
+			if m.Method != "" && m.ID != nil {
+				requests++
+			}
+		}
+		switch r := reply.(type) {
+		case nil:
+			if requests+len(b.invalid) != 0 {
+				t.Errorf("no answer to %s", body)
+			}
+		case *rpcResponse:
+			checkResponse(t, r, b.messages[0].ID)
+		case []*rpcResponse:
+			if len(r) != requests+len(b.invalid) {
+				t.Errorf("%d answers to %d requests in %s", len(r), requests+len(b.invalid), body)
+			}
+			for _, resp := range r {
+				checkResponse(t, resp, resp.ID)
+			}
+		default:
+			t.Errorf("answer of type %T", reply)
+		}
+	})
+}
+
+// checkResponse checks that r is a valid JSON-RPC 2.0 response with the id.
+func checkResponse(t *testing.T, r *rpcResponse, id json.RawMessage) {
+	t.Helper()
+	out, err := json.Marshal(r)
+	var back struct {
+		JSONRPC string
+		ID      json.RawMessage
+		Result  json.RawMessage
+		Error   *rpcError
+	}
+	if err != nil || json.Unmarshal(out, &back) != nil || back.JSONRPC != "2.0" || (back.Result == nil) == (back.Error == nil) {
+		t.Fatalf("invalid response %s (%v)", out, err)
+	}
+	if (id != nil && string(back.ID) != string(id)) || (string(back.ID) != "null" && !validID(back.ID)) {
+		t.Errorf("response %s has id %s, want %s", out, back.ID, id)
+	}
+}
+
+// FuzzRegister: registration never panics; it registers only valid metadata
+// and refuses the rest with an RFC 7591 error.
+func FuzzRegister(f *testing.F) {
+	env := newTestEnv(f)
+	env.srv.log = slog.New(slog.DiscardHandler)
+	for _, seed := range []string{
+		`{"redirect_uris":["http://127.0.0.1:7777/callback"],"token_endpoint_auth_method":"none","client_name":"x"}`,
+		`{"redirect_uris":["cursor://anysphere.cursor-mcp/oauth/callback","https://a.example/cb"],"grant_types":["authorization_code"]}`,
+		`{"redirect_uris":["javascript:alert(1)"]}`, `{"redirect_uris":[]}`, `{"redirect_uris":"x"}`, `{"redirect_uris":[1]}`,
+		`{"redirect_uris":["https://a.example/cb#f"],"response_types":["token"]}`, `[]`, `null`, `{}`, "\xff",
+	} {
+		f.Add([]byte(seed))
+	}
+	f.Fuzz(func(t *testing.T, body []byte) {
+		rec := httptest.NewRecorder()
+		env.srv.ServeHTTP(rec, httptest.NewRequest("POST", "/register", bytes.NewReader(body)))
+		switch rec.Code {
+		case http.StatusCreated:
+			var reg registration
+			if err := json.Unmarshal(rec.Body.Bytes(), &reg); err != nil {
+				t.Fatalf("201 with %s: %v", rec.Body, err)
+			}
+			env.srv.clients.delete(reg.ClientID) // keep the store small
+			for _, u := range reg.RedirectURIs {
+				if err := checkRedirectURI(u); err != nil {
+					t.Errorf("registered %q: %v", u, err)
+				}
+			}
+			if !slices.Contains(authMethods, reg.TokenEndpointAuthMethod) || !slices.Contains(reg.GrantTypes, "authorization_code") ||
+				(reg.ClientSecret == "") != (reg.TokenEndpointAuthMethod == "none") {
+				t.Errorf("registered %+v", reg)
+			}
+		case http.StatusBadRequest, http.StatusRequestEntityTooLarge:
+			var e struct{ Error string }
+			json.Unmarshal(rec.Body.Bytes(), &e)
+			if !slices.Contains([]string{"invalid_client_metadata", "invalid_redirect_uri", "invalid_request"}, e.Error) {
+				t.Errorf("%d with %s", rec.Code, rec.Body)
+			}
+		default:
+			t.Errorf("POST /register %q = %d %s", body, rec.Code, rec.Body)
+		}
+	})
+}
+
 // run: configuration, start and shutdown.
 
 func TestRunConfigErrors(t *testing.T) {

@@ -438,7 +438,7 @@ func (c *sessionCodec) verifyWith(k codecKey, token, rest string) (sessionClaims
 	if !ok {
 		return sessionClaims{}, errTokenMalformed
 	}
-	gotMAC, err := base64.RawURLEncoding.DecodeString(sig)
+	gotMAC, err := base64.RawURLEncoding.Strict().DecodeString(sig) // one spelling per MAC
 	if err != nil {
 		return sessionClaims{}, errTokenMalformed
 	}
@@ -493,7 +493,7 @@ func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, 
 	if i < 0 || len(token) > maxTokenLen {
 		return "", 0, false
 	}
-	mac, err := base64.RawURLEncoding.DecodeString(token[i+1:])
+	mac, err := base64.RawURLEncoding.Strict().DecodeString(token[i+1:])
 	if err != nil || !slices.ContainsFunc(c.keys, func(k codecKey) bool { return hmac.Equal(mac, hmacSHA256(k.refresh, token[:i])) }) {
 		return "", 0, false
 	}
