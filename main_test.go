@@ -331,6 +331,8 @@ func TestChallengeRejectsBadTokens(t *testing.T) {
 		{"tampered claims", "Bearer " + header + "." + payload + "x." + sig, "invalid_token"},
 		{"truncated signature", "Bearer " + header + "." + payload + "." + sig[:10], "invalid_token"},
 		{"alg none", "Bearer " + noneHeader + "." + payload + ".", "invalid_token"},
+		{"swapped algorithm", "Bearer " + base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"RS256","typ":"at+jwt","kid":"x","ver":1}`)) + "." + payload + "." + sig, "invalid_token"},
+		{"extended signature", "Bearer " + header + "." + payload + "." + sig + "AA", "invalid_token"},
 		{"signed with another key", "Bearer " + forge(otherKey, func(*sessionClaims) {}), "invalid_token"},
 		{"for another resource", "Bearer " + forge(env.srv.tokens, func(c *sessionClaims) { c.Audience = env.url + "/mcp" }), "invalid_token"},
 		{"for another issuer", "Bearer " + newSessionCodec("https://evil.example", env.clock.now, env.srv.cfg.sessionKeys...).mint(sessionClaims{Audience: env.url, SessionID: claims["sid"].(string), Expiry: env.clock.now().Add(time.Hour).Unix()}), "invalid_token"},
@@ -569,10 +571,16 @@ func TestConsent(t *testing.T) {
 	env := newTestEnv(t)
 	c := env.newClient(t, `"token_endpoint_auth_method":"none","client_name":"<script>alert(1)</script>"`)
 
-	t.Run("the page escapes the client's name", func(t *testing.T) {
+	t.Run("the page escapes the client's name and redirect URI", func(t *testing.T) {
 		page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil)))
 		if strings.Contains(page, "<script>") || !strings.Contains(page, "&lt;script&gt;") {
 			t.Errorf("consent page does not escape client_name:\n%s", page)
+		}
+		reg := env.register(t, `{"token_endpoint_auth_method":"none","redirect_uris":["https://a.example/cb?x=\"><img src=x onerror=alert(1)>"]}`)
+		hostile := &testClient{id: reg["client_id"].(string), redirectURI: `https://a.example/cb?x="><img src=x onerror=alert(1)>`, verifier: oauth2.GenerateVerifier()}
+		page = readBody(t, newBrowser(t).get(t, env.url+hostile.authorizeURL(nil)))
+		if strings.Contains(page, "<img") || !strings.Contains(page, "&#34;&gt;&lt;img") {
+			t.Errorf("consent page does not escape the redirect URI:\n%s", page)
 		}
 	})
 	t.Run("deny redirects to the client with access_denied", func(t *testing.T) {
