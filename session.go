@@ -421,7 +421,7 @@ func (c *sessionCodec) mint(claims sessionClaims) string {
 // returns its claims. The header names the key; the caller checks the
 // audience and the session.
 func (c *sessionCodec) verify(token string) (sessionClaims, error) {
-	if len(token) > maxTokenLen {
+	if len(token) > maxTokenLen || !isTokenText(token) {
 		return sessionClaims{}, errTokenMalformed
 	}
 	for _, k := range c.keys {
@@ -464,6 +464,18 @@ func (c *sessionCodec) verifyWith(k codecKey, token, rest string) (sessionClaims
 	return claims, nil
 }
 
+// isTokenText reports whether s holds only what our tokens are made of: the
+// base64url alphabet and dots. Go's base64 decoder skips newlines, so without
+// this check one MAC could be spelled many ways.
+func isTokenText(s string) bool {
+	for _, c := range []byte(s) {
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.') {
+			return false
+		}
+	}
+	return true
+}
+
 func hmacSHA256(key []byte, data string) []byte {
 	m := hmac.New(sha256.New, key)
 	m.Write([]byte(data))
@@ -490,7 +502,7 @@ func (c *sessionCodec) tokenID(sid string, gen uint64) string {
 // keys, and returns its session id and generation.
 func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, ok bool) {
 	i := strings.LastIndexByte(token, '.')
-	if i < 0 || len(token) > maxTokenLen {
+	if i < 0 || len(token) > maxTokenLen || !isTokenText(token) {
 		return "", 0, false
 	}
 	mac, err := base64.RawURLEncoding.Strict().DecodeString(token[i+1:])
