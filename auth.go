@@ -389,7 +389,7 @@ const maxAuthorizeQuery = 16 << 10
 // one trailing slash, as clients send them.
 func (s *server) canonicalResource(raw string) (string, bool) {
 	u, err := url.Parse(raw)
-	if err != nil || u.RawQuery != "" || u.Fragment != "" {
+	if err != nil || u.RawQuery != "" || u.ForceQuery || strings.Contains(raw, "#") || u.User != nil {
 		return "", false
 	}
 	got := strings.ToLower(u.Scheme) + "://" + strings.ToLower(u.Host) + strings.TrimSuffix(u.EscapedPath(), "/")
@@ -627,9 +627,10 @@ type entraClient struct {
 	background     context.Context // for token refreshes, which no request may cancel
 
 	jwksURL     string
-	keysMu      sync.Mutex
+	fetching    sync.Mutex                // held while the key set is fetched: one fetch at a time
+	keysMu      sync.Mutex                // guards keys and keysFetched
 	keys        map[string]*rsa.PublicKey // Entra's signing keys, by key id
-	keysFetched time.Time                 // when keys were last fetched again
+	keysFetched time.Time                 // when keys were last fetched
 }
 
 // discoverEntra fetches Entra's OpenID discovery document, so that a wrong
@@ -637,7 +638,7 @@ type entraClient struct {
 // The endpoints come from the configured authority (sovereign clouds, local
 // fakes); the discovery document supplies the issuer to check id_tokens
 // against.
-func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client) (*entraClient, error) {
+func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client, now time.Time) (*entraClient, error) {
 	base := cfg.authority + "/" + url.PathEscape(cfg.tenantID)
 	docURL := base + "/v2.0/.well-known/openid-configuration"
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, docURL, nil)
@@ -693,6 +694,7 @@ func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client) (*e
 		issuer:         doc.Issuer,
 		jwksURL:        doc.JWKSURI,
 		keys:           keys,
+		keysFetched:    now,
 		allowedTenants: allowed,
 		graphURL:       cfg.graphURL,
 		httpClient:     httpClient,
@@ -734,24 +736,43 @@ func fetchJWKS(ctx context.Context, client *http.Client, jwksURL string) (map[st
 	return keys, nil
 }
 
-// signingKey returns Entra's public key kid. Entra rotates its keys; a token
-// naming a key we do not know makes us fetch the key set again, but at most
-// once a minute, so that forged key ids cannot make us hammer Entra.
-func (e *entraClient) signingKey(ctx context.Context, kid string, now time.Time) (*rsa.PublicKey, error) {
-	e.keysMu.Lock()
-	defer e.keysMu.Unlock()
-	if key, ok := e.keys[kid]; ok {
+// signingKey returns Entra's public key kid. Entra rotates its keys, and
+// withdraws old ones: the key set is fetched again when a token names a key we
+// do not know (at most once a minute, so that a stream of unknown ids cannot
+// make us hammer Entra), and once it is a day old. One fetch runs at a time,
+// on the background context, so that a browser that gives up does not spoil
+// it for the next; lookups of known keys never wait for it. A failed fetch
+// keeps the keys we have and does not count against the minute.
+func (e *entraClient) signingKey(kid string, now time.Time) (*rsa.PublicKey, error) {
+	lookup := func() (key *rsa.PublicKey, known, fresh, recent bool) {
+		e.keysMu.Lock()
+		defer e.keysMu.Unlock()
+		key, known = e.keys[kid]
+		age := now.Sub(e.keysFetched)
+		return key, known, age < 24*time.Hour, age < time.Minute
+	}
+	if key, known, fresh, _ := lookup(); known && fresh {
 		return key, nil
 	}
-	if now.Sub(e.keysFetched) < time.Minute {
+	e.fetching.Lock()
+	defer e.fetching.Unlock()
+	key, known, fresh, recent := lookup() // another caller may have fetched meanwhile
+	switch {
+	case known && fresh:
+		return key, nil
+	case !known && recent:
 		return nil, fmt.Errorf("signed with an unknown key %q", kid)
 	}
-	e.keysFetched = now
-	keys, err := fetchJWKS(ctx, e.httpClient, e.jwksURL)
+	keys, err := fetchJWKS(e.background, e.httpClient, e.jwksURL)
 	if err != nil {
-		return nil, fmt.Errorf("fetch Entra's signing keys: %w", err)
+		if known {
+			return key, nil // a day-old key beats none while Entra is unreachable
+		}
+		return nil, fmt.Errorf("fetch the signing keys of Entra ID: %w", err)
 	}
-	e.keys = keys
+	e.keysMu.Lock()
+	e.keys, e.keysFetched = keys, now
+	e.keysMu.Unlock()
 	if key, ok := keys[kid]; ok {
 		return key, nil
 	}
@@ -820,7 +841,7 @@ func (e *entraClient) checkIDToken(ctx context.Context, raw, nonce string, now t
 	if header.Alg != "RS256" { // the only algorithm Entra signs id_tokens with
 		return entraUser{}, fmt.Errorf("signed with %q, not RS256", header.Alg)
 	}
-	key, err := e.signingKey(ctx, header.Kid, now)
+	key, err := e.signingKey(header.Kid, now)
 	if err != nil {
 		return entraUser{}, err
 	}
@@ -1071,9 +1092,11 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 	if !ok || sess.ended.Load() || sess.clientID != c.ID || !c.allows("refresh_token") {
 		return nil, badRequest("invalid_grant", "the refresh token is invalid or its session has ended; sign in again")
 	}
+	// A refresh may ask for the session's resource, or a part of it (an
+	// endpoint of a whole-server session); the tokens keep their audience.
 	if form.Has("resource") {
-		if _, ok := s.canonicalResource(form.Get("resource")); !ok {
-			return nil, badRequest("invalid_target", "resource must be this server's URL, its /sse or its /mcp endpoint")
+		if resource, ok := s.canonicalResource(form.Get("resource")); !ok || (resource != sess.resource && sess.resource != s.cfg.publicURL) {
+			return nil, badRequest("invalid_target", "resource must be the one the sign-in was for")
 		}
 	}
 	// Our session must not outlive the Entra sign-in it stands for. If the

@@ -44,6 +44,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/signal"
@@ -90,7 +91,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	// Fetching Entra's discovery document now reports a wrong tenant or
 	// authority at start, before any user tries to sign in.
-	entra, err := discoverEntra(ctx, cfg, httpClient)
+	entra, err := discoverEntra(ctx, cfg, httpClient, time.Now())
 	if err != nil {
 		return err
 	}
@@ -259,7 +260,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return config{}, fmt.Errorf("REFRESH_TOKEN_TTL %q: want a Go duration from ACCESS_TOKEN_TTL up to 2160h (90 days), such as 336h (14 days)", rttl)
 	}
 	for t := range strings.SplitSeq(env("ALLOWED_TENANTS", ""), ",") {
-		if t = strings.TrimSpace(t); t != "" {
+		t = strings.ToLower(strings.TrimSpace(t)) // tid claims are lower case
+		switch {
+		case t == "":
+		case t != "*" && !isGUID(t):
+			return config{}, fmt.Errorf("ALLOWED_TENANTS: %q is not a tenant id: list Directory (tenant) IDs, such as 72f988bf-86f1-41af-91ab-2d7cd011db47, or *", t)
+		default:
 			cfg.allowedTenants = append(cfg.allowedTenants, t)
 		}
 	}
@@ -308,6 +314,24 @@ func normalOrigin(u *url.URL) string {
 		host = strings.TrimSuffix(host, ":"+port)
 	}
 	return strings.ToLower(u.Scheme) + "://" + host
+}
+
+// isGUID reports whether s is a GUID such as Entra's tenant ids.
+func isGUID(s string) bool {
+	if len(s) != 36 {
+		return false
+	}
+	for i, c := range s {
+		switch {
+		case i == 8 || i == 13 || i == 18 || i == 23:
+			if c != '-' {
+				return false
+			}
+		case !('0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'):
+			return false
+		}
+	}
+	return true
 }
 
 // isLoopbackHost reports whether host names this machine: localhost or a
@@ -452,13 +476,16 @@ func (s *server) cors(w http.ResponseWriter, r *http.Request) bool {
 	switch p := r.URL.Path; {
 	case strings.HasPrefix(p, "/.well-known/") || p == "/register" || p == "/token" || p == "/revoke":
 		h.Set("Access-Control-Allow-Origin", "*")
-	case (p == "/mcp" || p == "/sse" || p == "/message") && s.originAllowed(origin):
+	case p == "/mcp" || p == "/sse" || p == "/message":
+		h.Add("Vary", "Origin") // the answer depends on it: caches must not mix pages up
+		if !s.originAllowed(origin) {
+			return false
+		}
 		h.Set("Access-Control-Allow-Origin", origin)
-		h.Add("Vary", "Origin")
 	default:
 		return false
 	}
-	h.Set("Access-Control-Expose-Headers", "WWW-Authenticate, Mcp-Session-Id, Mcp-Protocol-Version")
+	h.Set("Access-Control-Expose-Headers", "WWW-Authenticate, Mcp-Session-Id, Mcp-Protocol-Version, Retry-After")
 	if r.Method != http.MethodOptions || r.Header.Get("Access-Control-Request-Method") == "" {
 		return false
 	}
@@ -495,11 +522,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // OAuth JSON error (a page at /authorize, which browsers show).
 func (s *server) limit(endpoint string, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		ip, _, err := net.SplitHostPort(r.RemoteAddr)
-		if err != nil {
-			ip = r.RemoteAddr
-		}
-		if wait, ok := s.limiter.allow(endpoint + " " + ip); !ok {
+		if wait, ok := s.limiter.allow(endpoint + " " + clientAddress(r.RemoteAddr)); !ok {
 			w.Header().Set("Retry-After", strconv.Itoa(int(wait/time.Second)+1))
 			if endpoint == "authorize" {
 				s.errorPage(w, http.StatusTooManyRequests, "Too many requests", "Too many sign-in attempts from your address. Wait a minute, then try again.")
@@ -510,6 +533,21 @@ func (s *server) limit(endpoint string, h http.HandlerFunc) http.HandlerFunc {
 		}
 		h(w, r)
 	}
+}
+
+// clientAddress is the address a rate limit counts: the client's IPv4
+// address, or its IPv6 /64, which one user or machine usually holds whole.
+func clientAddress(remoteAddr string) string {
+	ap, err := netip.ParseAddrPort(remoteAddr)
+	if err != nil {
+		return remoteAddr
+	}
+	addr := ap.Addr().Unmap().WithZone("")
+	if addr.Is6() {
+		prefix, _ := addr.Prefix(64)
+		return prefix.String()
+	}
+	return addr.String()
 }
 
 // rateLimiter keeps a token bucket per key (endpoint and client IP): each
@@ -523,6 +561,7 @@ type rateLimiter struct {
 	now       func() time.Time
 	perMinute float64 // 0: no limit
 	buckets   map[string]*bucket
+	lastSweep time.Time
 }
 
 type bucket struct {
@@ -530,9 +569,10 @@ type bucket struct {
 	at     time.Time // when tokens was counted
 }
 
-// maxBuckets bounds the limiter's memory. Full buckets are dropped when it is
-// reached (they are the same as none); if it is still reached, new addresses
-// go unlimited, and the capped stores behind the endpoints still hold.
+// maxBuckets bounds the limiter's memory. When it is reached, full buckets
+// are dropped (they are the same as none), at most once a second; if it is
+// still reached, new addresses share one bucket, so that many addresses
+// together get no more than one.
 const maxBuckets = 10_000
 
 func newRateLimiter(now func() time.Time, perMinute int) *rateLimiter {
@@ -553,7 +593,8 @@ func (l *rateLimiter) allow(key string) (time.Duration, bool) {
 	}
 	b, ok := l.buckets[key]
 	if !ok {
-		if len(l.buckets) >= maxBuckets {
+		if len(l.buckets) >= maxBuckets && now.Sub(l.lastSweep) >= time.Second {
+			l.lastSweep = now
 			for k, b := range l.buckets {
 				if refill(b); b.tokens == l.perMinute {
 					delete(l.buckets, k)
@@ -561,10 +602,12 @@ func (l *rateLimiter) allow(key string) (time.Duration, bool) {
 			}
 		}
 		if len(l.buckets) >= maxBuckets {
-			return 0, true
+			key = "overflow"
 		}
-		b = &bucket{tokens: l.perMinute, at: now}
-		l.buckets[key] = b
+		if b, ok = l.buckets[key]; !ok {
+			b = &bucket{tokens: l.perMinute, at: now}
+			l.buckets[key] = b
+		}
 	}
 	refill(b)
 	if b.tokens < 1 {

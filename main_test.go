@@ -122,7 +122,8 @@ func TestWalkthrough(t *testing.T) {
 		if resp.StatusCode != http.StatusOK || !strings.Contains(page, "Walkthrough client") || !strings.Contains(page, "127.0.0.1:7777") {
 			t.Fatalf("GET /authorize = %d, want 200 and a consent page naming the client and its redirect host:\n%s", resp.StatusCode, page)
 		}
-		if resp.Header.Get("X-Frame-Options") != "DENY" || !strings.Contains(resp.Header.Get("Content-Security-Policy"), "frame-ancestors 'none'") {
+		if csp := resp.Header.Get("Content-Security-Policy"); resp.Header.Get("X-Frame-Options") != "DENY" ||
+			!strings.Contains(csp, "frame-ancestors 'none'") || !strings.Contains(csp, "default-src 'none'") {
 			t.Errorf("consent page may be framed: headers %v", resp.Header)
 		}
 		consentID = consentIDFrom(t, page)
@@ -291,6 +292,11 @@ func TestNothingLeaks(t *testing.T) {
 		"Entra access token":    env.entra.lastAccessToken(),
 		"Entra refresh token":   env.entra.lastRefreshToken(),
 		"Entra refused refresh": env.entra.refreshes[len(env.entra.refreshes)-1].Get("refresh_token"),
+		"Entra id_token":        env.entra.lastIDToken,
+		"user's name":           env.entra.user.name,
+		"user's UPN":            env.entra.user.upn,
+		"user's object id":      env.entra.user.oid,
+		"Entra's error text":    "The provided grant has expired",
 	}
 	logs := env.logs.String()
 	if !strings.Contains(logs, "aadsts=50173") {
@@ -334,7 +340,7 @@ func TestChallengeRejectsBadTokens(t *testing.T) {
 		{"swapped algorithm", "Bearer " + base64.RawURLEncoding.EncodeToString([]byte(`{"alg":"RS256","typ":"at+jwt","kid":"x","ver":1}`)) + "." + payload + "." + sig, "invalid_token"},
 		{"extended signature", "Bearer " + header + "." + payload + "." + sig + "AA", "invalid_token"},
 		{"signed with another key", "Bearer " + forge(otherKey, func(*sessionClaims) {}), "invalid_token"},
-		{"for another resource", "Bearer " + forge(env.srv.tokens, func(c *sessionClaims) { c.Audience = env.url + "/mcp" }), "invalid_token"},
+		{"for another resource", "Bearer " + forge(env.srv.tokens, func(c *sessionClaims) { c.Audience = env.url + "/elsewhere" }), "invalid_token"},
 		{"for another issuer", "Bearer " + newSessionCodec("https://evil.example", env.clock.now, env.srv.cfg.sessionKeys...).mint(sessionClaims{Audience: env.url, SessionID: claims["sid"].(string), Expiry: env.clock.now().Add(time.Hour).Unix()}), "invalid_token"},
 		{"unknown session", "Bearer " + forge(env.srv.tokens, func(c *sessionClaims) { c.SessionID = "nope" }), "invalid_token"},
 		{"an Entra access token", "Bearer " + env.entra.lastAccessToken(), "invalid_token"},
@@ -342,8 +348,9 @@ func TestChallengeRejectsBadTokens(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			for _, path := range []string{"/sse", "/message?sessionId=x"} {
-				method := map[string]string{"/sse": "GET", "/message?sessionId=x": "POST"}[path]
+			for _, path := range []string{"/sse", "/message?sessionId=x", "/mcp"} {
+				method := map[string]string{"/sse": "GET", "/message?sessionId=x": "POST", "/mcp": "POST"}[path]
+				metadata := map[string]string{"/sse": "/sse", "/message?sessionId=x": "/sse", "/mcp": "/mcp"}[path]
 				h := http.Header{}
 				if tt.authorization != "" {
 					h.Set("Authorization", tt.authorization)
@@ -353,8 +360,8 @@ func TestChallengeRejectsBadTokens(t *testing.T) {
 					t.Fatalf("%s %s = %d, want 401", method, path, resp.StatusCode)
 				}
 				challenge := resp.Header.Get("WWW-Authenticate")
-				if !strings.Contains(challenge, `resource_metadata="`+env.url+`/.well-known/oauth-protected-resource/sse"`) {
-					t.Errorf("%s %s: WWW-Authenticate = %q, want the /sse metadata", method, path, challenge)
+				if !strings.Contains(challenge, `resource_metadata="`+env.url+`/.well-known/oauth-protected-resource`+metadata+`"`) {
+					t.Errorf("%s %s: WWW-Authenticate = %q, want the %s metadata", method, path, challenge, metadata)
 				}
 				if hasErr := strings.Contains(challenge, `error="invalid_token"`); hasErr != (tt.wantError != "") {
 					t.Errorf("%s %s: WWW-Authenticate = %q, want error=%q", method, path, challenge, tt.wantError)
@@ -382,7 +389,13 @@ func TestSessionTokenEncodingIsUnambiguous(t *testing.T) {
 	header, payload, sig, _ := cut3(token)
 	// Moving the boundary between the parts must break the MAC, and so must
 	// any change to any part.
+	// The last base64 character of a 32-byte MAC carries two unused bits:
+	// setting one spells the same bytes another way.
+	const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+	respelled := sig[:len(sig)-1] + string(alphabet[strings.IndexByte(alphabet, sig[len(sig)-1])^1])
 	for _, bad := range []string{
+		header + "." + payload + "." + respelled,
+		header + "." + payload + "." + sig[:20] + "\n" + sig[20:],
 		header[:len(header)-1] + "." + header[len(header)-1:] + payload + "." + sig,
 		header + payload[:1] + "." + payload[1:] + "." + sig,
 		header + "." + payload + "." + sig + "A",
@@ -543,6 +556,9 @@ func TestAuthorizeErrors(t *testing.T) {
 		"malformed challenge":      func(q url.Values) { q.Set("code_challenge", "short") },
 		"foreign resource":         func(q url.Values) { q.Set("resource", "https://graph.microsoft.com") },
 		"resource with a sub-path": func(q url.Values) { q.Set("resource", env.url+"/sse/x") },
+		"resource with userinfo":   func(q url.Values) { q.Set("resource", strings.Replace(env.url, "//", "//evil@", 1)+"/mcp") },
+		"resource with a bare ?":   func(q url.Values) { q.Set("resource", env.url+"/mcp?") },
+		"resource with a bare #":   func(q url.Values) { q.Set("resource", env.url+"/mcp#") },
 	} {
 		t.Run(name, func(t *testing.T) {
 			resp := newBrowser(t).get(t, env.url+valid(edit))
@@ -717,6 +733,9 @@ func TestCallbackErrors(t *testing.T) {
 		{"id_token with another nonce", func(f *fakeEntra) {
 			f.set(func() { f.idTokenEdit = func(c map[string]any) { c["nonce"] = "replayed" } })
 		}, "server_error", "nonce"},
+		{"id_token not valid yet", func(f *fakeEntra) {
+			f.set(func() { f.idTokenEdit = func(c map[string]any) { c["nbf"] = f.now().Add(time.Hour).Unix() } })
+		}, "server_error", "not valid yet"},
 		{"id_token unsigned (alg none)", func(f *fakeEntra) { f.set(func() { f.idTokenHeader = map[string]any{"alg": "none"} }) }, "server_error", "not RS256"},
 		{"id_token with a swapped algorithm", func(f *fakeEntra) { f.set(func() { f.idTokenHeader = map[string]any{"alg": "HS256"} }) }, "server_error", "not RS256"},
 		{"id_token signed by another key", func(f *fakeEntra) {
@@ -751,6 +770,7 @@ func TestCallbackErrors(t *testing.T) {
 func TestEntraKeyRotation(t *testing.T) {
 	env := newTestEnv(t)
 	env.entra.rotateKey(t)
+	env.clock.advance(time.Minute) // the keys were fetched at start: a minute must pass
 	env.signIn(t, signInOptions{}) // signed with a key the server has not seen: it fetches the keys again
 	fetches := func() int {
 		env.entra.mu.Lock()
@@ -777,6 +797,19 @@ func TestEntraKeyRotation(t *testing.T) {
 	if n := fetches(); n != 3 {
 		t.Errorf("the key set was fetched %d times, want 3 a minute later", n)
 	}
+
+	// A fetch that fails keeps the known keys, and does not count against
+	// the minute.
+	env.entra.set(func() { env.entra.idTokenHeader = nil; env.entra.jwksDown = true })
+	env.clock.advance(24 * time.Hour) // the keys are a day old: time to fetch them again
+	env.signIn(t, signInOptions{})    // Entra is down: the known key still works
+	env.entra.rotateKey(t)
+	b, c = newBrowser(t), env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	if u := location(t, b.get(t, env.toCallback(t, b, c)), http.StatusFound); u.Query().Has("code") {
+		t.Errorf("a sign-in with a key nobody could fetch succeeded")
+	}
+	env.entra.set(func() { env.entra.jwksDown = false })
+	env.signIn(t, signInOptions{}) // at once: the failed fetches did not start the minute
 }
 
 func TestAllowedTenants(t *testing.T) {
@@ -791,6 +824,7 @@ func TestAllowedTenants(t *testing.T) {
 		{"organizations, with the tenant allowed", "organizations", []string{"11111111-1111-1111-1111-111111111111"}, ""},
 		{"organizations, with everyone allowed", "common", []string{"*"}, ""},
 		{"another tenant only", "organizations", []string{"99999999-9999-9999-9999-999999999999"}, "access_denied"},
+		{"a token whose tid and iss disagree", "organizations", []string{"*"}, "server_error"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -798,6 +832,11 @@ func TestAllowedTenants(t *testing.T) {
 				c.tenantID = cmp.Or(tt.tenant, c.tenantID)
 				c.allowedTenants = tt.allowed
 			})
+			if tt.name == "a token whose tid and iss disagree" {
+				env.entra.set(func() {
+					env.entra.idTokenEdit = func(c map[string]any) { c["tid"] = "99999999-9999-9999-9999-999999999999" } // iss still names the home tenant
+				})
+			}
 			c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
 			b := newBrowser(t)
 			u := location(t, b.get(t, env.toCallback(t, b, c)), http.StatusFound)
@@ -808,7 +847,7 @@ func TestAllowedTenants(t *testing.T) {
 	}
 	t.Run("organizations without ALLOWED_TENANTS does not start", func(t *testing.T) {
 		f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback"})
-		_, err := discoverEntra(t.Context(), config{tenantID: "organizations", authority: f.URL}, &http.Client{Timeout: 10 * time.Second})
+		_, err := discoverEntra(t.Context(), config{tenantID: "organizations", authority: f.URL}, &http.Client{Timeout: 10 * time.Second}, time.Now())
 		if err == nil || !strings.Contains(err.Error(), "ALLOWED_TENANTS") {
 			t.Errorf("discoverEntra = %v, want an error naming ALLOWED_TENANTS", err)
 		}
@@ -1004,6 +1043,25 @@ func TestRefreshEdges(t *testing.T) {
 			t.Errorf("GET /sse after moving forward = %d, want 200", resp.StatusCode)
 		}
 	})
+	t.Run("a refresh may not move the session to another resource", func(t *testing.T) {
+		h := http.Header{"Authorization": {"Basic " + base64.StdEncoding.EncodeToString([]byte(c.id+":"+c.secret))}}
+		for _, tt := range []struct {
+			resource string
+			want     int
+		}{{"https://evil.example", 400}, {env.url + "/sse", 200}, {env.url + "/mcp", 200}} {
+			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "resource": {tt.resource}}, h)
+			if resp.StatusCode != tt.want {
+				t.Errorf("refresh of a whole-server session for %s = %d, want %d", tt.resource, resp.StatusCode, tt.want)
+			}
+			if tt.want == 200 {
+				decodeJSON(t, resp, 200, &tokens)
+			}
+		}
+		sse := env.signIn(t, signInOptions{resource: env.url + "/sse"})
+		resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {sse.RefreshToken},
+			"client_id": {sse.clientID}, "resource": {env.url + "/mcp"}}, nil)
+		wantOAuthError(t, resp, 400, "invalid_target")
+	})
 	t.Run("a session nobody refreshes for REFRESH_TOKEN_TTL ends", func(t *testing.T) {
 		env.clock.advance(env.cfg.refreshTTL)
 		wantOAuthError(t, refresh(tokens.RefreshToken), 400, "invalid_grant")
@@ -1146,9 +1204,12 @@ func TestStalledStreamIsClosed(t *testing.T) {
 	if err := env.srv.addMCPSession(&mcpSession{id: "stalled", owner: sess.id, stream: st}, sess); err != nil {
 		t.Fatal(err)
 	}
-	resp := env.do(t, "POST", "/message?sessionId=stalled", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`), bearer(tokens.AccessToken))
-	if resp.StatusCode != http.StatusServiceUnavailable {
-		t.Errorf("POST to a stalled stream's session = %d, want 503", resp.StatusCode)
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute) // a regression fails, not hangs
+	defer cancel()
+	h := bearer(tokens.AccessToken)
+	h.Set("Content-Type", "application/json")
+	if got := postRaw(ctx, env.url+"/message?sessionId=stalled", h, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); !strings.HasPrefix(got, "503 ") {
+		t.Errorf("POST to a stalled stream's session = %s, want 503", got)
 	}
 	select {
 	case <-st.done:
@@ -2010,8 +2071,15 @@ func TestCORS(t *testing.T) {
 			if resp.StatusCode != tt.wantStatus || resp.Header.Get("Access-Control-Allow-Origin") != tt.wantACAO {
 				t.Fatalf("%s %s from %s = %d, ACAO %q; want %d, %q", tt.method, tt.path, tt.origin, resp.StatusCode, resp.Header.Get("Access-Control-Allow-Origin"), tt.wantStatus, tt.wantACAO)
 			}
-			if tt.wantACAO != "" && !strings.Contains(resp.Header.Get("Access-Control-Expose-Headers"), "WWW-Authenticate") {
-				t.Errorf("Access-Control-Expose-Headers = %q, want WWW-Authenticate among them", resp.Header.Get("Access-Control-Expose-Headers"))
+			if tt.wantACAO != "" {
+				for _, h := range []string{"WWW-Authenticate", "Mcp-Session-Id", "Mcp-Protocol-Version", "Retry-After"} {
+					if !strings.Contains(resp.Header.Get("Access-Control-Expose-Headers"), h) {
+						t.Errorf("Access-Control-Expose-Headers = %q, want %s among them", resp.Header.Get("Access-Control-Expose-Headers"), h)
+					}
+				}
+			}
+			if mcp := tt.path == "/mcp" || tt.path == "/message"; mcp && resp.Header.Get("Vary") != "Origin" {
+				t.Errorf("Vary = %q, want Origin: the answer depends on it", resp.Header.Get("Vary"))
 			}
 			if tt.method == "OPTIONS" && tt.wantStatus == 204 && !strings.Contains(resp.Header.Get("Access-Control-Allow-Headers"), "Mcp-Protocol-Version") {
 				t.Errorf("Access-Control-Allow-Headers = %q", resp.Header.Get("Access-Control-Allow-Headers"))
@@ -2066,6 +2134,34 @@ func TestRateLimits(t *testing.T) {
 	env.clock.advance(time.Minute)
 	if rec := from("127.0.0.1", "POST", "/register", register); rec.Code != http.StatusCreated {
 		t.Errorf("POST /register a minute later = %d, want 201", rec.Code)
+	}
+}
+
+func TestRateLimiterAddresses(t *testing.T) {
+	for _, tt := range []struct{ a, b string }{
+		{"[2001:db8:1:2::1]:1000", "[2001:db8:1:2:ffff::9]:2000"}, // one /64
+		{"[::ffff:192.0.2.1]:1", "192.0.2.1:2"},                   // IPv4, mapped or not
+		{"[fe80::1%eth0]:1", "[fe80::1]:2"},                       // zones do not count
+	} {
+		if clientAddress(tt.a) != clientAddress(tt.b) {
+			t.Errorf("%s and %s count apart: %s, %s", tt.a, tt.b, clientAddress(tt.a), clientAddress(tt.b))
+		}
+	}
+	// When the limiter is full, new addresses share one bucket.
+	clock := &testClock{t: time.Unix(1e9, 0)}
+	l := newRateLimiter(clock.now, 2)
+	for i := range maxBuckets {
+		l.allow(fmt.Sprint("token ", i))
+		l.allow(fmt.Sprint("token ", i))
+	}
+	allowed := 0
+	for i := range 10 {
+		if _, ok := l.allow(fmt.Sprint("token new", i)); ok {
+			allowed++
+		}
+	}
+	if allowed != 2 {
+		t.Errorf("10 new addresses on a full limiter got %d requests through, want 2: one shared bucket", allowed)
 	}
 }
 
@@ -2421,6 +2517,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"previous key equal to the key", map[string]string{"SESSION_KEY": strings.Repeat("ab", 32), "SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY_PREVIOUS"},
 		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
 		{"bad rate limit", map[string]string{"RATE_LIMIT": "lots"}, "RATE_LIMIT"},
+		{"allowed tenant that is a domain", map[string]string{"ALLOWED_TENANTS": "contoso.example"}, "ALLOWED_TENANTS"},
 		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
 		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
@@ -2590,7 +2687,7 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 	}
 	logs := &lockedBuffer{}
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(t.Output(), logs), nil))
-	ec, err := discoverEntra(t.Context(), cfg, &http.Client{Timeout: 10 * time.Second})
+	ec, err := discoverEntra(t.Context(), cfg, &http.Client{Timeout: 10 * time.Second}, clock.now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -3161,6 +3258,8 @@ type fakeEntra struct {
 	idTokenHeader   map[string]any       // knob: header fields of issued id_tokens (alg, kid)
 	idTokenSigner   *rsa.PrivateKey      // knob: sign id_tokens with this key instead
 	jwksFetches     int                  // how often the key set was fetched
+	jwksDown        bool                 // knob: the key set cannot be fetched
+	lastIDToken     string               // the last id_token issued
 }
 
 type fakeCode struct {
@@ -3279,6 +3378,10 @@ func (f *fakeEntra) keys(w http.ResponseWriter, r *http.Request) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.jwksFetches++
+	if f.jwksDown {
+		http.Error(w, "unavailable", http.StatusServiceUnavailable)
+		return
+	}
 	pub := f.key.PublicKey
 	json.NewEncoder(w).Encode(map[string]any{"keys": []map[string]any{{
 		"kty": "RSA", "use": "sig", "kid": f.kid(), "x5t": f.kid(),
@@ -3555,7 +3658,8 @@ func (f *fakeEntra) signIDToken(user fakeUser, nonce string) string {
 	if f.idTokenEdit != nil {
 		f.idTokenEdit(claims)
 	}
-	return f.sign(claims)
+	f.lastIDToken = f.sign(claims)
+	return f.lastIDToken
 }
 
 // mintIDToken signs arbitrary claims, for tests that present an Entra token.
