@@ -118,6 +118,22 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request) (*rpcBody, boo
 	return body, true
 }
 
+// runBody runs a decoded body in the MCP session ms and returns what to
+// answer, or answers the request itself and returns false: 400 for a batch
+// the session may not send, 401 if the signed-in session ended meanwhile.
+func (s *server) runBody(w http.ResponseWriter, r *http.Request, endpoint string, ms *mcpSession, sess *session, body *rpcBody) (any, bool) {
+	if errResp := body.checkBatch(ms); errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return nil, false
+	}
+	reply, err := s.run(r.Context(), ms, sess, body)
+	if err != nil {
+		s.authenticate(w, r, endpoint) // the session has ended: 401, as for its token
+		return nil, false
+	}
+	return reply, true
+}
+
 // HTTP+SSE.
 
 // stream is the open event stream of an HTTP+SSE session.
@@ -213,13 +229,8 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if errResp := body.checkBatch(ms); errResp != nil {
-		writeJSON(w, http.StatusBadRequest, errResp)
-		return
-	}
-	reply, err := s.run(r.Context(), ms, sess, body)
-	if err != nil {
-		s.authenticate(w, r, "/sse") // the session has ended: 401, as for its token
+	reply, ok := s.runBody(w, r, "/sse", ms, sess, body)
+	if !ok {
 		return
 	}
 	if reply != nil {
@@ -291,14 +302,8 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	if errResp := body.checkBatch(ms); errResp != nil {
-		writeJSON(w, http.StatusBadRequest, errResp)
-		return
-	}
-
-	reply, err := s.run(r.Context(), ms, sess, body)
-	if err != nil {
-		s.authenticate(w, r, "/mcp") // the session has ended: 401, as for its token
+	reply, ok := s.runBody(w, r, "/mcp", ms, sess, body)
+	if !ok {
 		return
 	}
 	if body.isInitialize() {
