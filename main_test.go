@@ -2492,6 +2492,44 @@ func FuzzRegister(f *testing.F) {
 	})
 }
 
+// Performance. go test -run '^$' -bench . -benchmem runs the benchmarks.
+
+func BenchmarkSessionToken(b *testing.B) {
+	c := newSessionCodec("http://localhost:3001", func() time.Time { return time.Unix(1e9, 0) }, make([]byte, 32))
+	claims := sessionClaims{Audience: "http://localhost:3001/mcp", Subject: "QmFzZTY0U3ViamVjdA", SessionID: newSecret(),
+		ClientID: newSecret(), Scope: "mcp", IssuedAt: 1e9, Expiry: 1e9 + 3600}
+	b.Run("mint", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			c.mint(claims)
+		}
+	})
+	token := c.mint(claims)
+	b.Run("verify", func(b *testing.B) { // the same token again, as with every request of a client
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := c.verify(token); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	tokens := make([]string, 1000)
+	for i := range tokens {
+		tokens[i] = c.mint(claims)
+	}
+	b.Run("verify-first-use", func(b *testing.B) { // a token not seen before: its claims are decoded
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			c.decoded = nil
+			if _, err := c.verify(tokens[i%len(tokens)]); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
+}
+
 // run: configuration, start and shutdown.
 
 func TestRunConfigErrors(t *testing.T) {

@@ -13,6 +13,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io/fs"
 	"net/http"
 	"os"
@@ -367,14 +368,24 @@ type sessionCodec struct {
 	subjectKey []byte     // derives opaque subjects from Entra ids
 	issuer     string
 	now        func() time.Time
+
+	// decoded holds the claims of tokens already verified, by their MAC: a
+	// client sends the same token with every request for an hour, and
+	// decoding its JSON costs more than all the checks together. Only a MAC
+	// that has just been checked is looked up, and expiry is checked every
+	// time; past maxDecoded entries the map starts afresh.
+	decodedMu sync.RWMutex
+	decoded   map[string]sessionClaims
 }
+
+const maxDecoded = 10_000
 
 // codecKey is the part of the codec that comes from one SESSION_KEY.
 type codecKey struct {
-	mac     []byte // signs session tokens
-	refresh []byte // signs refresh tokens
-	state   []byte // encrypts the state file
-	header  string // base64url of the fixed token header, naming the key
+	mac     *macKey // signs session tokens
+	refresh *macKey // signs refresh tokens
+	state   []byte  // encrypts the state file
+	header  string  // base64url of the fixed token header, naming the key
 }
 
 // deriveKey derives a key for one purpose from a SESSION_KEY (HKDF,
@@ -392,12 +403,13 @@ func deriveKey(secret []byte, purpose string) []byte {
 func newSessionCodec(issuer string, now func() time.Time, secrets ...[]byte) *sessionCodec {
 	c := &sessionCodec{subjectKey: deriveKey(secrets[0], "subject v1"), issuer: issuer, now: now}
 	for _, secret := range secrets {
+		macKey := deriveKey(secret, "session token v1")
 		k := codecKey{
-			mac:     deriveKey(secret, "session token v1"),
-			refresh: deriveKey(secret, "refresh token v1"),
+			mac:     newMACKey(macKey),
+			refresh: newMACKey(deriveKey(secret, "refresh token v1")),
 			state:   deriveKey(secret, "state file v1"),
 		}
-		kid := sha256.Sum256(k.mac) // names the key without revealing it
+		kid := sha256.Sum256(macKey) // names the key without revealing it
 		header, _ := json.Marshal(tokenHeader{Alg: "HS256", Typ: "at+jwt", Kid: hex.EncodeToString(kid[:4]), Ver: 1})
 		k.header = base64.RawURLEncoding.EncodeToString(header)
 		c.keys = append(c.keys, k)
@@ -414,7 +426,7 @@ func (c *sessionCodec) mint(claims sessionClaims) string {
 	}
 	payload, _ := json.Marshal(claims)
 	signed := c.keys[0].header + "." + base64.RawURLEncoding.EncodeToString(payload)
-	return signed + "." + base64.RawURLEncoding.EncodeToString(hmacSHA256(c.keys[0].mac, signed))
+	return signed + "." + base64.RawURLEncoding.EncodeToString(c.keys[0].mac.sum(signed))
 }
 
 // verify checks a token's header, MAC, issuer and expiry, in that order, and
@@ -442,18 +454,25 @@ func (c *sessionCodec) verifyWith(k codecKey, token, rest string) (sessionClaims
 	if err != nil {
 		return sessionClaims{}, errTokenMalformed
 	}
-	if !hmac.Equal(gotMAC, hmacSHA256(k.mac, token[:len(token)-len(sig)-1])) {
+	if !hmac.Equal(gotMAC, k.mac.sum(token[:len(token)-len(sig)-1])) {
 		return sessionClaims{}, errTokenSignature
 	}
 
 	// Only now, with the MAC checked, is the payload ours to parse.
-	raw, err := base64.RawURLEncoding.DecodeString(payload)
-	if err != nil {
-		return sessionClaims{}, errTokenMalformed
-	}
-	var claims sessionClaims
-	if err := json.Unmarshal(raw, &claims); err != nil {
-		return sessionClaims{}, errTokenMalformed
+	c.decodedMu.RLock()
+	claims, seen := c.decoded[string(gotMAC)]
+	c.decodedMu.RUnlock()
+	if !seen {
+		raw, err := base64.RawURLEncoding.DecodeString(payload)
+		if err != nil || json.Unmarshal(raw, &claims) != nil {
+			return sessionClaims{}, errTokenMalformed
+		}
+		c.decodedMu.Lock()
+		if len(c.decoded) >= maxDecoded || c.decoded == nil {
+			c.decoded = make(map[string]sessionClaims)
+		}
+		c.decoded[string(gotMAC)] = claims
+		c.decodedMu.Unlock()
 	}
 	if claims.Issuer != c.issuer {
 		return sessionClaims{}, errTokenIssuer
@@ -468,18 +487,47 @@ func (c *sessionCodec) verifyWith(k codecKey, token, rest string) (sessionClaims
 // base64url alphabet and dots. Go's base64 decoder skips newlines, so without
 // this check one MAC could be spelled many ways.
 func isTokenText(s string) bool {
-	for _, c := range []byte(s) {
-		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.') {
+	for i := range len(s) {
+		if !tokenChars[s[i]] {
 			return false
 		}
 	}
 	return true
 }
 
-func hmacSHA256(key []byte, data string) []byte {
-	m := hmac.New(sha256.New, key)
-	m.Write([]byte(data))
-	return m.Sum(nil)
+// tokenChars marks the bytes tokens may hold; a table, because the check runs
+// on every request.
+var tokenChars = func() (t [256]bool) {
+	for _, c := range []byte("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") {
+		t[c] = true
+	}
+	return t
+}()
+
+// macKey computes HMAC-SHA256 under one key. It reuses hash states, and a
+// buffer for the input, from a pool: setting up an HMAC costs more than
+// hashing a token with it.
+type macKey struct{ pool sync.Pool }
+
+type macState struct {
+	h   hash.Hash
+	buf []byte
+}
+
+func newMACKey(key []byte) *macKey {
+	m := &macKey{}
+	m.pool.New = func() any { return &macState{h: hmac.New(sha256.New, key)} }
+	return m
+}
+
+// sum returns the MAC of data.
+func (m *macKey) sum(data string) []byte {
+	st := m.pool.Get().(*macState)
+	defer m.pool.Put(st)
+	st.h.Reset()
+	st.buf = append(st.buf[:0], data...)
+	st.h.Write(st.buf)
+	return st.h.Sum(nil)
 }
 
 // refreshToken returns the refresh token of generation gen of session sid:
@@ -488,13 +536,13 @@ func hmacSHA256(key []byte, data string) []byte {
 // neither holds a dot and the string parses one way only.
 func (c *sessionCodec) refreshToken(sid string, gen uint64) string {
 	signed := "rt1." + sid + "." + strconv.FormatUint(gen, 10)
-	return signed + "." + base64.RawURLEncoding.EncodeToString(hmacSHA256(c.keys[0].refresh, signed))
+	return signed + "." + base64.RawURLEncoding.EncodeToString(c.keys[0].refresh.sum(signed))
 }
 
 // tokenID derives the jti of the session token of generation gen of session
 // sid, so that issuing a generation's tokens again gives the same bytes.
 func (c *sessionCodec) tokenID(sid string, gen uint64) string {
-	mac := hmacSHA256(c.keys[0].refresh, "jti."+sid+"."+strconv.FormatUint(gen, 10))
+	mac := c.keys[0].refresh.sum("jti." + sid + "." + strconv.FormatUint(gen, 10))
 	return base64.RawURLEncoding.EncodeToString(mac[:16])
 }
 
@@ -506,7 +554,7 @@ func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, 
 		return "", 0, false
 	}
 	mac, err := base64.RawURLEncoding.Strict().DecodeString(token[i+1:])
-	if err != nil || !slices.ContainsFunc(c.keys, func(k codecKey) bool { return hmac.Equal(mac, hmacSHA256(k.refresh, token[:i])) }) {
+	if err != nil || !slices.ContainsFunc(c.keys, func(k codecKey) bool { return hmac.Equal(mac, k.refresh.sum(token[:i])) }) {
 		return "", 0, false
 	}
 	parts := strings.Split(token[:i], ".")
