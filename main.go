@@ -85,9 +85,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
 
-	// One client with a timeout for every call to Entra ID and Graph: the
-	// default client would wait forever on a stuck connection.
-	httpClient := &http.Client{Timeout: 30 * time.Second}
+	httpClient := newHTTPClient()
 
 	// Fetching Entra's discovery document now reports a wrong tenant or
 	// authority at start, before any user tries to sign in.
@@ -285,6 +283,16 @@ func loadConfig(getenv func(string) string) (config, error) {
 		cfg.allowedOrigins = append(cfg.allowedOrigins, normalOrigin(u))
 	}
 	return cfg, nil
+}
+
+// newHTTPClient returns the one client for every call to Entra ID and Graph:
+// with a timeout, since the default client would wait for ever on a stuck
+// connection, and enough idle connections kept open that concurrent tool
+// calls reuse them rather than dial Graph anew each time.
+func newHTTPClient() *http.Client {
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	transport.MaxIdleConnsPerHost = 64
+	return &http.Client{Timeout: 30 * time.Second, Transport: transport}
 }
 
 // originURL validates a URL that must be a bare origin (scheme and host, no

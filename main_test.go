@@ -2431,7 +2431,7 @@ func FuzzJSONRPC(f *testing.F) {
 }
 
 // checkResponse checks that r is a valid JSON-RPC 2.0 response with the id.
-func checkResponse(t *testing.T, r *rpcResponse, id json.RawMessage) {
+func checkResponse(t testing.TB, r *rpcResponse, id json.RawMessage) {
 	t.Helper()
 	out, err := json.Marshal(r)
 	var back struct {
@@ -2528,6 +2528,179 @@ func BenchmarkSessionToken(b *testing.B) {
 			i++
 		}
 	})
+}
+
+// benchRig is a signed-in server and the ceilings its round trips are
+// compared with: bare net/http handlers on the same kind of loopback server
+// that do only what any MCP server on net/http must do, check the bearer
+// token (the same HMAC verification) and write a fixed JSON-RPC result; one
+// of them also makes the same Graph call as getUserDetails.
+type benchRig struct {
+	env                   *testEnv
+	client                *http.Client
+	token                 string
+	mcp                   http.Header // headers of a Streamable HTTP session
+	ceiling, ceilingGraph string      // URLs
+}
+
+func newBenchRig(b *testing.B) *benchRig {
+	env := newTestEnv(b)
+	env.srv.log = slog.New(slog.DiscardHandler)
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	transport.MaxIdleConnsPerHost = 256
+	r := &benchRig{env: env, client: &http.Client{Transport: transport}, token: env.signIn(b, signInOptions{}).AccessToken}
+	c := &mcpClient{env: env, token: r.token}
+	c.initialize(b, "2025-11-25")
+	r.mcp = c.headers(nil)
+
+	graphToken := env.entra.lastAccessToken()
+	bare := func(withGraph bool) string {
+		ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+			token, _ := strings.CutPrefix(req.Header.Get("Authorization"), "Bearer ")
+			if _, err := env.srv.tokens.verify(token); err != nil {
+				http.Error(w, "unauthorized", http.StatusUnauthorized)
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+			if withGraph {
+				if status, _, err := env.srv.graphGet(req.Context(), "/v1.0/me", graphToken); err != nil || status != http.StatusOK {
+					http.Error(w, "graph", http.StatusBadGateway)
+					return
+				}
+			}
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"jsonrpc":"2.0","id":1,"result":{}}`)
+		}))
+		b.Cleanup(ts.Close)
+		return ts.URL
+	}
+	r.ceiling, r.ceilingGraph = bare(false), bare(true)
+	return r
+}
+
+// post sends a POST and reads the whole answer.
+func (r *benchRig) post(url string, h http.Header, body string) error {
+	req, err := http.NewRequest("POST", url, strings.NewReader(body))
+	if err != nil {
+		return err
+	}
+	req.Header = h
+	resp, err := r.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if _, err := io.Copy(io.Discard, resp.Body); err != nil {
+		return err
+	}
+	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusAccepted {
+		return fmt.Errorf("POST %s = %d", url, resp.StatusCode)
+	}
+	return nil
+}
+
+// roundTrip returns a function for one round trip of method over a
+// transport ("ceiling", "ceiling+graph", "mcp" or "sse"); each caller gets
+// its own, so that parallel callers over SSE each have their own stream.
+func (r *benchRig) roundTrip(b *testing.B, transport, method string) func() error {
+	params := map[string]string{"ping": `{}`, "tools/list": `{}`, "tools/call": `{"name":"getUserDetails"}`}[method]
+	body := fmt.Sprintf(`{"jsonrpc":"2.0","id":1,"method":%q,"params":%s}`, method, params)
+	switch transport {
+	case "ceiling", "ceiling+graph":
+		url := map[string]string{"ceiling": r.ceiling, "ceiling+graph": r.ceilingGraph}[transport]
+		return func() error { return r.post(url, http.Header{"Authorization": {"Bearer " + r.token}}, body) }
+	case "mcp":
+		return func() error { return r.post(r.env.url+"/mcp", r.mcp, body) }
+	}
+	// HTTP+SSE: POST /message, then read the answer from the stream.
+	req, _ := http.NewRequestWithContext(b.Context(), "GET", r.env.url+"/sse", nil)
+	req.Header.Set("Authorization", "Bearer "+r.token)
+	resp, err := r.client.Do(req)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { resp.Body.Close() })
+	events := &eventReader{r: bufio.NewReader(resp.Body)}
+	endpoint, err := events.next()
+	if err != nil {
+		b.Fatal(err)
+	}
+	h := http.Header{"Authorization": {"Bearer " + r.token}, "Content-Type": {"application/json"}}
+	return func() error {
+		if err := r.post(r.env.url+endpoint.data, h, body); err != nil {
+			return err
+		}
+		_, err := events.next()
+		return err
+	}
+}
+
+// BenchmarkCeiling is the floor any MCP server on net/http pays: a loopback
+// POST whose handler checks the bearer token and writes a fixed result.
+func BenchmarkCeiling(b *testing.B) {
+	r := newBenchRig(b)
+	for _, transport := range []string{"ceiling", "ceiling+graph"} {
+		b.Run(transport, func(b *testing.B) {
+			b.ReportAllocs()
+			b.RunParallel(func(pb *testing.PB) {
+				op := r.roundTrip(b, transport, "ping")
+				for pb.Next() {
+					if err := op(); err != nil {
+						b.Error(err)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// BenchmarkRoundTrips measures authenticated MCP round trips over both
+// transports, sequential and parallel, and reports each one's throughput as
+// a multiple of the ceiling's measured in the same run (x-ceiling; tools/call
+// against the ceiling that makes the same Graph call).
+func BenchmarkRoundTrips(b *testing.B) {
+	r := newBenchRig(b)
+	for _, parallel := range []bool{false, true} {
+		mode := map[bool]string{false: "sequential", true: "parallel"}[parallel]
+		ceilings := map[string]float64{} // ns/op
+		measure := func(name, transport, method string) {
+			b.Run(mode+"/"+name, func(b *testing.B) {
+				b.ReportAllocs()
+				if parallel {
+					b.RunParallel(func(pb *testing.PB) {
+						op := r.roundTrip(b, transport, method)
+						for pb.Next() {
+							if err := op(); err != nil {
+								b.Error(err)
+								return
+							}
+						}
+					})
+				} else {
+					op := r.roundTrip(b, transport, method)
+					for b.Loop() {
+						if err := op(); err != nil {
+							b.Fatal(err)
+						}
+					}
+				}
+				nsPerOp := float64(b.Elapsed()) / float64(b.N)
+				if strings.HasPrefix(transport, "ceiling") {
+					ceilings[transport] = nsPerOp
+				} else if c := ceilings[map[bool]string{false: "ceiling", true: "ceiling+graph"}[method == "tools/call"]]; c > 0 {
+					b.ReportMetric(c/nsPerOp, "x-ceiling")
+				}
+			})
+		}
+		measure("ceiling", "ceiling", "ping")
+		measure("ceiling+graph", "ceiling+graph", "ping")
+		for _, transport := range []string{"mcp", "sse"} {
+			for _, method := range []string{"ping", "tools/list", "tools/call"} {
+				measure(transport+"/"+method, transport, method)
+			}
+		}
+	}
 }
 
 // run: configuration, start and shutdown.
@@ -2725,7 +2898,7 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 	}
 	logs := &lockedBuffer{}
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(t.Output(), logs), nil))
-	ec, err := discoverEntra(t.Context(), cfg, &http.Client{Timeout: 10 * time.Second}, clock.now())
+	ec, err := discoverEntra(t.Context(), cfg, newHTTPClient(), clock.now())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -2755,7 +2928,7 @@ func (e *testEnv) start(t testing.TB) error {
 
 // do sends a request to the server and returns the response; its body is
 // closed at the end of the test.
-func (e *testEnv) do(t *testing.T, method, path string, body io.Reader, h http.Header) *http.Response {
+func (e *testEnv) do(t testing.TB, method, path string, body io.Reader, h http.Header) *http.Response {
 	t.Helper()
 	resp := e.send(t, t.Context(), method, path, body, h)
 	t.Cleanup(func() { resp.Body.Close() })
@@ -2763,7 +2936,7 @@ func (e *testEnv) do(t *testing.T, method, path string, body io.Reader, h http.H
 }
 
 // send sends a request in ctx; the caller closes the body.
-func (e *testEnv) send(t *testing.T, ctx context.Context, method, path string, body io.Reader, h http.Header) *http.Response {
+func (e *testEnv) send(t testing.TB, ctx context.Context, method, path string, body io.Reader, h http.Header) *http.Response {
 	t.Helper()
 	req, err := http.NewRequestWithContext(ctx, method, e.url+path, body)
 	if err != nil {
@@ -2782,7 +2955,7 @@ func (e *testEnv) send(t *testing.T, ctx context.Context, method, path string, b
 	return resp
 }
 
-func (e *testEnv) postForm(t *testing.T, path string, form url.Values, h http.Header) *http.Response {
+func (e *testEnv) postForm(t testing.TB, path string, form url.Values, h http.Header) *http.Response {
 	t.Helper()
 	if h == nil {
 		h = http.Header{}
@@ -2791,13 +2964,13 @@ func (e *testEnv) postForm(t *testing.T, path string, form url.Values, h http.He
 	return e.do(t, "POST", path, strings.NewReader(form.Encode()), h)
 }
 
-func (e *testEnv) getJSON(t *testing.T, path string, v any) {
+func (e *testEnv) getJSON(t testing.TB, path string, v any) {
 	t.Helper()
 	decodeJSON(t, e.do(t, "GET", path, nil, nil), http.StatusOK, v)
 }
 
 // register registers a client and returns the registration response.
-func (e *testEnv) register(t *testing.T, body string) map[string]any {
+func (e *testEnv) register(t testing.TB, body string) map[string]any {
 	t.Helper()
 	var reg map[string]any
 	decodeJSON(t, e.do(t, "POST", "/register", strings.NewReader(body), nil), http.StatusCreated, &reg)
@@ -2818,7 +2991,7 @@ type testClient struct {
 
 // newClient registers a client with the loopback redirect URI and the given
 // extra metadata fields.
-func (e *testEnv) newClient(t *testing.T, fields string) *testClient {
+func (e *testEnv) newClient(t testing.TB, fields string) *testClient {
 	t.Helper()
 	c := &testClient{redirectURI: "http://127.0.0.1:7777/callback", verifier: oauth2.GenerateVerifier()}
 	reg := e.register(t, `{"redirect_uris":["`+c.redirectURI+`"],`+fields+`}`)
@@ -2842,7 +3015,7 @@ func (c *testClient) authorizeURL(extra url.Values) string {
 
 // toCallback takes browser b through consent and Entra's sign-in and returns
 // the callback URL Entra redirected it to, not yet followed.
-func (e *testEnv) toCallback(t *testing.T, b *browser, c *testClient) string {
+func (e *testEnv) toCallback(t testing.TB, b *browser, c *testClient) string {
 	t.Helper()
 	id := consentIDFrom(t, readBody(t, b.get(t, e.url+c.authorizeURL(nil))))
 	entraURL := location(t, b.postForm(t, e.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}}), http.StatusSeeOther)
@@ -2850,7 +3023,7 @@ func (e *testEnv) toCallback(t *testing.T, b *browser, c *testClient) string {
 }
 
 // codeFor signs in through c and returns our authorization code.
-func (e *testEnv) codeFor(t *testing.T, c *testClient) string {
+func (e *testEnv) codeFor(t testing.TB, c *testClient) string {
 	t.Helper()
 	b := newBrowser(t)
 	u := location(t, b.get(t, e.toCallback(t, b, c)), http.StatusFound)
@@ -2861,7 +3034,7 @@ func (e *testEnv) codeFor(t *testing.T, c *testClient) string {
 }
 
 // redeem redeems a code for c's tokens.
-func (e *testEnv) redeem(t *testing.T, c *testClient, code string) tokenResponse {
+func (e *testEnv) redeem(t testing.TB, c *testClient, code string) tokenResponse {
 	t.Helper()
 	var tokens tokenResponse
 	form := url.Values{"grant_type": {"authorization_code"}, "code": {code},
@@ -2886,7 +3059,7 @@ type signedIn struct {
 }
 
 // signIn runs steps 3 to 7 for a new public client and returns its tokens.
-func (e *testEnv) signIn(t *testing.T, opts signInOptions) signedIn {
+func (e *testEnv) signIn(t testing.TB, opts signInOptions) signedIn {
 	t.Helper()
 	c := e.newClient(t, `"token_endpoint_auth_method":"none"`)
 	c.resource = opts.resource
@@ -2905,13 +3078,13 @@ type sseConn struct {
 
 // connect opens GET /sse with the token, for as long as the test runs, and
 // reads the endpoint event.
-func (e *testEnv) connect(t *testing.T, token string) *sseConn {
+func (e *testEnv) connect(t testing.TB, token string) *sseConn {
 	t.Helper()
 	return e.connectUntil(t, t.Context(), token)
 }
 
 // connectUntil opens the stream until ctx is done.
-func (e *testEnv) connectUntil(t *testing.T, ctx context.Context, token string) *sseConn {
+func (e *testEnv) connectUntil(t testing.TB, ctx context.Context, token string) *sseConn {
 	t.Helper()
 	resp := e.send(t, ctx, "GET", "/sse", nil, bearer(token))
 	if resp.StatusCode != http.StatusOK || resp.Header.Get("Content-Type") != "text/event-stream" {
@@ -2928,7 +3101,7 @@ func (e *testEnv) connectUntil(t *testing.T, ctx context.Context, token string) 
 func (c *sseConn) close() { c.body.Close() }
 
 // post sends one raw message to the session's endpoint.
-func (c *sseConn) post(t *testing.T, body string) *http.Response {
+func (c *sseConn) post(t testing.TB, body string) *http.Response {
 	t.Helper()
 	return c.env.do(t, "POST", c.endpoint, strings.NewReader(body), bearer(c.token))
 }
@@ -2942,7 +3115,7 @@ type rpcReply struct {
 }
 
 // request sends a request, expects 202, and reads its answer from the stream.
-func (c *sseConn) request(t *testing.T, method, params string) rpcReply {
+func (c *sseConn) request(t testing.TB, method, params string) rpcReply {
 	t.Helper()
 	msg := fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":%q`, c.nextID, method)
 	if params != "" {
@@ -2964,7 +3137,7 @@ func (c *sseConn) request(t *testing.T, method, params string) rpcReply {
 }
 
 // call sends a request and decodes its result into v.
-func (c *sseConn) call(t *testing.T, method, params string, v any) {
+func (c *sseConn) call(t testing.TB, method, params string, v any) {
 	t.Helper()
 	reply := c.request(t, method, params)
 	if reply.Error != nil {
@@ -3008,13 +3181,13 @@ func (c *mcpClient) headers(extra http.Header) http.Header {
 	return h
 }
 
-func (c *mcpClient) post(t *testing.T, body string, extra http.Header) *http.Response {
+func (c *mcpClient) post(t testing.TB, body string, extra http.Header) *http.Response {
 	t.Helper()
 	return c.env.do(t, "POST", "/mcp", strings.NewReader(body), c.headers(extra))
 }
 
 // initialize starts a session at the given version.
-func (c *mcpClient) initialize(t *testing.T, version string) {
+func (c *mcpClient) initialize(t testing.TB, version string) {
 	t.Helper()
 	resp := c.post(t, `{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"`+version+`"}}`, nil)
 	var r rpcReply
@@ -3026,7 +3199,7 @@ func (c *mcpClient) initialize(t *testing.T, version string) {
 }
 
 // call sends a request and decodes its result into v.
-func (c *mcpClient) call(t *testing.T, method, params string, v any) {
+func (c *mcpClient) call(t testing.TB, method, params string, v any) {
 	t.Helper()
 	c.nextID++
 	msg := fmt.Sprintf(`{"jsonrpc":"2.0","id":%d,"method":%q`, c.nextID, method)
@@ -3061,7 +3234,7 @@ func postRaw(ctx context.Context, u string, h http.Header, body string) string {
 }
 
 // bearerFor signs in a new client with opts and returns its bearer header.
-func bearerFor(env *testEnv, opts signInOptions, t *testing.T) http.Header {
+func bearerFor(env *testEnv, opts signInOptions, t testing.TB) http.Header {
 	return http.Header{"Authorization": {"Bearer " + env.signIn(t, opts).AccessToken}}
 }
 
@@ -3096,7 +3269,7 @@ type browser struct {
 	header http.Header
 }
 
-func newBrowser(t *testing.T) *browser {
+func newBrowser(t testing.TB) *browser {
 	jar, _ := cookiejar.New(nil)
 	return &browser{client: &http.Client{
 		Jar:           jar,
@@ -3104,17 +3277,17 @@ func newBrowser(t *testing.T) *browser {
 	}}
 }
 
-func (b *browser) get(t *testing.T, u string) *http.Response {
+func (b *browser) get(t testing.TB, u string) *http.Response {
 	t.Helper()
 	return b.send(t, "GET", u, nil, "")
 }
 
-func (b *browser) postForm(t *testing.T, u string, form url.Values) *http.Response {
+func (b *browser) postForm(t testing.TB, u string, form url.Values) *http.Response {
 	t.Helper()
 	return b.send(t, "POST", u, strings.NewReader(form.Encode()), "application/x-www-form-urlencoded")
 }
 
-func (b *browser) send(t *testing.T, method, u string, body io.Reader, contentType string) *http.Response {
+func (b *browser) send(t testing.TB, method, u string, body io.Reader, contentType string) *http.Response {
 	t.Helper()
 	req, err := http.NewRequestWithContext(t.Context(), method, u, body)
 	if err != nil {
@@ -3138,7 +3311,7 @@ func (b *browser) send(t *testing.T, method, u string, body io.Reader, contentTy
 
 func bearer(token string) http.Header { return http.Header{"Authorization": {"Bearer " + token}} }
 
-func readBody(t *testing.T, resp *http.Response) string {
+func readBody(t testing.TB, resp *http.Response) string {
 	t.Helper()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil {
@@ -3147,7 +3320,7 @@ func readBody(t *testing.T, resp *http.Response) string {
 	return string(b)
 }
 
-func decodeJSON(t *testing.T, resp *http.Response, wantStatus int, v any) {
+func decodeJSON(t testing.TB, resp *http.Response, wantStatus int, v any) {
 	t.Helper()
 	body := readBody(t, resp)
 	if resp.StatusCode != wantStatus {
@@ -3159,7 +3332,7 @@ func decodeJSON(t *testing.T, resp *http.Response, wantStatus int, v any) {
 }
 
 // wantOAuthError checks an OAuth JSON error response.
-func wantOAuthError(t *testing.T, resp *http.Response, wantStatus int, wantError string) {
+func wantOAuthError(t testing.TB, resp *http.Response, wantStatus int, wantError string) {
 	t.Helper()
 	var e struct{ Error, ErrorDescription string }
 	decodeJSON(t, resp, wantStatus, &e)
@@ -3172,7 +3345,7 @@ func wantOAuthError(t *testing.T, resp *http.Response, wantStatus int, wantError
 }
 
 // location checks that resp redirects with the status and returns where to.
-func location(t *testing.T, resp *http.Response, wantStatus int) *url.URL {
+func location(t testing.TB, resp *http.Response, wantStatus int) *url.URL {
 	t.Helper()
 	if resp.StatusCode != wantStatus {
 		t.Fatalf("%s %s = %d, want %d: %s", resp.Request.Method, resp.Request.URL, resp.StatusCode, wantStatus, readBody(t, resp))
@@ -3186,7 +3359,7 @@ func location(t *testing.T, resp *http.Response, wantStatus int) *url.URL {
 
 var consentIDPattern = regexp.MustCompile(`name="consent_id" value="([^"]+)"`)
 
-func consentIDFrom(t *testing.T, page string) string {
+func consentIDFrom(t testing.TB, page string) string {
 	t.Helper()
 	m := consentIDPattern.FindStringSubmatch(page)
 	if m == nil {
@@ -3196,7 +3369,7 @@ func consentIDFrom(t *testing.T, page string) string {
 }
 
 // tokenClaims decodes a session token's claims without verifying it.
-func tokenClaims(t *testing.T, token string) map[string]any {
+func tokenClaims(t testing.TB, token string) map[string]any {
 	t.Helper()
 	_, payload, _, ok := cut3(token)
 	b, err := base64.RawURLEncoding.DecodeString(payload)
@@ -3381,7 +3554,7 @@ func (f *fakeEntra) knownTenant(r *http.Request) bool {
 const fakeTenantDomain = "contoso.example"
 
 // rotateKey replaces the fake's signing key, as Entra does now and then.
-func (f *fakeEntra) rotateKey(t *testing.T) {
+func (f *fakeEntra) rotateKey(t testing.TB) {
 	key, err := rsa.GenerateKey(rand.Reader, 2048)
 	if err != nil {
 		t.Fatal(err)
