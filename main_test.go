@@ -1809,6 +1809,30 @@ func TestGraphRefusesTheToken(t *testing.T) {
 	})
 }
 
+func TestGraphConnectionsAreReused(t *testing.T) {
+	env := newTestEnv(t)
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-11-25")
+	call := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails"}}`
+	before := func() int { env.entra.mu.Lock(); defer env.entra.mu.Unlock(); return env.entra.connections }()
+	for range 5 { // five rounds of eight concurrent calls
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() {
+				if got := postRaw(t.Context(), env.url+"/mcp", c.headers(nil), call); !strings.HasPrefix(got, "200 ") {
+					t.Errorf("tools/call = %s", got)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	env.entra.mu.Lock()
+	defer env.entra.mu.Unlock()
+	if n := env.entra.connections - before; n > 8 {
+		t.Errorf("40 tool calls, 8 at a time, opened %d connections to Graph; want at most 8, kept alive", n)
+	}
+}
+
 func TestToolGraphFailure(t *testing.T) {
 	tests := []struct {
 		name  string
@@ -3470,6 +3494,7 @@ type fakeEntra struct {
 	idTokenSigner   *rsa.PrivateKey      // knob: sign id_tokens with this key instead
 	jwksFetches     int                  // how often the key set was fetched
 	jwksDown        bool                 // knob: the key set cannot be fetched
+	connections     int                  // TCP connections accepted
 	lastIDToken     string               // the last id_token issued
 }
 
@@ -3514,7 +3539,13 @@ func newFakeEntra(t testing.TB, opts fakeEntraOptions) *fakeEntra {
 	mux.HandleFunc("GET /{tenant}/oauth2/v2.0/authorize", f.authorize)
 	mux.HandleFunc("/{tenant}/oauth2/v2.0/token", f.token)
 	mux.HandleFunc("GET /v1.0/me", f.me)
-	f.Server = httptest.NewServer(mux)
+	f.Server = httptest.NewUnstartedServer(mux)
+	f.Config.ConnState = func(_ net.Conn, state http.ConnState) {
+		if state == http.StateNew {
+			f.set(func() { f.connections++ })
+		}
+	}
+	f.Start()
 	t.Cleanup(f.Close)
 	return f
 }
