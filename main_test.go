@@ -2727,6 +2727,144 @@ func BenchmarkRoundTrips(b *testing.B) {
 	}
 }
 
+// sessionTokens makes n signed-in sessions directly on the server, as n
+// sign-ins would, and returns their access tokens: one user may hold only a
+// few MCP sessions, and n sign-ins through the browser would take long.
+func (e *testEnv) sessionTokens(n int) []string {
+	capAt(e.srv.sessions, e.srv.sessions.len()+n)
+	capAt(e.srv.mcp, e.srv.mcp.len()+n)
+	tokens := make([]string, n)
+	for i := range tokens {
+		sess := &session{id: newSecret(), subject: "bench", clientID: "bench", scope: "mcp", resource: e.url,
+			entraToken: &oauth2.Token{AccessToken: "x"}, entraExpiry: e.clock.now().Add(time.Hour)}
+		e.srv.sessions.put(sess.id, sess, time.Hour)
+		tokens[i] = e.srv.tokens.mint(sessionClaims{Audience: e.url, SessionID: sess.id, ClientID: "bench", Scope: "mcp",
+			IssuedAt: e.clock.now().Unix(), Expiry: e.clock.now().Add(time.Hour).Unix()})
+	}
+	return tokens
+}
+
+// openStreams opens an event stream on the server at addr for each token,
+// with raw TCP clients, so that what they cost the process is mostly the
+// server's, and reads each one's first event.
+func openStreams(b testing.TB, addr string, tokens []string) []net.Conn {
+	conns := make([]net.Conn, 0, len(tokens))
+	b.Cleanup(func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	for _, token := range tokens {
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			b.Fatalf("stream %d: %v", len(conns), err)
+		}
+		conns = append(conns, c)
+		fmt.Fprintf(c, "GET /sse HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\nAccept: text/event-stream\r\n\r\n", addr, token)
+		br := bufio.NewReader(c)
+		for data := false; ; {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				b.Fatalf("stream %d: %v", len(conns), err)
+			}
+			if strings.HasPrefix(line, "data:") {
+				data = true
+			} else if data && line == "\r\n" || data && line == "\n" {
+				break
+			}
+		}
+	}
+	return conns
+}
+
+// inUse is the memory in use: heap and goroutine stacks.
+func inUse() (bytes uint64, goroutines int) {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse + m.StackInuse, runtime.NumGoroutine()
+}
+
+// BenchmarkIdleSessions measures what an idle session costs the server, over
+// 1,000 of them: an open HTTP+SSE stream, beside the same measure for a
+// streaming request held open by a bare handler (the ceiling: two
+// goroutines per connection, as for an SSE stream); and an idle Streamable
+// HTTP session, which holds no connection at all.
+func BenchmarkIdleSessions(b *testing.B) {
+	r := newBenchRig(b)
+	const n = 1000
+	// The ceiling: a bare handler that checks the token, sends one event
+	// and holds the request open.
+	ceiling := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		token, _ := strings.CutPrefix(req.Header.Get("Authorization"), "Bearer ")
+		if _, err := r.env.srv.tokens.verify(token); err != nil {
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		w.Header().Set("Content-Type", "text/event-stream")
+		io.WriteString(w, "event: endpoint\ndata: /message\n\n")
+		http.NewResponseController(w).Flush()
+		<-req.Context().Done()
+	}))
+	b.Cleanup(ceiling.Close)
+
+	tokens := r.env.sessionTokens(n)
+
+	b.Run("streamable-session", func(b *testing.B) {
+		measured := false
+		for b.Loop() {
+			if measured {
+				continue
+			}
+			measured = true
+			before, _ := inUse()
+			body := `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`
+			sessions := make([]string, 0, n)
+			for _, token := range tokens {
+				req, _ := http.NewRequest("POST", r.env.url+"/mcp", strings.NewReader(body))
+				req.Header = (&mcpClient{token: token}).headers(nil)
+				resp, err := r.client.Do(req)
+				if err != nil {
+					b.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				sessions = append(sessions, resp.Header.Get("Mcp-Session-Id"))
+			}
+			after, _ := inUse()
+			b.ReportMetric(float64(int64(after)-int64(before))/n, "bytes/session")
+			for _, id := range sessions {
+				r.env.srv.mcp.delete(id)
+			}
+		}
+	})
+
+	// Both sets of streams are held open together, measured one after the
+	// other, so that neither is measured while the other winds down. Only the
+	// first iteration measures.
+	b.Run("sse-stream", func(b *testing.B) {
+		measured := false
+		for b.Loop() {
+			if measured {
+				continue
+			}
+			measured = true
+			m0, g0 := inUse()
+			openStreams(b, strings.TrimPrefix(ceiling.URL, "http://"), tokens)
+			m1, g1 := inUse()
+			openStreams(b, strings.TrimPrefix(r.env.url, "http://"), tokens)
+			m2, g2 := inUse()
+			ceilingBytes, ours := float64(m1-m0)/n, float64(m2-m1)/n
+			b.ReportMetric(ceilingBytes, "ceiling-bytes/stream")
+			b.ReportMetric(ours, "bytes/stream")
+			b.ReportMetric(ours/ceilingBytes, "x-ceiling")
+			b.ReportMetric(float64(g1-g0)/n, "ceiling-goroutines/stream")
+			b.ReportMetric(float64(g2-g1)/n, "goroutines/stream")
+		}
+	})
+
+}
+
 // run: configuration, start and shutdown.
 
 func TestRunConfigErrors(t *testing.T) {
