@@ -38,6 +38,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"reflect"
 	"regexp"
@@ -2863,6 +2864,160 @@ func BenchmarkIdleSessions(b *testing.B) {
 		}
 	})
 
+}
+
+// BenchmarkManyStreams holds 10,000 idle HTTP+SSE streams on one server and
+// reports what each costs it. The clients run in a second process (this test
+// binary again, as TestStreamClients), so that each process needs only one
+// descriptor a stream and the memory measured is the server's alone.
+func BenchmarkManyStreams(b *testing.B) {
+	env := newTestEnv(b)
+	env.srv.log = slog.New(slog.DiscardHandler)
+	const n = 10_000
+	tokens := filepath.Join(b.TempDir(), "tokens")
+	if err := os.WriteFile(tokens, []byte(strings.Join(env.sessionTokens(n), "\n")), 0o600); err != nil {
+		b.Fatal(err)
+	}
+	measured := false
+	for b.Loop() {
+		if measured {
+			continue
+		}
+		measured = true
+		m0, g0 := inUse()
+		cmd := exec.CommandContext(b.Context(), os.Args[0], "-test.run=^TestStreamClients$", "-test.v")
+		cmd.Env = append(os.Environ(), "ENTRA_MCP_STREAM_CLIENTS="+strings.TrimPrefix(env.url, "http://")+" "+tokens)
+		hold, _ := cmd.StdinPipe()
+		out, _ := cmd.StdoutPipe()
+		cmd.Stderr = os.Stderr
+		if err := cmd.Start(); err != nil {
+			b.Fatal(err)
+		}
+		if !waitForLine(out, "streams open") {
+			b.Fatal("the client process did not open its streams")
+		}
+		m1, g1 := inUse()
+		b.ReportMetric(float64(m1-m0)/n, "bytes/stream")
+		b.ReportMetric(float64(g1-g0)/n, "goroutines/stream")
+		b.ReportMetric(float64(m1-m0)/(1<<20), "MiB")
+		hold.Close() // the client process closes its streams and exits
+		cmd.Wait()
+	}
+}
+
+// TestStreamClients is the client process of BenchmarkManyStreams, and skips
+// otherwise: it opens a stream for each token and holds them until its
+// standard input closes.
+func TestStreamClients(t *testing.T) {
+	addr, tokens, ok := strings.Cut(os.Getenv("ENTRA_MCP_STREAM_CLIENTS"), " ")
+	if !ok {
+		t.Skip("the client process of BenchmarkManyStreams")
+	}
+	data, err := os.ReadFile(tokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	openStreams(t, addr, strings.Split(string(data), "\n"))
+	fmt.Println("streams open")
+	io.Copy(io.Discard, os.Stdin)
+}
+
+// waitForLine reads r until a line holds want.
+func waitForLine(r io.Reader, want string) bool {
+	lines := bufio.NewScanner(r)
+	for lines.Scan() {
+		if strings.Contains(lines.Text(), want) {
+			go io.Copy(io.Discard, r)
+			return true
+		}
+	}
+	return false
+}
+
+// TestStreamsLeaveNothingBehind opens and closes many streams, and checks that
+// goroutines, descriptors and sessions come back to where they were.
+func TestStreamsLeaveNothingBehind(t *testing.T) {
+	env := newTestEnv(t)
+	const n = 200
+	tokens := env.sessionTokens(n)
+	// Serve env's server on a listener that says when the server has closed
+	// each connection: the wait below is for that, not for time to pass.
+	closed := make(chan struct{}, 3*n)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: env.srv}
+	served := make(chan struct{})
+	go func() { hs.Serve(&trackedListener{Listener: ln, closed: closed}); close(served) }()
+	defer func() { hs.Close(); <-served }()
+	addr := ln.Addr().String()
+
+	sessions, goroutines, fds := env.srv.mcp.len(), runtime.NumGoroutine(), openFDs()
+	for range 3 {
+		conns := openStreams(t, addr, tokens)
+		if got := env.srv.mcp.len(); got != sessions+n {
+			t.Fatalf("%d MCP sessions with %d streams open, want %d", got, n, sessions+n)
+		}
+		for _, c := range conns {
+			c.Close()
+		}
+		for range n {
+			<-closed // the server has closed one of them
+		}
+	}
+	if got := env.srv.mcp.len(); got != sessions {
+		t.Errorf("%d MCP sessions after the streams closed, want %d", got, sessions)
+	}
+	if got := openFDs(); fds >= 0 && got > fds {
+		t.Errorf("%d descriptors open after the streams closed, want at most %d", got, fds)
+	}
+	// The server's goroutines are returning from closing the connections.
+	for range 1000 {
+		if runtime.NumGoroutine() <= goroutines {
+			break
+		}
+		runtime.Gosched()
+	}
+	if got := runtime.NumGoroutine(); got > goroutines {
+		t.Errorf("%d goroutines after the streams closed, want at most %d", got, goroutines)
+	}
+}
+
+// trackedListener sends on closed each time the server closes a connection.
+type trackedListener struct {
+	net.Listener
+	closed chan<- struct{}
+}
+
+func (l *trackedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &trackedConn{Conn: c, closed: l.closed}, nil
+}
+
+type trackedConn struct {
+	net.Conn
+	once   sync.Once
+	closed chan<- struct{}
+}
+
+func (c *trackedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.closed <- struct{}{} })
+	return err
+}
+
+// openFDs counts this process's open descriptors, or returns -1 where /proc
+// cannot tell.
+func openFDs() int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	return len(entries)
 }
 
 // run: configuration, start and shutdown.
