@@ -2866,6 +2866,23 @@ func BenchmarkIdleSessions(b *testing.B) {
 
 }
 
+// BenchmarkSignIn runs the whole sign-in, register → authorize → consent →
+// Entra → callback → token, and reports the share of its time spent in the
+// fake Entra ID and in this server's own code (its handlers, less the time
+// the callback waits for Entra's token endpoint): ours should not dominate.
+func BenchmarkSignIn(b *testing.B) {
+	env := newTestEnv(b)
+	env.srv.log = slog.New(slog.DiscardHandler)
+	entra0, token0, ours0 := env.entra.busy.Load(), env.entra.busyToken.Load(), env.busy.Load()
+	for b.Loop() {
+		env.signIn(b, signInOptions{})
+	}
+	total := float64(b.Elapsed())
+	inEntra, waitingForEntra := env.entra.busy.Load()-entra0, env.entra.busyToken.Load()-token0
+	b.ReportMetric(100*float64(inEntra)/total, "%-in-Entra")
+	b.ReportMetric(100*float64(env.busy.Load()-ours0-waitingForEntra)/total, "%-in-server")
+}
+
 // BenchmarkManyStreams holds 10,000 idle HTTP+SSE streams on one server and
 // reports what each costs it. The clients run in a second process (this test
 // binary again, as TestStreamClients), so that each process needs only one
@@ -3195,6 +3212,7 @@ type testEnv struct {
 	logger  *slog.Logger
 	ec      *entraClient
 	serving atomic.Pointer[server]
+	busy    atomic.Int64 // time spent handling requests, in ns
 }
 
 // newTestEnv starts a server; opts may change its configuration.
@@ -3220,7 +3238,11 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 		t.Fatal(err)
 	}
 	env := &testEnv{url: publicURL, entra: entra, clock: clock, logs: logs, cfg: cfg, logger: logger, ec: ec}
-	ts.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { env.serving.Load().ServeHTTP(w, r) })
+	ts.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		env.serving.Load().ServeHTTP(w, r)
+		env.busy.Add(int64(time.Since(start)))
+	})
 	t.Cleanup(ts.Close)
 	if err := env.start(t); err != nil {
 		t.Fatal(err)
@@ -3788,6 +3810,8 @@ type fakeEntra struct {
 	jwksFetches     int                  // how often the key set was fetched
 	jwksDown        bool                 // knob: the key set cannot be fetched
 	connections     int                  // TCP connections accepted
+	busy            atomic.Int64         // time spent handling requests, in ns
+	busyToken       atomic.Int64         // the part of busy spent at the token endpoint
 	lastIDToken     string               // the last id_token issued
 }
 
@@ -3832,7 +3856,14 @@ func newFakeEntra(t testing.TB, opts fakeEntraOptions) *fakeEntra {
 	mux.HandleFunc("GET /{tenant}/oauth2/v2.0/authorize", f.authorize)
 	mux.HandleFunc("/{tenant}/oauth2/v2.0/token", f.token)
 	mux.HandleFunc("GET /v1.0/me", f.me)
-	f.Server = httptest.NewUnstartedServer(mux)
+	f.Server = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		mux.ServeHTTP(w, r)
+		f.busy.Add(int64(time.Since(start)))
+		if strings.HasSuffix(r.URL.Path, "/token") {
+			f.busyToken.Add(int64(time.Since(start)))
+		}
+	}))
 	f.Config.ConnState = func(_ net.Conn, state http.ConnState) {
 		if state == http.StateNew {
 			f.set(func() { f.connections++ })
