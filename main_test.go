@@ -2778,6 +2778,18 @@ func openStreams(b testing.TB, addr string, tokens []string) []net.Conn {
 	return conns
 }
 
+// measureOnce runs measure in the first iteration of b's loop only: a
+// measurement of memory must not see the previous one still winding down.
+func measureOnce(b *testing.B, measure func()) {
+	done := false
+	for b.Loop() {
+		if !done {
+			done = true
+			measure()
+		}
+	}
+}
+
 // inUse is the memory in use: heap and goroutine stacks.
 func inUse() (bytes uint64, goroutines int) {
 	runtime.GC()
@@ -2812,12 +2824,7 @@ func BenchmarkIdleSessions(b *testing.B) {
 	tokens := r.env.sessionTokens(n)
 
 	b.Run("streamable-session", func(b *testing.B) {
-		measured := false
-		for b.Loop() {
-			if measured {
-				continue
-			}
-			measured = true
+		measureOnce(b, func() {
 			before, _ := inUse()
 			body := `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`
 			sessions := make([]string, 0, n)
@@ -2837,19 +2844,13 @@ func BenchmarkIdleSessions(b *testing.B) {
 			for _, id := range sessions {
 				r.env.srv.mcp.delete(id)
 			}
-		}
+		})
 	})
 
 	// Both sets of streams are held open together, measured one after the
-	// other, so that neither is measured while the other winds down. Only the
-	// first iteration measures.
+	// other, so that neither is measured while the other winds down.
 	b.Run("sse-stream", func(b *testing.B) {
-		measured := false
-		for b.Loop() {
-			if measured {
-				continue
-			}
-			measured = true
+		measureOnce(b, func() {
 			m0, g0 := inUse()
 			openStreams(b, strings.TrimPrefix(ceiling.URL, "http://"), tokens)
 			m1, g1 := inUse()
@@ -2861,7 +2862,7 @@ func BenchmarkIdleSessions(b *testing.B) {
 			b.ReportMetric(ours/ceilingBytes, "x-ceiling")
 			b.ReportMetric(float64(g1-g0)/n, "ceiling-goroutines/stream")
 			b.ReportMetric(float64(g2-g1)/n, "goroutines/stream")
-		}
+		})
 	})
 
 }
@@ -2895,12 +2896,7 @@ func BenchmarkManyStreams(b *testing.B) {
 	if err := os.WriteFile(tokens, []byte(strings.Join(env.sessionTokens(n), "\n")), 0o600); err != nil {
 		b.Fatal(err)
 	}
-	measured := false
-	for b.Loop() {
-		if measured {
-			continue
-		}
-		measured = true
+	measureOnce(b, func() {
 		m0, g0 := inUse()
 		cmd := exec.CommandContext(b.Context(), os.Args[0], "-test.run=^TestStreamClients$", "-test.v")
 		cmd.Env = append(os.Environ(), "ENTRA_MCP_STREAM_CLIENTS="+strings.TrimPrefix(env.url, "http://")+" "+tokens)
@@ -2919,7 +2915,7 @@ func BenchmarkManyStreams(b *testing.B) {
 		b.ReportMetric(float64(m1-m0)/(1<<20), "MiB")
 		hold.Close() // the client process closes its streams and exits
 		cmd.Wait()
-	}
+	})
 }
 
 // TestStreamClients is the client process of BenchmarkManyStreams, and skips
