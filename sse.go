@@ -64,9 +64,14 @@ func (s *server) originAllowed(origin string) bool {
 }
 
 // findSession returns the caller's MCP session id on one transport (sse: the
-// HTTP+SSE one), or answers 404: unknown, ended, another user's and the other
-// transport's sessions all look alike.
+// HTTP+SSE one), or answers 400 if the request named none, and 404 if it is
+// not the caller's: unknown, ended, another user's and the other transport's
+// sessions all look alike.
 func (s *server) findSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
+	if id == "" {
+		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "the session id is missing")
+		return nil, false
+	}
 	ms, ok := s.mcp.get(id)
 	if !ok || ms.owner != sess.id || (ms.stream != nil) != sse {
 		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
@@ -216,12 +221,7 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 	if sess == nil {
 		return
 	}
-	id := r.URL.Query().Get("sessionId")
-	if id == "" {
-		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "sessionId is missing")
-		return
-	}
-	ms, ok := s.findSession(w, id, sess, true)
+	ms, ok := s.findSession(w, r.URL.Query().Get("sessionId"), sess, true)
 	if !ok {
 		return
 	}
@@ -363,12 +363,7 @@ func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, errResp)
 		return
 	}
-	id := r.Header.Get("Mcp-Session-Id")
-	if id == "" {
-		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "Mcp-Session-Id is missing")
-		return
-	}
-	ms, ok := s.findSession(w, id, sess, false)
+	ms, ok := s.findSession(w, r.Header.Get("Mcp-Session-Id"), sess, false)
 	if !ok {
 		return
 	}
