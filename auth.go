@@ -32,7 +32,7 @@ import (
 // MCP clients discover this server (step 2), register (step 3) and send the
 // user's browser to /authorize, where the user approves the client on our own
 // consent page (step 4). Only then does the browser go to Entra ID (step 5),
-// with this server's own state, PKCE verifier and nonce. Entra sends it back
+// with this server's own state, PKCE challenge and nonce. Entra sends it back
 // to /auth/callback (step 6); the server redeems Entra's code, keeps Entra's
 // tokens, and redirects the browser to the client with a code of its own,
 // which the client redeems at /token for a session token (step 7).
@@ -524,7 +524,6 @@ type entraFlow struct {
 	req      *authRequest
 	verifier string // our PKCE verifier towards Entra (RFC 7636)
 	nonce    string // our OIDC nonce, echoed in the id_token (OIDC Core §3.1.2.1)
-	browser  string
 }
 
 // startSignIn sends the approving browser to Entra ID's authorize endpoint.
@@ -533,7 +532,7 @@ type entraFlow struct {
 // Entra would reject our resource URL anyway (AADSTS9010010).
 func (s *server) startSignIn(w http.ResponseWriter, r *http.Request, req *authRequest) {
 	state := newSecret()
-	flow := &entraFlow{req: req, verifier: oauth2.GenerateVerifier(), nonce: newSecret(), browser: req.browser}
+	flow := &entraFlow{req: req, verifier: oauth2.GenerateVerifier(), nonce: newSecret()}
 	if err := s.flows.put(hashKey(state), flow, flowTTL); err != nil {
 		s.busyPage(w)
 		return
@@ -559,7 +558,7 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 		s.errorPage(w, http.StatusBadRequest, "Sign-in expired", "This sign-in is unknown, expired, or already finished. Start again from your MCP client.")
 		return
 	}
-	if !s.sameBrowser(r, flow.browser) {
+	if !s.sameBrowser(r, flow.req.browser) {
 		s.log.Warn("callback from another browser than the one that approved", "client_id", flow.req.clientID)
 		s.errorPage(w, http.StatusForbidden, "Sign-in refused", "This sign-in was started in another browser. Start again from your MCP client, in this browser.")
 		return
@@ -792,7 +791,7 @@ func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, 
 		return nil, entraUser{}, fmt.Errorf("redeem code: %w", err)
 	}
 	idToken, _ := tok.Extra("id_token").(string)
-	user, err := e.checkIDToken(ctx, idToken, flow.nonce, now)
+	user, err := e.checkIDToken(idToken, flow.nonce, now)
 	if err != nil {
 		return nil, entraUser{}, fmt.Errorf("id_token: %w", err)
 	}
@@ -829,7 +828,7 @@ const clockSkew = 5 * time.Minute
 // signature; checking it anyway means a token that did not come from Entra,
 // by whatever path, never makes a session (Microsoft: "confidential clients
 // should validate ID tokens").
-func (e *entraClient) checkIDToken(ctx context.Context, raw, nonce string, now time.Time) (entraUser, error) {
+func (e *entraClient) checkIDToken(raw, nonce string, now time.Time) (entraUser, error) {
 	parts := strings.Split(raw, ".")
 	if len(parts) != 3 {
 		return entraUser{}, errors.New("missing or malformed")

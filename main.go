@@ -13,7 +13,7 @@
 //  4. Consent: the browser opens /authorize and the user approves this client
 //     on our own consent page (auth.go).
 //  5. Sign-in: the server sends the browser to Entra ID with its own state,
-//     PKCE verifier and nonce (auth.go).
+//     PKCE challenge and nonce (auth.go).
 //  6. Callback: Entra ID redirects to /auth/callback; the server redeems the
 //     code, keeps the Entra tokens and hands the client an authorization code
 //     of its own (auth.go).
@@ -26,7 +26,7 @@
 //  9. Messages: JSON-RPC requests POSTed to /mcp, answered in the response;
 //     or POSTed to /message, answered on the SSE stream (sse.go, mcp.go).
 //  10. Tool: getUserDetails calls Microsoft Graph with the session's Entra
-//     token (mcp.go).
+//     token, which the server keeps fresh (mcp.go, session.go).
 //
 // Configuration comes from the environment; see the README.
 package main
@@ -156,10 +156,10 @@ Usage: go run .   (configured from the environment)
   REFRESH_TOKEN_TTL    default 336h (14 days; lifetime of refresh tokens and idle sessions)
   ALLOWED_TENANTS      default the tenant of ENTRA_TENANT_ID (tenant ids whose users may
                        sign in, comma-separated, or *; required for organizations/common)
-  RATE_LIMIT           default 120 (requests per minute per client IP to /register,
-                       /authorize and /token; 0: no limit)
-  ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp
-                       and /sse, besides PUBLIC_URL's and loopback ones)
+  RATE_LIMIT           default 120 (requests per minute per client IP and endpoint to
+                       /register, /authorize and /token; 0: no limit)
+  ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp,
+                       /sse and /message, besides PUBLIC_URL's and loopback ones)
 
 See README.md for the walkthrough.
 `
@@ -225,12 +225,13 @@ func loadConfig(getenv func(string) string) (config, error) {
 	if cfg.publicURL, err = originURL("PUBLIC_URL", env("PUBLIC_URL", "http://localhost:3001")); err != nil {
 		return config{}, err
 	}
+	keySet := env("SESSION_KEY", "") != ""
 	key, err := parseSessionKey("SESSION_KEY", env("SESSION_KEY", ""))
 	if err != nil {
 		return config{}, err
 	}
 	cfg.sessionKeys = [][]byte{key}
-	if cfg.stateFile = env("STATE_FILE", ""); cfg.stateFile != "" && getenv("SESSION_KEY") == "" {
+	if cfg.stateFile = env("STATE_FILE", ""); cfg.stateFile != "" && !keySet {
 		return config{}, errors.New("STATE_FILE needs SESSION_KEY: with a random key per start, nothing in the file could be read after a restart")
 	}
 	if previous := env("SESSION_KEY_PREVIOUS", ""); previous != "" {
@@ -238,7 +239,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 		switch {
 		case err != nil:
 			return config{}, err
-		case getenv("SESSION_KEY") == "":
+		case !keySet:
 			return config{}, errors.New("SESSION_KEY_PREVIOUS is set but SESSION_KEY is not: set SESSION_KEY to the new key")
 		case bytes.Equal(old, key):
 			return config{}, errors.New("SESSION_KEY_PREVIOUS equals SESSION_KEY: set it to the key SESSION_KEY replaces")

@@ -413,16 +413,13 @@ func TestSessionKeyRotation(t *testing.T) {
 	oldKey, newKey := randomBytes(32), randomBytes(32)
 	env := newTestEnv(t, func(c *config) { c.sessionKeys = [][]byte{oldKey} })
 	tokens := env.signIn(t, signInOptions{})
-	refresh := func(token string) *http.Response {
-		return env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {token}, "client_id": {tokens.clientID}}, nil)
-	}
 	rotate := func(keys ...[]byte) { env.srv.tokens = newSessionCodec(env.url, env.clock.now, keys...) }
 
 	rotate(newKey) // without SESSION_KEY_PREVIOUS, the old tokens are dead...
 	if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("old access token under a new key alone = %d, want 401", resp.StatusCode)
 	}
-	wantOAuthError(t, refresh(tokens.RefreshToken), 400, "invalid_grant")
+	wantOAuthError(t, env.refresh(t, tokens.RefreshToken, tokens.clientID), 400, "invalid_grant")
 
 	rotate(newKey, oldKey) // ...with it, they work until they expire
 	if resp := env.do(t, "POST", "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`),
@@ -430,16 +427,16 @@ func TestSessionKeyRotation(t *testing.T) {
 		t.Errorf("old access token with SESSION_KEY_PREVIOUS = %d, want 200", resp.StatusCode)
 	}
 	var next tokenResponse
-	decodeJSON(t, refresh(tokens.RefreshToken), http.StatusOK, &next)
+	decodeJSON(t, env.refresh(t, tokens.RefreshToken, tokens.clientID), http.StatusOK, &next)
 	header, _, _, _ := cut3(next.AccessToken)
 	if oldHeader, _, _, _ := cut3(tokens.AccessToken); header == oldHeader {
 		t.Errorf("the refreshed token is signed with the old key")
 	}
 	rotate(newKey) // the refreshed tokens need only the new key
-	decodeJSON(t, refresh(next.RefreshToken), http.StatusOK, &next)
+	decodeJSON(t, env.refresh(t, next.RefreshToken, tokens.clientID), http.StatusOK, &next)
 }
 
-// ExampleSessionCodec shows what a session token carries: a fixed header
+// Example_sessionToken shows what a session token carries: a fixed header
 // with the key id and format version, and claims that name a session.
 func Example_sessionToken() {
 	c := newSessionCodec("http://localhost:3001", func() time.Time { return time.Unix(1e9, 0) }, make([]byte, 32))
@@ -954,9 +951,6 @@ func TestConfidentialClients(t *testing.T) {
 func TestRefresh(t *testing.T) {
 	env := newTestEnv(t)
 	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
-	refresh := func(token, clientID string) *http.Response {
-		return env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {token}, "client_id": {clientID}}, nil)
-	}
 	first := env.redeem(t, c, env.codeFor(t, c))
 
 	t.Run("an expired access token is refreshed, and the refresh token rotates", func(t *testing.T) {
@@ -965,7 +959,7 @@ func TestRefresh(t *testing.T) {
 			t.Fatalf("POST /mcp with an expired token = %d, want 401", resp.StatusCode)
 		}
 		var second tokenResponse
-		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &second)
+		decodeJSON(t, env.refresh(t, first.RefreshToken, c.id), http.StatusOK, &second)
 		if second.RefreshToken == first.RefreshToken || tokenClaims(t, second.AccessToken)["sid"] != tokenClaims(t, first.AccessToken)["sid"] {
 			t.Errorf("refresh = %+v, want a new refresh token for the same session", second)
 		}
@@ -975,7 +969,7 @@ func TestRefresh(t *testing.T) {
 		// same new tokens instead of ending the session.
 		env.clock.advance(refreshGrace - time.Second)
 		var again tokenResponse
-		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &again)
+		decodeJSON(t, env.refresh(t, first.RefreshToken, c.id), http.StatusOK, &again)
 		if again.AccessToken != second.AccessToken || again.RefreshToken != second.RefreshToken || again.ExpiresIn != second.ExpiresIn-int64((refreshGrace-time.Second)/time.Second) {
 			t.Errorf("duplicate refresh = %+v, want the same tokens as %+v, expiring as they do", again, second)
 		}
@@ -1001,22 +995,22 @@ func TestRefresh(t *testing.T) {
 
 	t.Run("another client cannot use the refresh token, nor spoil it", func(t *testing.T) {
 		other := env.newClient(t, `"token_endpoint_auth_method":"none"`)
-		wantOAuthError(t, refresh(first.RefreshToken, other.id), 400, "invalid_grant")
-		wantOAuthError(t, refresh(first.RefreshToken+"x", c.id), 400, "invalid_grant")
+		wantOAuthError(t, env.refresh(t, first.RefreshToken, other.id), 400, "invalid_grant")
+		wantOAuthError(t, env.refresh(t, first.RefreshToken+"x", c.id), 400, "invalid_grant")
 		var next tokenResponse
-		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &next)
+		decodeJSON(t, env.refresh(t, first.RefreshToken, c.id), http.StatusOK, &next)
 		first = next
 	})
 
 	t.Run("a replaced refresh token used after the grace window ends the session", func(t *testing.T) {
 		var next tokenResponse
-		decodeJSON(t, refresh(first.RefreshToken, c.id), http.StatusOK, &next)
+		decodeJSON(t, env.refresh(t, first.RefreshToken, c.id), http.StatusOK, &next)
 		env.clock.advance(refreshGrace)
-		wantOAuthError(t, refresh(first.RefreshToken, c.id), 400, "invalid_grant") // the thief, or the client: no telling
+		wantOAuthError(t, env.refresh(t, first.RefreshToken, c.id), 400, "invalid_grant") // the thief, or the client: no telling
 		if resp := env.do(t, "POST", "/mcp", nil, bearer(next.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
 			t.Errorf("POST /mcp with the newest access token = %d, want 401: the session has ended", resp.StatusCode)
 		}
-		wantOAuthError(t, refresh(next.RefreshToken, c.id), 400, "invalid_grant")
+		wantOAuthError(t, env.refresh(t, next.RefreshToken, c.id), 400, "invalid_grant")
 	})
 }
 
@@ -1104,7 +1098,7 @@ func TestRevoke(t *testing.T) {
 			if resp := env.do(t, "POST", "/mcp", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
 				t.Errorf("POST /mcp after revoking the %s = %d, want 401", kind, resp.StatusCode)
 			}
-			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {c.id}}, nil)
+			resp := env.refresh(t, tokens.RefreshToken, c.id)
 			wantOAuthError(t, resp, 400, "invalid_grant")
 		})
 	}
@@ -1124,7 +1118,7 @@ func TestEndedSessionStaysEnded(t *testing.T) {
 	if resp := env.do(t, "GET", "/sse", nil, bearer(late.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("GET /sse with a token of an ended session = %d, want 401", resp.StatusCode)
 	}
-	resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {late.RefreshToken}, "client_id": {c.id}}, nil)
+	resp := env.refresh(t, late.RefreshToken, c.id)
 	wantOAuthError(t, resp, 400, "invalid_grant")
 }
 
@@ -1442,10 +1436,8 @@ func TestBatchesOnlyIn20250326(t *testing.T) {
 	if !slices.Equal(ids, []string{"1", "2", "3"}) || replies[0].Error == nil || replies[0].Error.Code != codeInvalidRequest {
 		t.Errorf("batch replies = %+v, want answers to 1 and 2 and an error for the invalid 3, first", replies)
 	}
-	for _, body := range []string{`[{"jsonrpc":"2.0","method":"notifications/initialized"}]`} {
-		if resp := c.post(t, body, nil); resp.StatusCode != http.StatusAccepted {
-			t.Errorf("a batch of notifications = %d, want 202", resp.StatusCode)
-		}
+	if resp := c.post(t, `[{"jsonrpc":"2.0","method":"notifications/initialized"}]`, nil); resp.StatusCode != http.StatusAccepted {
+		t.Errorf("a batch of notifications = %d, want 202", resp.StatusCode)
 	}
 	tooMany := "[" + strings.Repeat(`{"jsonrpc":"2.0","id":1,"method":"ping"},`, maxBatch) + `{"jsonrpc":"2.0","id":1,"method":"ping"}]`
 	for _, body := range []string{`[]`, tooMany, `[{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26"}}]`} {
@@ -1717,7 +1709,7 @@ func TestEntraRefusesToRenew(t *testing.T) {
 	if resp := sse.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("POST /message = %d, want 401: the session has ended on both transports", resp.StatusCode)
 	}
-	resp = env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+	resp = env.refresh(t, tokens.RefreshToken, tokens.clientID)
 	wantOAuthError(t, resp, 400, "invalid_grant")
 
 	// Signing in again works.
@@ -1738,16 +1730,16 @@ func TestEntraSignInBoundsOurs(t *testing.T) {
 		after func(t *testing.T, env *testEnv, tokens signedIn)
 	}{
 		{"our refresh after Entra revoked the sign-in", func(f *fakeEntra) { f.refreshRevoked = true }, func(t *testing.T, env *testEnv, tokens signedIn) {
-			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+			resp := env.refresh(t, tokens.RefreshToken, tokens.clientID)
 			wantOAuthError(t, resp, 400, "invalid_grant")
 		}},
 		{"Entra wants the user again (interaction_required)", func(f *fakeEntra) { f.refreshError = "interaction_required" }, func(t *testing.T, env *testEnv, tokens signedIn) {
-			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+			resp := env.refresh(t, tokens.RefreshToken, tokens.clientID)
 			wantOAuthError(t, resp, 400, "invalid_grant")
 		}},
 		{"Entra is down: our refresh goes ahead", func(f *fakeEntra) { f.refreshError = "temporarily_unavailable" }, func(t *testing.T, env *testEnv, tokens signedIn) {
 			var next tokenResponse
-			resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+			resp := env.refresh(t, tokens.RefreshToken, tokens.clientID)
 			decodeJSON(t, resp, http.StatusOK, &next)
 		}},
 	}
@@ -1835,24 +1827,13 @@ func TestGraphConnectionsAreReused(t *testing.T) {
 }
 
 func TestToolGraphFailure(t *testing.T) {
-	tests := []struct {
-		name  string
-		setup func(f *fakeEntra)
-		want  string
-	}{
-		{"Graph is down", func(f *fakeEntra) { f.set(func() { f.graphStatus = http.StatusServiceUnavailable }) }, "503 serviceNotAvailable"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			env := newTestEnv(t)
-			conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
-			tt.setup(env.entra)
-			var result toolResult
-			conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
-			if !result.IsError || !strings.Contains(result.Content[0].Text, tt.want) {
-				t.Errorf("tools/call = %+v, want isError and %q", result, tt.want)
-			}
-		})
+	env := newTestEnv(t)
+	conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
+	env.entra.set(func() { env.entra.graphStatus = http.StatusServiceUnavailable }) // Graph is down
+	var result toolResult
+	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	if want := "503 serviceNotAvailable"; !result.IsError || !strings.Contains(result.Content[0].Text, want) {
+		t.Errorf("tools/call = %+v, want isError and %q", result, want)
 	}
 }
 
@@ -1913,12 +1894,12 @@ func TestStateFileSurvivesRestart(t *testing.T) {
 		}
 	})
 	t.Run("the refresh token still works, and the client still exists", func(t *testing.T) {
-		resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+		resp := env.refresh(t, tokens.RefreshToken, tokens.clientID)
 		decodeJSON(t, resp, http.StatusOK, &tokens.tokenResponse)
 		if err := env.start(t); err != nil { // once more: the new generation was kept too
 			t.Fatal(err)
 		}
-		resp = env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+		resp = env.refresh(t, tokens.RefreshToken, tokens.clientID)
 		decodeJSON(t, resp, http.StatusOK, &tokens.tokenResponse)
 	})
 	t.Run("a revocation is kept too", func(t *testing.T) {
@@ -2117,7 +2098,12 @@ func TestCORS(t *testing.T) {
 
 func TestRateLimits(t *testing.T) {
 	t.Run("the default lets an automated test sign in dozens of times a minute", func(t *testing.T) {
-		env := newTestEnv(t, func(c *config) { c.rateLimit = 120 })
+		required := map[string]string{"ENTRA_TENANT_ID": "t", "ENTRA_CLIENT_ID": "c", "ENTRA_CLIENT_SECRET": "s"}
+		defaults, err := loadConfig(func(k string) string { return required[k] })
+		if err != nil {
+			t.Fatal(err)
+		}
+		env := newTestEnv(t, func(c *config) { c.rateLimit = defaults.rateLimit })
 		for range 40 {
 			env.signIn(t, signInOptions{}) // each: /register, /authorize twice, /token
 		}
@@ -2137,13 +2123,16 @@ func TestRateLimits(t *testing.T) {
 	for range 2 {
 		env.newClient(t, `"token_endpoint_auth_method":"none"`)
 	}
-	for _, tt := range []struct{ method, target, body, wantType string }{
-		{"POST", "/register", register, "application/json"},
-		{"GET", c.authorizeURL(nil), "", "text/html; charset=utf-8"},
-		{"POST", "/token", "grant_type=refresh_token&refresh_token=x&client_id=" + c.id, "application/json"},
+	for _, tt := range []struct {
+		method, target, body, wantType string
+		left                           int // of the burst of 3
+	}{
+		{"POST", "/register", register, "application/json", 0}, // spent on the 3 registrations above
+		{"GET", c.authorizeURL(nil), "", "text/html; charset=utf-8", 3},
+		{"POST", "/token", "grant_type=refresh_token&refresh_token=x&client_id=" + c.id, "application/json", 3},
 	} {
-		for range 3 {
-			from("127.0.0.1", tt.method, tt.target, tt.body) // what is left of the burst
+		for range tt.left {
+			from("127.0.0.1", tt.method, tt.target, tt.body)
 		}
 		rec := from("127.0.0.1", tt.method, tt.target, tt.body)
 		if rec.Code != http.StatusTooManyRequests || rec.Header().Get("Retry-After") == "" || rec.Header().Get("Content-Type") != tt.wantType {
@@ -2320,7 +2309,7 @@ func TestIdleMCPSessionsExpire(t *testing.T) {
 	// would after so long.
 	later := func(d time.Duration) {
 		env.clock.advance(d)
-		resp := env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+		resp := env.refresh(t, tokens.RefreshToken, tokens.clientID)
 		decodeJSON(t, resp, http.StatusOK, &tokens.tokenResponse)
 		c.token = tokens.AccessToken
 	}
@@ -3053,6 +3042,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
 		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
 		{"state file without a session key", map[string]string{"STATE_FILE": "/tmp/x"}, "SESSION_KEY"},
+		{"state file with a blank session key", map[string]string{"STATE_FILE": "/tmp/x", "SESSION_KEY": "   "}, "SESSION_KEY"},
 		{"damaged state file", map[string]string{"STATE_FILE": garbage, "SESSION_KEY": strings.Repeat("ab", 32)}, "STATE_FILE"},
 		{"previous key without a key", map[string]string{"SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY"},
 		{"previous key equal to the key", map[string]string{"SESSION_KEY": strings.Repeat("ab", 32), "SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY_PREVIOUS"},
@@ -3380,6 +3370,12 @@ func (e *testEnv) redeem(t testing.TB, c *testClient, code string) tokenResponse
 	resp := e.postForm(t, "/token", form, nil)
 	decodeJSON(t, resp, http.StatusOK, &tokens)
 	return tokens
+}
+
+// refresh redeems a public client's refresh token at /token.
+func (e *testEnv) refresh(t testing.TB, token, clientID string) *http.Response {
+	t.Helper()
+	return e.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {token}, "client_id": {clientID}}, nil)
 }
 
 // signInOptions changes how signIn signs in.

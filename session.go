@@ -47,8 +47,8 @@ import (
 // A session is one sign-in of one user through one client.
 type session struct {
 	id       string
-	subject  string // opaque user id for tokens and logs, derived from tid+oid
-	user     entraUser
+	subject  string    // opaque user id for tokens and logs, derived from tid+oid
+	user     entraUser // who signed in, for tools that need more than the Entra token
 	clientID string
 	scope    string
 	resource string      // the audience of the session's tokens
@@ -122,10 +122,10 @@ func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
 //
 // The refresh runs on a background context (golang.org/x/oauth2 keeps the
 // context it is given): a caller that gives up does not cancel it halfway, and
-// the HTTP client's timeout bounds it. If Entra refuses with invalid_grant
-// (the user was signed out, their password changed, the refresh token
-// expired), the session ends: the client's next request gets 401 and it signs
-// in again.
+// the HTTP client's timeout bounds it. If Entra refuses with one of
+// entraSignInOver (the user was signed out, their password changed, the
+// refresh token expired, Entra wants the user again), the session ends: the
+// client's next request gets 401 and it signs in again.
 func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
 	sess.refreshing.Lock()
 	defer sess.refreshing.Unlock()
@@ -579,7 +579,7 @@ func (c *sessionCodec) subject(u entraUser) string {
 // Secrets and the maps that hold short-lived state.
 
 // newSecret returns a random string with at least 128 bits of entropy, for
-// ids, states, codes, client secrets and refresh tokens.
+// ids, states, nonces, codes and client secrets.
 func newSecret() string { return rand.Text() }
 
 func randomBytes(n int) []byte {
@@ -589,7 +589,7 @@ func randomBytes(n int) []byte {
 }
 
 // hashKey is the map key under which a secret is stored. Keeping hashes, not
-// the secrets, means a memory dump yields no usable code or refresh token,
+// the secrets, means a memory dump yields no usable code or client secret,
 // and a lookup's timing says nothing about the secret.
 func hashKey(secret string) string {
 	sum := sha256.Sum256([]byte(secret))
@@ -814,8 +814,8 @@ type stateWriter struct {
 // saveState writes the state to STATE_FILE, if set, and returns once a write
 // that includes the caller's change is on disk. A failed write is logged, not
 // returned: the request has already succeeded in memory, and a lagging file
-// costs no session (see rotateRefresh). No lock of any session may be held by
-// the caller.
+// costs no session (see rotateRefresh). The caller may hold no session's mu:
+// the snapshot takes each one.
 func (s *server) saveState() {
 	if s.cfg.stateFile == "" {
 		return

@@ -63,8 +63,8 @@ func (s *server) originAllowed(origin string) bool {
 		(normalOrigin(u) == s.cfg.publicURL || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, normalOrigin(u)))
 }
 
-// findSession returns the caller's MCP session id on one transport (sse: the
-// HTTP+SSE one), or answers 400 if the request named none, and 404 if it is
+// findSession returns the caller's MCP session named id, on one transport
+// (sse: the HTTP+SSE one), or answers 400 if the request named none, and 404 if it is
 // not the caller's: unknown, ended, another user's and the other transport's
 // sessions all look alike.
 func (s *server) findSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
