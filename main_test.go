@@ -3065,7 +3065,11 @@ func TestRunConfigErrors(t *testing.T) {
 				env[k] = v
 			}
 			var stderr bytes.Buffer
-			err := run(t.Context(), []string{"entra-mcp"}, func(k string) string { return env[k] }, io.Discard, &stderr)
+			// Should the configuration be accepted after all, run serves until
+			// this deadline, and the test fails rather than hangs.
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			err := run(ctx, []string{"entra-mcp"}, func(k string) string { return env[k] }, io.Discard, &stderr)
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || strings.Contains(err.Error(), "\n") {
 				t.Errorf("run() = %v, want one line naming %s", err, tt.wantErr)
 			}
