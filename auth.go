@@ -91,10 +91,6 @@ type serverMetadata struct {
 	IssParameterSupported             bool     `json:"authorization_response_iss_parameter_supported"`
 }
 
-// authMethods are the client authentication methods of RFC 7591 §2 that the
-// token and revocation endpoints accept.
-var authMethods = []string{"client_secret_basic", "client_secret_post", "none"}
-
 // handleServerMetadata serves RFC 8414 metadata. The issuer is PUBLIC_URL byte
 // for byte: clients check it against the URL they built (RFC 8414 §3.3), and
 // MCP 2025-11-25 clients refuse a server without S256 in
@@ -141,9 +137,6 @@ type client struct {
 	secretHash string // hashKey of the client secret; empty for public clients
 }
 
-// allows reports whether the client registered for a grant type.
-func (c *client) allows(grantType string) bool { return slices.Contains(c.GrantTypes, grantType) }
-
 // registration is the response of RFC 7591 §3.2.1: the client's id, its
 // secret if it has one, and its metadata as registered.
 type registration struct {
@@ -189,110 +182,6 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 	s.saveState()
 	s.log.Info("client registered", "client_id", c.ID, "client_name", md.ClientName, "auth_method", md.TokenEndpointAuthMethod)
 	writeJSON(w, http.StatusCreated, resp)
-}
-
-// checkClientMetadata validates md and fills in the defaults this server
-// registers (RFC 7591 §2 lets the server replace requested values, as long as
-// it returns what it registered).
-func checkClientMetadata(md *clientMetadata) error {
-	if len(md.RedirectURIs) == 0 || len(md.RedirectURIs) > 10 {
-		return badRequest("invalid_redirect_uri", "redirect_uris must list 1 to 10 URIs")
-	}
-	for _, u := range md.RedirectURIs {
-		if err := checkRedirectURI(u); err != nil {
-			return badRequest("invalid_redirect_uri", err.Error())
-		}
-	}
-	switch md.TokenEndpointAuthMethod {
-	case "":
-		md.TokenEndpointAuthMethod = "client_secret_basic" // RFC 7591 §2 default
-	case "none", "client_secret_basic", "client_secret_post":
-	default:
-		return badRequest("invalid_client_metadata", "token_endpoint_auth_method must be none, client_secret_basic or client_secret_post")
-	}
-	if len(md.GrantTypes) == 0 {
-		// Registered for refresh too, so a client that omits grant_types is
-		// not sent back to the browser every hour.
-		md.GrantTypes = []string{"authorization_code", "refresh_token"}
-	}
-	for _, g := range md.GrantTypes {
-		if g != "authorization_code" && g != "refresh_token" {
-			return badRequest("invalid_client_metadata", "grant_types may hold only authorization_code and refresh_token")
-		}
-	}
-	if !slices.Contains(md.GrantTypes, "authorization_code") {
-		return badRequest("invalid_client_metadata", "grant_types must include authorization_code")
-	}
-	if len(md.ResponseTypes) == 0 {
-		md.ResponseTypes = []string{"code"}
-	}
-	if !slices.Equal(md.ResponseTypes, []string{"code"}) {
-		return badRequest("invalid_client_metadata", `response_types must be ["code"]`)
-	}
-	if len(md.ClientName) > 200 || len(md.ClientURI) > 2000 || len(md.SoftwareID) > 200 || len(md.SoftwareVersion) > 200 {
-		return badRequest("invalid_client_metadata", "a metadata value is too long")
-	}
-	md.Scope = serverScope // whatever was asked for, this is what there is
-	return nil
-}
-
-// checkRedirectURI accepts the redirect URIs real MCP clients register: https,
-// http on a loopback host (RFC 8252 §7.3), and private-use schemes such as
-// cursor:// (RFC 8252 §7.1). Fragments are not allowed (RFC 6749 §3.1.2).
-func checkRedirectURI(raw string) error {
-	u, err := url.Parse(raw)
-	switch {
-	case len(raw) > 2000 || err != nil || !u.IsAbs():
-		return fmt.Errorf("redirect URI %q is not an absolute URI", raw)
-	case u.Fragment != "" || strings.Contains(raw, "#"):
-		return fmt.Errorf("redirect URI %q has a fragment", raw)
-	case u.Scheme == "https":
-		if u.Host == "" {
-			return fmt.Errorf("redirect URI %q has no host", raw)
-		}
-	case u.Scheme == "http":
-		if !isLoopbackHost(u.Hostname()) {
-			return fmt.Errorf("redirect URI %q: plain http is allowed only for localhost, 127.0.0.1 and [::1]", raw)
-		}
-	case slices.Contains([]string{"javascript", "data", "file", "vbscript", "blob", "about", "ftp", "ws", "wss"}, u.Scheme):
-		return fmt.Errorf("redirect URI %q: scheme %s is not allowed", raw, u.Scheme)
-	}
-	return nil
-}
-
-// matchRedirectURI returns the redirect URI a request may use: the one it
-// names, if registered, or the only registered one if it names none
-// (RFC 6749 §3.1.2.3). A loopback URI matches on any port, because native
-// clients listen wherever a port is free (RFC 8252 §7.3); everything else
-// must match exactly.
-func (c *client) matchRedirectURI(requested string) (string, bool) {
-	if requested == "" {
-		if len(c.RedirectURIs) == 1 {
-			return c.RedirectURIs[0], true
-		}
-		return "", false
-	}
-	if strings.Contains(requested, "#") {
-		return "", false // RFC 6749 §3.1.2: never a fragment
-	}
-	for _, registered := range c.RedirectURIs {
-		if requested == registered || sameLoopbackURI(requested, registered) {
-			return requested, true
-		}
-	}
-	return "", false
-}
-
-// sameLoopbackURI reports whether a and b are the same loopback http URI but
-// for the port.
-func sameLoopbackURI(a, b string) bool {
-	ua, errA := url.Parse(a)
-	ub, errB := url.Parse(b)
-	if errA != nil || errB != nil || ua.Scheme != "http" || ub.Scheme != "http" || !isLoopbackHost(ua.Hostname()) {
-		return false
-	}
-	return ua.Hostname() == ub.Hostname() && ua.EscapedPath() == ub.EscapedPath() &&
-		ua.RawQuery == ub.RawQuery && ua.User == nil && ub.User == nil
 }
 
 // Step 4: the authorization request and our consent page.
@@ -377,91 +266,6 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.showConsent(w, c, req, consentID)
-}
-
-// maxAuthorizeQuery bounds an authorization request's query: room for long
-// states (VS Code sends a whole URI) and nothing like the megabyte net/http
-// would otherwise read.
-const maxAuthorizeQuery = 16 << 10
-
-// canonicalResource maps a resource indicator (RFC 8707) to one of the
-// resources this server publishes, tolerating case in the scheme and host and
-// one trailing slash, as clients send them.
-func (s *server) canonicalResource(raw string) (string, bool) {
-	u, err := url.Parse(raw)
-	if err != nil || u.RawQuery != "" || u.ForceQuery || strings.Contains(raw, "#") || u.User != nil {
-		return "", false
-	}
-	got := strings.ToLower(u.Scheme) + "://" + strings.ToLower(u.Host) + strings.TrimSuffix(u.EscapedPath(), "/")
-	for _, path := range []string{"", "/sse", "/mcp"} {
-		if got == strings.ToLower(s.cfg.publicURL)+path {
-			return s.cfg.publicURL + path, true
-		}
-	}
-	return "", false
-}
-
-// isPKCEValue reports whether v is 43 to 128 characters of the PKCE alphabet
-// (RFC 7636 §4.1).
-func isPKCEValue(v string) bool {
-	if len(v) < 43 || len(v) > 128 {
-		return false
-	}
-	for _, c := range v {
-		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || strings.ContainsRune("-._~", c)) {
-			return false
-		}
-	}
-	return true
-}
-
-// browserCookieName names the cookie that ties a consent, and the sign-in
-// that follows it, to one browser. Over https it carries the __Host- prefix,
-// so that no other site (a sibling subdomain, a network attacker on plain
-// http) can plant one of its own choosing (RFC 6265bis §4.1.3.2). Browsers
-// have no such protection for http://localhost, where every local service
-// shares the cookie jar.
-func (s *server) browserCookieName() string {
-	if s.secureCookies() {
-		return "__Host-entra_mcp_browser"
-	}
-	return "entra_mcp_browser"
-}
-
-func (s *server) secureCookies() bool { return strings.HasPrefix(s.cfg.publicURL, "https://") }
-
-// browserCookie returns this browser's id, setting the cookie if it has none.
-//
-// The id is checked twice. When the consent form is posted, it proves the
-// form was posted by the browser that loaded it (a forged cross-site POST
-// carries no SameSite=Lax cookie). At /auth/callback it proves the browser
-// coming back from Entra is the one that approved: otherwise an attacker could
-// approve consent for his own client and mail the resulting Entra link to a
-// victim, whom Entra would sign in silently (GHSA-rww4-4w9c-7733). Lax, not
-// Strict, because the callback is a top-level redirect from Entra's site.
-func (s *server) browserCookie(w http.ResponseWriter, r *http.Request) string {
-	id := ""
-	if c, err := r.Cookie(s.browserCookieName()); err == nil && len(c.Value) == len(newSecret()) {
-		id = c.Value
-	} else {
-		id = newSecret()
-	}
-	http.SetCookie(w, &http.Cookie{
-		Name:     s.browserCookieName(),
-		Value:    id,
-		Path:     "/",
-		MaxAge:   int((consentTTL + flowTTL) / time.Second), // outlives the consent page and the sign-in
-		HttpOnly: true,
-		Secure:   s.secureCookies(),
-		SameSite: http.SameSiteLaxMode,
-	})
-	return id
-}
-
-// sameBrowser reports whether r carries the browser cookie id.
-func (s *server) sameBrowser(r *http.Request, id string) bool {
-	c, err := r.Cookie(s.browserCookieName())
-	return err == nil && sameSecret(c.Value, id)
 }
 
 // showConsent renders the consent page. The MCP security best practices
@@ -614,6 +418,429 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	s.log.Info("signed in", "client_id", req.clientID, "subject", sess.subject)
 	s.redirectToClient(w, r, req, url.Values{"code": {code}})
+}
+
+// redeem exchanges Entra's authorization code for Entra's tokens, sending our
+// PKCE verifier and client secret, and verifies the id_token that comes with
+// them.
+func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, now time.Time) (*oauth2.Token, entraUser, error) {
+	if code == "" {
+		return nil, entraUser{}, errors.New("no code in the redirect from Entra ID")
+	}
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, e.httpClient)
+	tok, err := e.oauth.Exchange(ctx, code, oauth2.VerifierOption(flow.verifier))
+	if err != nil {
+		return nil, entraUser{}, fmt.Errorf("redeem code: %w", err)
+	}
+	idToken, _ := tok.Extra("id_token").(string)
+	user, err := e.checkIDToken(idToken, flow.nonce, now)
+	if err != nil {
+		return nil, entraUser{}, fmt.Errorf("id_token: %w", err)
+	}
+	if !slices.Contains(e.allowedTenants, "*") && !slices.Contains(e.allowedTenants, user.tenantID) {
+		return nil, entraUser{}, fmt.Errorf("%w: tenant %s", errTenantNotAllowed, user.tenantID)
+	}
+	return tok, user, nil
+}
+
+// Step 7: the token endpoint.
+
+// authCode is one of our authorization codes. It carries the session created
+// at the callback; the session only goes live when the code is redeemed.
+type authCode struct {
+	req      *authRequest
+	session  *session
+	redeemed atomic.Bool
+}
+
+// handleToken is the token endpoint (OAuth 2.1 §3.2): it authenticates the
+// client, then redeems a code (§4.1.3) or a refresh token (§4.3). Errors are
+// RFC 6749 §5.2 JSON.
+func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
+	c, ok := s.clientRequest(w, r)
+	if !ok {
+		return
+	}
+	var resp *tokenResponse
+	var err error
+	switch grant := r.PostForm.Get("grant_type"); grant {
+	case "authorization_code":
+		resp, err = s.redeemCode(c, r.PostForm)
+	case "refresh_token":
+		resp, err = s.redeemRefreshToken(c, r.PostForm)
+	case "":
+		err = badRequest("invalid_request", "grant_type is missing")
+	default:
+		err = badRequest("unsupported_grant_type", "grant_type must be authorization_code or refresh_token")
+	}
+	if err != nil {
+		writeOAuthError(w, err)
+		return
+	}
+	w.Header().Set("Pragma", "no-cache")
+	writeJSON(w, http.StatusOK, resp)
+}
+
+// redeemCode is the authorization_code grant: the code must be ours, unused,
+// unexpired, issued to this client for this redirect URI, and the PKCE
+// verifier must match the challenge the client sent to /authorize.
+func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) {
+	code, ok := s.codes.get(hashKey(form.Get("code")))
+	if !ok {
+		return nil, badRequest("invalid_grant", "the code is invalid or expired")
+	}
+	// Another client presenting the code learns nothing and changes nothing.
+	req := code.req
+	if req.clientID != c.ID {
+		return nil, badRequest("invalid_grant", "the code is invalid or expired")
+	}
+	// Each code works once. A second use means it leaked: end the session
+	// the first use created (OAuth 2.1 §4.1.3).
+	if code.redeemed.Swap(true) {
+		s.log.Warn("authorization code used twice; ending its session", "client_id", c.ID)
+		s.endSession(code.session)
+		return nil, badRequest("invalid_grant", "the code was already used")
+	}
+	if got := form.Get("redirect_uri"); (req.redirectGiven || got != "") && got != req.redirectURI {
+		return nil, badRequest("invalid_grant", "redirect_uri does not match the authorization request")
+	}
+	verifier := form.Get("code_verifier")
+	if !isPKCEValue(verifier) || !sameSecret(s256(verifier), req.challenge) {
+		return nil, badRequest("invalid_grant", "code_verifier does not match the code_challenge")
+	}
+	if form.Has("resource") {
+		if resource, ok := s.canonicalResource(form.Get("resource")); !ok || resource != req.resource {
+			return nil, badRequest("invalid_target", "resource does not match the authorization request")
+		}
+	}
+	resp, err := s.startSession(c, code.session)
+	if err != nil {
+		code.redeemed.Store(false) // the server was full: the client may try again
+		return nil, unavailable()
+	}
+	s.clients.touch(c.ID, clientTTL) // a client that completed a sign-in is kept
+	s.saveState()
+	return resp, nil
+}
+
+// redeemRefreshToken is the refresh_token grant (OAuth 2.1 §4.3): a refresh
+// token of this client's live session, rotated by [server.rotateRefresh].
+// Another client presenting it changes nothing.
+func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse, error) {
+	sid, gen, ok := s.tokens.parseRefreshToken(form.Get("refresh_token"))
+	if !ok {
+		return nil, badRequest("invalid_grant", "the refresh token is invalid")
+	}
+	sess, ok := s.sessions.get(sid)
+	if !ok || sess.ended.Load() || sess.clientID != c.ID || !c.allows("refresh_token") {
+		return nil, badRequest("invalid_grant", "the refresh token is invalid or its session has ended; sign in again")
+	}
+	// A refresh may ask for the session's resource, or a part of it (an
+	// endpoint of a whole-server session); the tokens keep their audience.
+	if form.Has("resource") {
+		if resource, ok := s.canonicalResource(form.Get("resource")); !ok || (resource != sess.resource && sess.resource != s.cfg.publicURL) {
+			return nil, badRequest("invalid_target", "resource must be the one the sign-in was for")
+		}
+	}
+	// Our session must not outlive the Entra sign-in it stands for. If the
+	// Entra token has expired, renewing it now checks that Entra still honours
+	// the sign-in (the user may have been signed out there) and keeps Entra's
+	// own refresh token from going idle. If Entra cannot be reached, the
+	// refresh goes ahead: the next tool call tries again.
+	if _, err := s.entraAccessToken(sess, ""); errors.Is(err, errSessionEnded) {
+		return nil, badRequest("invalid_grant", "the Microsoft sign-in has ended; sign in again")
+	}
+	resp, err := s.rotateRefresh(c, sess, gen)
+	if errors.Is(err, errStoreFull) {
+		return nil, unavailable()
+	}
+	if err == nil {
+		s.clients.touch(c.ID, clientTTL)
+		s.saveState() // the new generation must survive a restart
+	}
+	return resp, err
+}
+
+// handleRevoke is the revocation endpoint (RFC 7009). Revoking either token of
+// a session ends the whole session. Unknown tokens get 200 too (§2.2), so the
+// endpoint says nothing about which tokens exist.
+func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
+	c, ok := s.clientRequest(w, r)
+	if !ok {
+		return
+	}
+	token := r.PostForm.Get("token")
+	sessionID := ""
+	if claims, err := s.tokens.verify(token); err == nil && claims.ClientID == c.ID {
+		sessionID = claims.SessionID
+	} else if sid, _, ok := s.tokens.parseRefreshToken(token); ok {
+		sessionID = sid
+	}
+	if sess, ok := s.sessions.get(sessionID); ok && sess.clientID == c.ID {
+		s.endSession(sess)
+	}
+	w.WriteHeader(http.StatusOK)
+}
+
+// ---------------------------------------------------------------------------
+// Behind the lesson: registration rules, redirect URIs, the browser cookie,
+// client authentication, Entra discovery and its signing keys, the id_token
+// checks, Entra error hints, and the error responses and pages.
+// authMethods are the client authentication methods of RFC 7591 §2 that the
+// token and revocation endpoints accept.
+var authMethods = []string{"client_secret_basic", "client_secret_post", "none"}
+
+// allows reports whether the client registered for a grant type.
+func (c *client) allows(grantType string) bool { return slices.Contains(c.GrantTypes, grantType) }
+
+// checkClientMetadata validates md and fills in the defaults this server
+// registers (RFC 7591 §2 lets the server replace requested values, as long as
+// it returns what it registered).
+func checkClientMetadata(md *clientMetadata) error {
+	if len(md.RedirectURIs) == 0 || len(md.RedirectURIs) > 10 {
+		return badRequest("invalid_redirect_uri", "redirect_uris must list 1 to 10 URIs")
+	}
+	for _, u := range md.RedirectURIs {
+		if err := checkRedirectURI(u); err != nil {
+			return badRequest("invalid_redirect_uri", err.Error())
+		}
+	}
+	switch md.TokenEndpointAuthMethod {
+	case "":
+		md.TokenEndpointAuthMethod = "client_secret_basic" // RFC 7591 §2 default
+	case "none", "client_secret_basic", "client_secret_post":
+	default:
+		return badRequest("invalid_client_metadata", "token_endpoint_auth_method must be none, client_secret_basic or client_secret_post")
+	}
+	if len(md.GrantTypes) == 0 {
+		// Registered for refresh too, so a client that omits grant_types is
+		// not sent back to the browser every hour.
+		md.GrantTypes = []string{"authorization_code", "refresh_token"}
+	}
+	for _, g := range md.GrantTypes {
+		if g != "authorization_code" && g != "refresh_token" {
+			return badRequest("invalid_client_metadata", "grant_types may hold only authorization_code and refresh_token")
+		}
+	}
+	if !slices.Contains(md.GrantTypes, "authorization_code") {
+		return badRequest("invalid_client_metadata", "grant_types must include authorization_code")
+	}
+	if len(md.ResponseTypes) == 0 {
+		md.ResponseTypes = []string{"code"}
+	}
+	if !slices.Equal(md.ResponseTypes, []string{"code"}) {
+		return badRequest("invalid_client_metadata", `response_types must be ["code"]`)
+	}
+	if len(md.ClientName) > 200 || len(md.ClientURI) > 2000 || len(md.SoftwareID) > 200 || len(md.SoftwareVersion) > 200 {
+		return badRequest("invalid_client_metadata", "a metadata value is too long")
+	}
+	md.Scope = serverScope // whatever was asked for, this is what there is
+	return nil
+}
+
+// checkRedirectURI accepts the redirect URIs real MCP clients register: https,
+// http on a loopback host (RFC 8252 §7.3), and private-use schemes such as
+// cursor:// (RFC 8252 §7.1). Fragments are not allowed (RFC 6749 §3.1.2).
+func checkRedirectURI(raw string) error {
+	u, err := url.Parse(raw)
+	switch {
+	case len(raw) > 2000 || err != nil || !u.IsAbs():
+		return fmt.Errorf("redirect URI %q is not an absolute URI", raw)
+	case u.Fragment != "" || strings.Contains(raw, "#"):
+		return fmt.Errorf("redirect URI %q has a fragment", raw)
+	case u.Scheme == "https":
+		if u.Host == "" {
+			return fmt.Errorf("redirect URI %q has no host", raw)
+		}
+	case u.Scheme == "http":
+		if !isLoopbackHost(u.Hostname()) {
+			return fmt.Errorf("redirect URI %q: plain http is allowed only for localhost, 127.0.0.1 and [::1]", raw)
+		}
+	case slices.Contains([]string{"javascript", "data", "file", "vbscript", "blob", "about", "ftp", "ws", "wss"}, u.Scheme):
+		return fmt.Errorf("redirect URI %q: scheme %s is not allowed", raw, u.Scheme)
+	}
+	return nil
+}
+
+// matchRedirectURI returns the redirect URI a request may use: the one it
+// names, if registered, or the only registered one if it names none
+// (RFC 6749 §3.1.2.3). A loopback URI matches on any port, because native
+// clients listen wherever a port is free (RFC 8252 §7.3); everything else
+// must match exactly.
+func (c *client) matchRedirectURI(requested string) (string, bool) {
+	if requested == "" {
+		if len(c.RedirectURIs) == 1 {
+			return c.RedirectURIs[0], true
+		}
+		return "", false
+	}
+	if strings.Contains(requested, "#") {
+		return "", false // RFC 6749 §3.1.2: never a fragment
+	}
+	for _, registered := range c.RedirectURIs {
+		if requested == registered || sameLoopbackURI(requested, registered) {
+			return requested, true
+		}
+	}
+	return "", false
+}
+
+// sameLoopbackURI reports whether a and b are the same loopback http URI but
+// for the port.
+func sameLoopbackURI(a, b string) bool {
+	ua, errA := url.Parse(a)
+	ub, errB := url.Parse(b)
+	if errA != nil || errB != nil || ua.Scheme != "http" || ub.Scheme != "http" || !isLoopbackHost(ua.Hostname()) {
+		return false
+	}
+	return ua.Hostname() == ub.Hostname() && ua.EscapedPath() == ub.EscapedPath() &&
+		ua.RawQuery == ub.RawQuery && ua.User == nil && ub.User == nil
+}
+
+// maxAuthorizeQuery bounds an authorization request's query: room for long
+// states (VS Code sends a whole URI) and nothing like the megabyte net/http
+// would otherwise read.
+const maxAuthorizeQuery = 16 << 10
+
+// canonicalResource maps a resource indicator (RFC 8707) to one of the
+// resources this server publishes, tolerating case in the scheme and host and
+// one trailing slash, as clients send them.
+func (s *server) canonicalResource(raw string) (string, bool) {
+	u, err := url.Parse(raw)
+	if err != nil || u.RawQuery != "" || u.ForceQuery || strings.Contains(raw, "#") || u.User != nil {
+		return "", false
+	}
+	got := strings.ToLower(u.Scheme) + "://" + strings.ToLower(u.Host) + strings.TrimSuffix(u.EscapedPath(), "/")
+	for _, path := range []string{"", "/sse", "/mcp"} {
+		if got == strings.ToLower(s.cfg.publicURL)+path {
+			return s.cfg.publicURL + path, true
+		}
+	}
+	return "", false
+}
+
+// isPKCEValue reports whether v is 43 to 128 characters of the PKCE alphabet
+// (RFC 7636 §4.1).
+func isPKCEValue(v string) bool {
+	if len(v) < 43 || len(v) > 128 {
+		return false
+	}
+	for _, c := range v {
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || strings.ContainsRune("-._~", c)) {
+			return false
+		}
+	}
+	return true
+}
+
+// browserCookieName names the cookie that ties a consent, and the sign-in
+// that follows it, to one browser. Over https it carries the __Host- prefix,
+// so that no other site (a sibling subdomain, a network attacker on plain
+// http) can plant one of its own choosing (RFC 6265bis §4.1.3.2). Browsers
+// have no such protection for http://localhost, where every local service
+// shares the cookie jar.
+func (s *server) browserCookieName() string {
+	if s.secureCookies() {
+		return "__Host-entra_mcp_browser"
+	}
+	return "entra_mcp_browser"
+}
+
+func (s *server) secureCookies() bool { return strings.HasPrefix(s.cfg.publicURL, "https://") }
+
+// browserCookie returns this browser's id, setting the cookie if it has none.
+//
+// The id is checked twice. When the consent form is posted, it proves the
+// form was posted by the browser that loaded it (a forged cross-site POST
+// carries no SameSite=Lax cookie). At /auth/callback it proves the browser
+// coming back from Entra is the one that approved: otherwise an attacker could
+// approve consent for his own client and mail the resulting Entra link to a
+// victim, whom Entra would sign in silently (GHSA-rww4-4w9c-7733). Lax, not
+// Strict, because the callback is a top-level redirect from Entra's site.
+func (s *server) browserCookie(w http.ResponseWriter, r *http.Request) string {
+	id := ""
+	if c, err := r.Cookie(s.browserCookieName()); err == nil && len(c.Value) == len(newSecret()) {
+		id = c.Value
+	} else {
+		id = newSecret()
+	}
+	http.SetCookie(w, &http.Cookie{
+		Name:     s.browserCookieName(),
+		Value:    id,
+		Path:     "/",
+		MaxAge:   int((consentTTL + flowTTL) / time.Second), // outlives the consent page and the sign-in
+		HttpOnly: true,
+		Secure:   s.secureCookies(),
+		SameSite: http.SameSiteLaxMode,
+	})
+	return id
+}
+
+// sameBrowser reports whether r carries the browser cookie id.
+func (s *server) sameBrowser(r *http.Request, id string) bool {
+	c, err := r.Cookie(s.browserCookieName())
+	return err == nil && sameSecret(c.Value, id)
+}
+
+// s256 is the PKCE S256 transformation (RFC 7636 §4.2).
+func s256(verifier string) string {
+	sum := sha256.Sum256([]byte(verifier))
+	return base64.RawURLEncoding.EncodeToString(sum[:])
+}
+
+// clientRequest reads the form of a token or revocation request and
+// authenticates its client; on failure it writes the error and returns false.
+func (s *server) clientRequest(w http.ResponseWriter, r *http.Request) (*client, bool) {
+	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
+	if err := r.ParseForm(); err != nil {
+		writeOAuthError(w, readError(err))
+		return nil, false
+	}
+	c, err := s.authenticateClient(r)
+	if err != nil {
+		writeOAuthError(w, err)
+		return nil, false
+	}
+	return c, true
+}
+
+// authenticateClient identifies the client of a token or revocation request
+// and checks its credentials (RFC 6749 §2.3): a client registered with a
+// secret sends it by HTTP Basic (client_secret_basic) or in the form body
+// (client_secret_post), whichever it registered, and either is accepted, since
+// clients that omit token_endpoint_auth_method at registration often post the
+// secret anyway; a public client (none) sends client_id alone, and no secret.
+// Failures are 401 invalid_client (RFC 6749 §5.2), which tells MCP clients to
+// register again.
+func (s *server) authenticateClient(r *http.Request) (*client, error) {
+	id, secret, basic := r.BasicAuth()
+	if basic {
+		// RFC 6749 §2.3.1: the Basic credentials are form-encoded first.
+		var errID, errSecret error
+		id, errID = url.QueryUnescape(id)
+		secret, errSecret = url.QueryUnescape(secret)
+		if errID != nil || errSecret != nil {
+			return nil, &oauthError{status: http.StatusUnauthorized, Code: "invalid_client", Description: "malformed Basic credentials", basic: true}
+		}
+		if r.PostForm.Has("client_secret") || (r.PostForm.Has("client_id") && r.PostForm.Get("client_id") != id) {
+			return nil, badRequest("invalid_request", "use one client authentication method")
+		}
+	} else {
+		id, secret = r.PostForm.Get("client_id"), r.PostForm.Get("client_secret")
+	}
+	invalid := &oauthError{status: http.StatusUnauthorized, Code: "invalid_client", Description: "client authentication failed", basic: basic}
+	c, ok := s.clients.get(id)
+	switch {
+	case !ok:
+		return nil, invalid
+	case c.secretHash == "": // a public client: a secret means confusion, not proof
+		if basic || secret != "" {
+			return nil, invalid
+		}
+	case !sameSecret(hashKey(secret), c.secretHash):
+		return nil, invalid
+	}
+	return c, nil
 }
 
 // entraClient is this server as a confidential client of Entra ID.
@@ -778,29 +1005,6 @@ func (e *entraClient) signingKey(kid string, now time.Time) (*rsa.PublicKey, err
 	return nil, fmt.Errorf("signed with an unknown key %q", kid)
 }
 
-// redeem exchanges Entra's authorization code for Entra's tokens, sending our
-// PKCE verifier and client secret, and verifies the id_token that comes with
-// them.
-func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, now time.Time) (*oauth2.Token, entraUser, error) {
-	if code == "" {
-		return nil, entraUser{}, errors.New("no code in the redirect from Entra ID")
-	}
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, e.httpClient)
-	tok, err := e.oauth.Exchange(ctx, code, oauth2.VerifierOption(flow.verifier))
-	if err != nil {
-		return nil, entraUser{}, fmt.Errorf("redeem code: %w", err)
-	}
-	idToken, _ := tok.Extra("id_token").(string)
-	user, err := e.checkIDToken(idToken, flow.nonce, now)
-	if err != nil {
-		return nil, entraUser{}, fmt.Errorf("id_token: %w", err)
-	}
-	if !slices.Contains(e.allowedTenants, "*") && !slices.Contains(e.allowedTenants, user.tenantID) {
-		return nil, entraUser{}, fmt.Errorf("%w: tenant %s", errTenantNotAllowed, user.tenantID)
-	}
-	return tok, user, nil
-}
-
 // errTenantNotAllowed reports a user of a tenant outside ALLOWED_TENANTS.
 var errTenantNotAllowed = errors.New("the user's tenant is not in ALLOWED_TENANTS")
 
@@ -937,208 +1141,6 @@ func appendEntraIDs(attrs []any, aadsts, traceID, correlationID string) []any {
 	}
 	return attrs
 }
-
-// Step 7: the token endpoint.
-
-// authCode is one of our authorization codes. It carries the session created
-// at the callback; the session only goes live when the code is redeemed.
-type authCode struct {
-	req      *authRequest
-	session  *session
-	redeemed atomic.Bool
-}
-
-// handleToken is the token endpoint (OAuth 2.1 §3.2): it authenticates the
-// client, then redeems a code (§4.1.3) or a refresh token (§4.3). Errors are
-// RFC 6749 §5.2 JSON.
-func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
-	c, ok := s.clientRequest(w, r)
-	if !ok {
-		return
-	}
-	var resp *tokenResponse
-	var err error
-	switch grant := r.PostForm.Get("grant_type"); grant {
-	case "authorization_code":
-		resp, err = s.redeemCode(c, r.PostForm)
-	case "refresh_token":
-		resp, err = s.redeemRefreshToken(c, r.PostForm)
-	case "":
-		err = badRequest("invalid_request", "grant_type is missing")
-	default:
-		err = badRequest("unsupported_grant_type", "grant_type must be authorization_code or refresh_token")
-	}
-	if err != nil {
-		writeOAuthError(w, err)
-		return
-	}
-	w.Header().Set("Pragma", "no-cache")
-	writeJSON(w, http.StatusOK, resp)
-}
-
-// clientRequest reads the form of a token or revocation request and
-// authenticates its client; on failure it writes the error and returns false.
-func (s *server) clientRequest(w http.ResponseWriter, r *http.Request) (*client, bool) {
-	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
-	if err := r.ParseForm(); err != nil {
-		writeOAuthError(w, readError(err))
-		return nil, false
-	}
-	c, err := s.authenticateClient(r)
-	if err != nil {
-		writeOAuthError(w, err)
-		return nil, false
-	}
-	return c, true
-}
-
-// authenticateClient identifies the client of a token or revocation request
-// and checks its credentials (RFC 6749 §2.3): a client registered with a
-// secret sends it by HTTP Basic (client_secret_basic) or in the form body
-// (client_secret_post), whichever it registered, and either is accepted, since
-// clients that omit token_endpoint_auth_method at registration often post the
-// secret anyway; a public client (none) sends client_id alone, and no secret.
-// Failures are 401 invalid_client (RFC 6749 §5.2), which tells MCP clients to
-// register again.
-func (s *server) authenticateClient(r *http.Request) (*client, error) {
-	id, secret, basic := r.BasicAuth()
-	if basic {
-		// RFC 6749 §2.3.1: the Basic credentials are form-encoded first.
-		var errID, errSecret error
-		id, errID = url.QueryUnescape(id)
-		secret, errSecret = url.QueryUnescape(secret)
-		if errID != nil || errSecret != nil {
-			return nil, &oauthError{status: http.StatusUnauthorized, Code: "invalid_client", Description: "malformed Basic credentials", basic: true}
-		}
-		if r.PostForm.Has("client_secret") || (r.PostForm.Has("client_id") && r.PostForm.Get("client_id") != id) {
-			return nil, badRequest("invalid_request", "use one client authentication method")
-		}
-	} else {
-		id, secret = r.PostForm.Get("client_id"), r.PostForm.Get("client_secret")
-	}
-	invalid := &oauthError{status: http.StatusUnauthorized, Code: "invalid_client", Description: "client authentication failed", basic: basic}
-	c, ok := s.clients.get(id)
-	switch {
-	case !ok:
-		return nil, invalid
-	case c.secretHash == "": // a public client: a secret means confusion, not proof
-		if basic || secret != "" {
-			return nil, invalid
-		}
-	case !sameSecret(hashKey(secret), c.secretHash):
-		return nil, invalid
-	}
-	return c, nil
-}
-
-// redeemCode is the authorization_code grant: the code must be ours, unused,
-// unexpired, issued to this client for this redirect URI, and the PKCE
-// verifier must match the challenge the client sent to /authorize.
-func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) {
-	code, ok := s.codes.get(hashKey(form.Get("code")))
-	if !ok {
-		return nil, badRequest("invalid_grant", "the code is invalid or expired")
-	}
-	// Another client presenting the code learns nothing and changes nothing.
-	req := code.req
-	if req.clientID != c.ID {
-		return nil, badRequest("invalid_grant", "the code is invalid or expired")
-	}
-	// Each code works once. A second use means it leaked: end the session
-	// the first use created (OAuth 2.1 §4.1.3).
-	if code.redeemed.Swap(true) {
-		s.log.Warn("authorization code used twice; ending its session", "client_id", c.ID)
-		s.endSession(code.session)
-		return nil, badRequest("invalid_grant", "the code was already used")
-	}
-	if got := form.Get("redirect_uri"); (req.redirectGiven || got != "") && got != req.redirectURI {
-		return nil, badRequest("invalid_grant", "redirect_uri does not match the authorization request")
-	}
-	verifier := form.Get("code_verifier")
-	if !isPKCEValue(verifier) || !sameSecret(s256(verifier), req.challenge) {
-		return nil, badRequest("invalid_grant", "code_verifier does not match the code_challenge")
-	}
-	if form.Has("resource") {
-		if resource, ok := s.canonicalResource(form.Get("resource")); !ok || resource != req.resource {
-			return nil, badRequest("invalid_target", "resource does not match the authorization request")
-		}
-	}
-	resp, err := s.startSession(c, code.session)
-	if err != nil {
-		code.redeemed.Store(false) // the server was full: the client may try again
-		return nil, unavailable()
-	}
-	s.clients.touch(c.ID, clientTTL) // a client that completed a sign-in is kept
-	s.saveState()
-	return resp, nil
-}
-
-// s256 is the PKCE S256 transformation (RFC 7636 §4.2).
-func s256(verifier string) string {
-	sum := sha256.Sum256([]byte(verifier))
-	return base64.RawURLEncoding.EncodeToString(sum[:])
-}
-
-// redeemRefreshToken is the refresh_token grant (OAuth 2.1 §4.3): a refresh
-// token of this client's live session, rotated by [server.rotateRefresh].
-// Another client presenting it changes nothing.
-func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse, error) {
-	sid, gen, ok := s.tokens.parseRefreshToken(form.Get("refresh_token"))
-	if !ok {
-		return nil, badRequest("invalid_grant", "the refresh token is invalid")
-	}
-	sess, ok := s.sessions.get(sid)
-	if !ok || sess.ended.Load() || sess.clientID != c.ID || !c.allows("refresh_token") {
-		return nil, badRequest("invalid_grant", "the refresh token is invalid or its session has ended; sign in again")
-	}
-	// A refresh may ask for the session's resource, or a part of it (an
-	// endpoint of a whole-server session); the tokens keep their audience.
-	if form.Has("resource") {
-		if resource, ok := s.canonicalResource(form.Get("resource")); !ok || (resource != sess.resource && sess.resource != s.cfg.publicURL) {
-			return nil, badRequest("invalid_target", "resource must be the one the sign-in was for")
-		}
-	}
-	// Our session must not outlive the Entra sign-in it stands for. If the
-	// Entra token has expired, renewing it now checks that Entra still honours
-	// the sign-in (the user may have been signed out there) and keeps Entra's
-	// own refresh token from going idle. If Entra cannot be reached, the
-	// refresh goes ahead: the next tool call tries again.
-	if _, err := s.entraAccessToken(sess, ""); errors.Is(err, errSessionEnded) {
-		return nil, badRequest("invalid_grant", "the Microsoft sign-in has ended; sign in again")
-	}
-	resp, err := s.rotateRefresh(c, sess, gen)
-	if errors.Is(err, errStoreFull) {
-		return nil, unavailable()
-	}
-	if err == nil {
-		s.clients.touch(c.ID, clientTTL)
-		s.saveState() // the new generation must survive a restart
-	}
-	return resp, err
-}
-
-// handleRevoke is the revocation endpoint (RFC 7009). Revoking either token of
-// a session ends the whole session. Unknown tokens get 200 too (§2.2), so the
-// endpoint says nothing about which tokens exist.
-func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
-	c, ok := s.clientRequest(w, r)
-	if !ok {
-		return
-	}
-	token := r.PostForm.Get("token")
-	sessionID := ""
-	if claims, err := s.tokens.verify(token); err == nil && claims.ClientID == c.ID {
-		sessionID = claims.SessionID
-	} else if sid, _, ok := s.tokens.parseRefreshToken(token); ok {
-		sessionID = sid
-	}
-	if sess, ok := s.sessions.get(sessionID); ok && sess.clientID == c.ID {
-		s.endSession(sess)
-	}
-	w.WriteHeader(http.StatusOK)
-}
-
-// Responses.
 
 // oauthError is an OAuth error response (RFC 6749 §5.2, RFC 7591 §3.2.2).
 type oauthError struct {

@@ -137,6 +137,112 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	return nil
 }
 
+// newServer returns the server with every endpoint, in flow order. Nothing
+// here is behind the bearer check except the MCP endpoints, which check it
+// themselves (step 1).
+func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() time.Time) *server {
+	s := &server{
+		cfg:         cfg,
+		log:         logger,
+		now:         now,
+		entra:       entra,
+		tokens:      newSessionCodec(cfg.publicURL, now, cfg.sessionKeys...),
+		clients:     newTTLMap[*client](now, maxClients),
+		consents:    newTTLMap[*authRequest](now, maxPending),
+		flows:       newTTLMap[*entraFlow](now, maxPending),
+		codes:       newTTLMap[*authCode](now, maxPending),
+		sessions:    newTTLMap[*session](now, maxSessions),
+		mcp:         newTTLMap[*mcpSession](now, maxSessions),
+		limiter:     newRateLimiter(now, cfg.rateLimit),
+		keepAlive:   15 * time.Second,
+		streamStall: 30 * time.Second,
+		closing:     make(chan struct{}),
+	}
+
+	mux := http.NewServeMux()
+	// Step 2: discovery (RFC 9728, RFC 8414). Never behind auth.
+	mux.HandleFunc("GET /.well-known/oauth-protected-resource", s.handleResourceMetadata(""))
+	mux.HandleFunc("GET /.well-known/oauth-protected-resource/sse", s.handleResourceMetadata("/sse"))
+	mux.HandleFunc("GET /.well-known/oauth-protected-resource/mcp", s.handleResourceMetadata("/mcp"))
+	mux.HandleFunc("GET /.well-known/oauth-authorization-server", s.handleServerMetadata)
+	// Step 3: registration (RFC 7591).
+	mux.HandleFunc("POST /register", s.limit("register", s.handleRegister))
+	// Steps 4 and 5: consent, then off to Entra ID.
+	mux.HandleFunc("GET /authorize", s.limit("authorize", s.handleAuthorize))
+	mux.Handle("POST /authorize", http.NewCrossOriginProtection().Handler(s.limit("authorize", s.handleConsent)))
+	// Step 6: back from Entra ID.
+	mux.HandleFunc("GET /auth/callback", s.handleCallback)
+	// Step 7: our own tokens; and their revocation (RFC 7009).
+	mux.HandleFunc("POST /token", s.limit("token", s.handleToken))
+	mux.HandleFunc("POST /revoke", s.handleRevoke)
+	// Steps 8 to 10: MCP over Streamable HTTP (MCP 2025-03-26 and later)...
+	mux.HandleFunc("POST /mcp", s.handleMCPPost)
+	mux.HandleFunc("DELETE /mcp", s.handleMCPDelete)
+	mux.HandleFunc("/mcp", s.handleMCPOther) // GET and the rest: 405, after auth
+	// ... and over HTTP+SSE (MCP 2024-11-05), for older clients.
+	mux.HandleFunc("GET /sse", s.handleSSE)
+	mux.HandleFunc("POST /message", s.handleMessage)
+	s.mux = mux
+	return s
+}
+
+// server holds the configuration and every piece of state. There is no
+// package-level state: tests run many servers side by side.
+type server struct {
+	cfg    config
+	log    *slog.Logger
+	now    func() time.Time
+	entra  *entraClient
+	tokens *sessionCodec
+	mux    *http.ServeMux
+
+	clients  *ttlMap[*client]      // step 3: registered clients, by client_id
+	consents *ttlMap[*authRequest] // step 4: requests awaiting consent, by consent id
+	flows    *ttlMap[*entraFlow]   // step 5: sign-ins in progress at Entra, by our state
+	codes    *ttlMap[*authCode]    // step 6: our authorization codes, by hash
+	sessions *ttlMap[*session]     // step 7: signed-in sessions, by session id
+
+	mcp         *ttlMap[*mcpSession] // steps 8 and 9: MCP sessions of both transports, by id
+	keepAlive   time.Duration        // interval of SSE keep-alive comments
+	streamStall time.Duration        // how long an SSE stream may go unread before it is closed
+	closing     chan struct{}        // closed when the server shuts down
+	closeOnce   sync.Once
+	state       stateWriter  // writes of the state file
+	limiter     *rateLimiter // requests per client IP to the endpoints anyone can call
+}
+
+// ServeHTTP answers CORS first, so that browser-based clients (MCP Inspector
+// in direct mode, web apps) can read every answer, 401s included, then routes.
+func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if s.cors(w, r) {
+		return
+	}
+	s.mux.ServeHTTP(w, r)
+}
+
+// ---------------------------------------------------------------------------
+// Behind the lesson: configuration, the outbound HTTP client, caps, CORS,
+// JSON responses and rate limits. The lesson above relies on what they
+// promise, not on how they work.
+// config is the validated configuration. It flows from run into the server;
+// nothing reads the environment after start.
+type config struct {
+	tenantID       string
+	clientID       string
+	clientSecret   string
+	authority      string // e.g. https://login.microsoftonline.com, no trailing slash
+	graphURL       string // e.g. https://graph.microsoft.com, no trailing slash
+	publicURL      string // origin clients reach us at, no trailing slash
+	addr           string
+	sessionKeys    [][]byte // SESSION_KEY, then SESSION_KEY_PREVIOUS if set
+	accessTTL      time.Duration
+	refreshTTL     time.Duration // refresh tokens, and the sessions they keep alive
+	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
+	stateFile      string        // where clients and sessions survive restarts; "" keeps them in memory
+	rateLimit      int           // requests per minute per client IP and endpoint; 0: no limit
+	allowedTenants []string      // tenants whose users may sign in; empty: the configured one
+}
+
 const usage = `entra-mcp: an MCP server whose users sign in with Microsoft Entra ID.
 
 Usage: go run .   (configured from the environment)
@@ -163,25 +269,6 @@ Usage: go run .   (configured from the environment)
 
 See README.md for the walkthrough.
 `
-
-// config is the validated configuration. It flows from run into the server;
-// nothing reads the environment after start.
-type config struct {
-	tenantID       string
-	clientID       string
-	clientSecret   string
-	authority      string // e.g. https://login.microsoftonline.com, no trailing slash
-	graphURL       string // e.g. https://graph.microsoft.com, no trailing slash
-	publicURL      string // origin clients reach us at, no trailing slash
-	addr           string
-	sessionKeys    [][]byte // SESSION_KEY, then SESSION_KEY_PREVIOUS if set
-	accessTTL      time.Duration
-	refreshTTL     time.Duration // refresh tokens, and the sessions they keep alive
-	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
-	stateFile      string        // where clients and sessions survive restarts; "" keeps them in memory
-	rateLimit      int           // requests per minute per client IP and endpoint; 0: no limit
-	allowedTenants []string      // tenants whose users may sign in; empty: the configured one
-}
 
 // loadConfig reads and validates the configuration. Each error is one line
 // that names the variable and says what to do.
@@ -286,14 +373,25 @@ func loadConfig(getenv func(string) string) (config, error) {
 	return cfg, nil
 }
 
-// newHTTPClient returns the one client for every call to Entra ID and Graph:
-// with a timeout, since the default client would wait for ever on a stuck
-// connection, and enough idle connections kept open that concurrent tool
-// calls reuse them rather than dial Graph anew each time.
-func newHTTPClient() *http.Client {
-	transport := http.DefaultTransport.(*http.Transport).Clone()
-	transport.MaxIdleConnsPerHost = 64
-	return &http.Client{Timeout: 30 * time.Second, Transport: transport}
+// parseSessionKey decodes SESSION_KEY (or SESSION_KEY_PREVIOUS, as name
+// says). An empty value means a random key per start: every token dies with
+// the process, which is safe but signs everyone out on restart.
+func parseSessionKey(name, s string) ([]byte, error) {
+	if s == "" {
+		return randomBytes(32), nil
+	}
+	for _, decode := range []func(string) ([]byte, error){
+		hex.DecodeString,
+		base64.StdEncoding.DecodeString,
+		base64.RawStdEncoding.DecodeString,
+		base64.URLEncoding.DecodeString,
+		base64.RawURLEncoding.DecodeString,
+	} {
+		if key, err := decode(s); err == nil && len(key) >= 32 {
+			return key, nil
+		}
+	}
+	return nil, errors.New(name + ": want at least 32 random bytes, hex or base64 encoded; generate one with: openssl rand -hex 32")
 }
 
 // originURL validates a URL that must be a bare origin (scheme and host, no
@@ -353,74 +451,14 @@ func isLoopbackHost(host string) bool {
 	return ip != nil && ip.IsLoopback()
 }
 
-// parseSessionKey decodes SESSION_KEY (or SESSION_KEY_PREVIOUS, as name
-// says). An empty value means a random key per start: every token dies with
-// the process, which is safe but signs everyone out on restart.
-func parseSessionKey(name, s string) ([]byte, error) {
-	if s == "" {
-		return randomBytes(32), nil
-	}
-	for _, decode := range []func(string) ([]byte, error){
-		hex.DecodeString,
-		base64.StdEncoding.DecodeString,
-		base64.RawStdEncoding.DecodeString,
-		base64.URLEncoding.DecodeString,
-		base64.RawURLEncoding.DecodeString,
-	} {
-		if key, err := decode(s); err == nil && len(key) >= 32 {
-			return key, nil
-		}
-	}
-	return nil, errors.New(name + ": want at least 32 random bytes, hex or base64 encoded; generate one with: openssl rand -hex 32")
-}
-
-// newServer returns the server with every endpoint, in flow order. Nothing
-// here is behind the bearer check except the MCP endpoints, which check it
-// themselves (step 1).
-func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() time.Time) *server {
-	s := &server{
-		cfg:         cfg,
-		log:         logger,
-		now:         now,
-		entra:       entra,
-		tokens:      newSessionCodec(cfg.publicURL, now, cfg.sessionKeys...),
-		clients:     newTTLMap[*client](now, maxClients),
-		consents:    newTTLMap[*authRequest](now, maxPending),
-		flows:       newTTLMap[*entraFlow](now, maxPending),
-		codes:       newTTLMap[*authCode](now, maxPending),
-		sessions:    newTTLMap[*session](now, maxSessions),
-		mcp:         newTTLMap[*mcpSession](now, maxSessions),
-		limiter:     newRateLimiter(now, cfg.rateLimit),
-		keepAlive:   15 * time.Second,
-		streamStall: 30 * time.Second,
-		closing:     make(chan struct{}),
-	}
-
-	mux := http.NewServeMux()
-	// Step 2: discovery (RFC 9728, RFC 8414). Never behind auth.
-	mux.HandleFunc("GET /.well-known/oauth-protected-resource", s.handleResourceMetadata(""))
-	mux.HandleFunc("GET /.well-known/oauth-protected-resource/sse", s.handleResourceMetadata("/sse"))
-	mux.HandleFunc("GET /.well-known/oauth-protected-resource/mcp", s.handleResourceMetadata("/mcp"))
-	mux.HandleFunc("GET /.well-known/oauth-authorization-server", s.handleServerMetadata)
-	// Step 3: registration (RFC 7591).
-	mux.HandleFunc("POST /register", s.limit("register", s.handleRegister))
-	// Steps 4 and 5: consent, then off to Entra ID.
-	mux.HandleFunc("GET /authorize", s.limit("authorize", s.handleAuthorize))
-	mux.Handle("POST /authorize", http.NewCrossOriginProtection().Handler(s.limit("authorize", s.handleConsent)))
-	// Step 6: back from Entra ID.
-	mux.HandleFunc("GET /auth/callback", s.handleCallback)
-	// Step 7: our own tokens; and their revocation (RFC 7009).
-	mux.HandleFunc("POST /token", s.limit("token", s.handleToken))
-	mux.HandleFunc("POST /revoke", s.handleRevoke)
-	// Steps 8 to 10: MCP over Streamable HTTP (MCP 2025-03-26 and later)...
-	mux.HandleFunc("POST /mcp", s.handleMCPPost)
-	mux.HandleFunc("DELETE /mcp", s.handleMCPDelete)
-	mux.HandleFunc("/mcp", s.handleMCPOther) // GET and the rest: 405, after auth
-	// ... and over HTTP+SSE (MCP 2024-11-05), for older clients.
-	mux.HandleFunc("GET /sse", s.handleSSE)
-	mux.HandleFunc("POST /message", s.handleMessage)
-	s.mux = mux
-	return s
+// newHTTPClient returns the one client for every call to Entra ID and Graph:
+// with a timeout, since the default client would wait for ever on a stuck
+// connection, and enough idle connections kept open that concurrent tool
+// calls reuse them rather than dial Graph anew each time.
+func newHTTPClient() *http.Client {
+	transport := http.DefaultTransport.(*http.Transport).Clone()
+	transport.MaxIdleConnsPerHost = 64
+	return &http.Client{Timeout: 30 * time.Second, Transport: transport}
 }
 
 // Caps on the state the server keeps (see ttlMap): past them it answers 503.
@@ -430,38 +468,22 @@ const (
 	maxSessions = 10_000 // signed-in sessions; and MCP sessions
 )
 
-// server holds the configuration and every piece of state. There is no
-// package-level state: tests run many servers side by side.
-type server struct {
-	cfg    config
-	log    *slog.Logger
-	now    func() time.Time
-	entra  *entraClient
-	tokens *sessionCodec
-	mux    *http.ServeMux
+// closeStreams ends every open SSE stream; run calls it on shutdown.
+func (s *server) closeStreams() { s.closeOnce.Do(func() { close(s.closing) }) }
 
-	clients  *ttlMap[*client]      // step 3: registered clients, by client_id
-	consents *ttlMap[*authRequest] // step 4: requests awaiting consent, by consent id
-	flows    *ttlMap[*entraFlow]   // step 5: sign-ins in progress at Entra, by our state
-	codes    *ttlMap[*authCode]    // step 6: our authorization codes, by hash
-	sessions *ttlMap[*session]     // step 7: signed-in sessions, by session id
-
-	mcp         *ttlMap[*mcpSession] // steps 8 and 9: MCP sessions of both transports, by id
-	keepAlive   time.Duration        // interval of SSE keep-alive comments
-	streamStall time.Duration        // how long an SSE stream may go unread before it is closed
-	closing     chan struct{}        // closed when the server shuts down
-	closeOnce   sync.Once
-	state       stateWriter  // writes of the state file
-	limiter     *rateLimiter // requests per client IP to the endpoints anyone can call
-}
-
-// ServeHTTP answers CORS first, so that browser-based clients (MCP Inspector
-// in direct mode, web apps) can read every answer, 401s included, then routes.
-func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if s.cors(w, r) {
+// writeJSON writes v as a JSON response. Every JSON response of this server
+// may carry a token or a secret, or depend on one, so none may be cached
+// (RFC 6749 §5.1).
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	var buf bytes.Buffer
+	if err := json.NewEncoder(&buf).Encode(v); err != nil {
+		http.Error(w, "internal error", http.StatusInternalServerError)
 		return
 	}
-	s.mux.ServeHTTP(w, r)
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("Cache-Control", "no-store")
+	w.WriteHeader(status)
+	w.Write(buf.Bytes())
 }
 
 // cors adds the CORS headers a browser needs to let a page read the answer,
@@ -504,26 +526,6 @@ func (s *server) cors(w http.ResponseWriter, r *http.Request) bool {
 	w.WriteHeader(http.StatusNoContent)
 	return true
 }
-
-// closeStreams ends every open SSE stream; run calls it on shutdown.
-func (s *server) closeStreams() { s.closeOnce.Do(func() { close(s.closing) }) }
-
-// writeJSON writes v as a JSON response. Every JSON response of this server
-// may carry a token or a secret, or depend on one, so none may be cached
-// (RFC 6749 §5.1).
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	var buf bytes.Buffer
-	if err := json.NewEncoder(&buf).Encode(v); err != nil {
-		http.Error(w, "internal error", http.StatusInternalServerError)
-		return
-	}
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	w.WriteHeader(status)
-	w.Write(buf.Bytes())
-}
-
-// Rate limits.
 
 // limit wraps the handler of an endpoint anyone can call with the rate limit
 // of its client's IP address, so that a loop cannot fill the stores behind it

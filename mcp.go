@@ -39,6 +39,236 @@ const (
 	codeSessionNotFound = -32001 // unknown or ended MCP session (SDK convention)
 )
 
+// rpcMessage is any JSON-RPC 2.0 message: a request (method and id), a
+// notification (method, no id) or a response (result or error, and id).
+type rpcMessage struct {
+	JSONRPC string          `json:"jsonrpc"`
+	ID      json.RawMessage `json:"id,omitempty"`
+	Method  string          `json:"method,omitempty"`
+	Params  json.RawMessage `json:"params,omitempty"`
+	Result  json.RawMessage `json:"result,omitempty"`
+	Error   json.RawMessage `json:"error,omitempty"`
+}
+
+// rpcResponse is a response: exactly one of Result and Error is set.
+type rpcResponse struct {
+	JSONRPC string          `json:"jsonrpc"`
+	ID      json.RawMessage `json:"id"` // null when the request's id is unknown
+	Result  any             `json:"result,omitempty"`
+	Error   *rpcError       `json:"error,omitempty"`
+}
+
+type rpcError struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+}
+
+func errorResponse(id json.RawMessage, code int, message string) *rpcResponse {
+	return &rpcResponse{JSONRPC: "2.0", ID: id, Error: &rpcError{Code: code, Message: message}}
+}
+
+// run dispatches every message of a body for sess in the MCP session ms and
+// returns what to answer: nil when nothing asks for an answer (only
+// notifications and responses), one response, or for a batch an array. If
+// the session ended meanwhile (Entra refused to renew it), it returns
+// errSessionEnded instead: the transport answers 401, not a result, so that
+// the client signs in again (MCP 2025-03-26, "Session Binding Requirements").
+func (s *server) run(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) (any, error) {
+	replies := b.invalid
+	for _, m := range b.messages {
+		if resp := s.dispatch(ctx, ms, sess, m); resp != nil {
+			replies = append(replies, resp)
+		}
+	}
+	switch {
+	case sess.ended.Load():
+		return nil, errSessionEnded
+	case len(replies) == 0:
+		return nil, nil
+	case !b.batch:
+		return replies[0], nil
+	}
+	return replies, nil
+}
+
+// dispatch runs one message for sess and returns the response to send, or
+// nil: notifications are never answered (JSON-RPC 2.0 §4.1), and responses
+// from the client need no answer (this server asks the client nothing).
+func (s *server) dispatch(ctx context.Context, ms *mcpSession, sess *session, m *rpcMessage) *rpcResponse {
+	if m.Method == "" || m.ID == nil {
+		return nil
+	}
+	result, err := s.call(ctx, ms, sess, m.Method, m.Params)
+	if err != nil {
+		return &rpcResponse{JSONRPC: "2.0", ID: m.ID, Error: err}
+	}
+	return &rpcResponse{JSONRPC: "2.0", ID: m.ID, Result: result}
+}
+
+// call runs one request: a switch on the method, nothing clever.
+func (s *server) call(ctx context.Context, ms *mcpSession, sess *session, method string, params json.RawMessage) (any, *rpcError) {
+	switch method {
+	case "initialize":
+		return ms.initialize(params)
+	case "ping":
+		return struct{}{}, nil
+	case "tools/list":
+		return listTools(ms.version()), nil
+	case "tools/call":
+		return s.callTool(ctx, ms, sess, params)
+	}
+	return nil, &rpcError{Code: codeMethodNotFound, Message: "method not found"}
+}
+
+// initializeResult answers initialize.
+type initializeResult struct {
+	ProtocolVersion string `json:"protocolVersion"`
+	Capabilities    struct {
+		Tools struct{} `json:"tools"`
+	} `json:"capabilities"`
+	ServerInfo any `json:"serverInfo"`
+}
+
+// initialize negotiates the protocol version (MCP "Lifecycle", Version
+// Negotiation): the client's version if this server speaks it, else the newest
+// one it speaks, and never an error; a client that cannot use the answer
+// disconnects.
+func (ms *mcpSession) initialize(params json.RawMessage) (any, *rpcError) {
+	var p struct {
+		ProtocolVersion string `json:"protocolVersion"`
+	}
+	if err := json.Unmarshal(params, &p); err != nil || p.ProtocolVersion == "" {
+		return nil, &rpcError{Code: codeInvalidParams, Message: "initialize needs params with a protocolVersion string"}
+	}
+	version := supportedVersions[0]
+	if slices.Contains(supportedVersions, p.ProtocolVersion) {
+		version = p.ProtocolVersion
+	}
+	ms.mu.Lock()
+	ms.protocolVersion = version
+	ms.mu.Unlock()
+
+	result := initializeResult{ProtocolVersion: version, ServerInfo: serverInfo}
+	return result, nil
+}
+
+// Step 10: the tool.
+
+// tool describes a tool in tools/list.
+type tool struct {
+	Name         string          `json:"name"`
+	Description  string          `json:"description"`
+	InputSchema  json.RawMessage `json:"inputSchema"`
+	OutputSchema json.RawMessage `json:"outputSchema,omitempty"` // MCP 2025-06-18 and later
+}
+
+// userDetailsTool is the one tool: no arguments; its structured result is a
+// userDetails object.
+var userDetailsTool = tool{
+	Name:        "getUserDetails",
+	Description: "Returns the signed-in user's display name, mail and user principal name from Microsoft Graph.",
+	InputSchema: json.RawMessage(`{"type":"object","properties":{},"additionalProperties":false}`),
+	OutputSchema: json.RawMessage(`{"type":"object","properties":{` +
+		`"displayName":{"type":"string"},"mail":{"type":"string"},"userPrincipalName":{"type":"string"}},` +
+		`"required":["displayName","mail","userPrincipalName"]}`),
+}
+
+// tools are the tools this server offers, in tools/list order.
+var tools = []tool{userDetailsTool}
+
+// callTool runs tools/call: a switch on the tool's name.
+func (s *server) callTool(ctx context.Context, ms *mcpSession, sess *session, params json.RawMessage) (any, *rpcError) {
+	var p struct {
+		Name      string          `json:"name"`
+		Arguments json.RawMessage `json:"arguments"`
+	}
+	if err := json.Unmarshal(params, &p); err != nil {
+		return nil, &rpcError{Code: codeInvalidParams, Message: "tools/call needs params with a tool name"}
+	}
+	switch p.Name {
+	case userDetailsTool.Name: // no arguments to decode
+		return s.getUserDetails(ctx, ms, sess), nil
+	}
+	return nil, &rpcError{Code: codeInvalidParams, Message: "unknown tool"}
+}
+
+// getUserDetails runs the getUserDetails tool.
+func (s *server) getUserDetails(ctx context.Context, ms *mcpSession, sess *session) toolResult {
+	me, err := s.userDetails(ctx, sess)
+	if err != nil {
+		return toolResult{Content: []textContent{{"text", "getUserDetails failed: " + err.Error()}}, IsError: true}
+	}
+	orNone := func(v string) string { return cmp.Or(strings.TrimSpace(v), "(none)") }
+	result := toolResult{Content: []textContent{{"text", fmt.Sprintf("Display name: %s\nMail: %s\nUser principal name: %s",
+		orNone(me.DisplayName), orNone(me.Mail), orNone(me.UserPrincipalName))}}}
+	if structuredResults(ms.version()) {
+		result.StructuredContent = me
+	}
+	return result
+}
+
+// userDetails is step 10: GET {GRAPH_URL}/v1.0/me with the session's Entra
+// access token. If Graph refuses the token (401: revoked, or expired early),
+// the token is refreshed and the call made once more, never more than once.
+// Errors are written for the user; the log gets the details.
+func (s *server) userDetails(ctx context.Context, sess *session) (*userDetails, error) {
+	token, err := s.entraAccessToken(sess, "")
+	if err != nil {
+		return nil, err
+	}
+	status, body, err := s.graphGet(ctx, "/v1.0/me", token)
+	if err == nil && status == http.StatusUnauthorized {
+		if token, err = s.entraAccessToken(sess, token); err != nil {
+			return nil, err
+		}
+		status, body, err = s.graphGet(ctx, "/v1.0/me", token)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if status != http.StatusOK {
+		// Graph errors look like {"error":{"code":"…","message":"…"}}; the
+		// code is stable, the message is not (and stays in the log).
+		var e struct {
+			Error struct{ Code string } `json:"error"`
+		}
+		json.Unmarshal(body, &e)
+		s.log.Warn("Microsoft Graph error", "status", status, "code", e.Error.Code)
+		return nil, fmt.Errorf("the call to Microsoft Graph failed: %d %s", status, e.Error.Code)
+	}
+	// Graph sends null for unset properties; they decode as "".
+	var me userDetails
+	if err := json.Unmarshal(body, &me); err != nil {
+		return nil, errors.New("the answer of Microsoft Graph was not a user profile")
+	}
+	return &me, nil
+}
+
+// graphGet calls Microsoft Graph with an Entra access token and returns the
+// status and body of its answer.
+func (s *server) graphGet(ctx context.Context, path, token string) (int, []byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.entra.graphURL+path, nil)
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+token)
+	req.Header.Set("Accept", "application/json")
+	resp, err := s.entra.httpClient.Do(req)
+	if err != nil {
+		s.log.Warn("Microsoft Graph unreachable", "err", err)
+		return 0, nil, errors.New("could not reach Microsoft Graph; try again later")
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return 0, nil, errors.New("could not read the answer of Microsoft Graph; try again later")
+	}
+	return resp.StatusCode, body, nil
+}
+
+// ---------------------------------------------------------------------------
+// Behind the lesson: protocol versions, MCP sessions and their caps,
+// decoding bodies and batches, and result shapes.
 // supportedVersions are the MCP revisions this server speaks, newest first.
 // MCP 2026-07-28 drops sessions and initialize; a client of that revision gets
 // a plain 400 here and falls back to initialize with one of these.
@@ -140,34 +370,6 @@ func (s *server) endMCPSessions(owner string) {
 	})
 }
 
-// rpcMessage is any JSON-RPC 2.0 message: a request (method and id), a
-// notification (method, no id) or a response (result or error, and id).
-type rpcMessage struct {
-	JSONRPC string          `json:"jsonrpc"`
-	ID      json.RawMessage `json:"id,omitempty"`
-	Method  string          `json:"method,omitempty"`
-	Params  json.RawMessage `json:"params,omitempty"`
-	Result  json.RawMessage `json:"result,omitempty"`
-	Error   json.RawMessage `json:"error,omitempty"`
-}
-
-// rpcResponse is a response: exactly one of Result and Error is set.
-type rpcResponse struct {
-	JSONRPC string          `json:"jsonrpc"`
-	ID      json.RawMessage `json:"id"` // null when the request's id is unknown
-	Result  any             `json:"result,omitempty"`
-	Error   *rpcError       `json:"error,omitempty"`
-}
-
-type rpcError struct {
-	Code    int    `json:"code"`
-	Message string `json:"message"`
-}
-
-func errorResponse(id json.RawMessage, code int, message string) *rpcResponse {
-	return &rpcResponse{JSONRPC: "2.0", ID: id, Error: &rpcError{Code: code, Message: message}}
-}
-
 // maxBatch bounds the messages of a batch: each may be a tool call that
 // reaches Microsoft Graph.
 const maxBatch = 50
@@ -230,30 +432,6 @@ func (b *rpcBody) checkBatch(ms *mcpSession) *rpcResponse {
 	return nil
 }
 
-// run dispatches every message of a body for sess in the MCP session ms and
-// returns what to answer: nil when nothing asks for an answer (only
-// notifications and responses), one response, or for a batch an array. If
-// the session ended meanwhile (Entra refused to renew it), it returns
-// errSessionEnded instead: the transport answers 401, not a result, so that
-// the client signs in again (MCP 2025-03-26, "Session Binding Requirements").
-func (s *server) run(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) (any, error) {
-	replies := b.invalid
-	for _, m := range b.messages {
-		if resp := s.dispatch(ctx, ms, sess, m); resp != nil {
-			replies = append(replies, resp)
-		}
-	}
-	switch {
-	case sess.ended.Load():
-		return nil, errSessionEnded
-	case len(replies) == 0:
-		return nil, nil
-	case !b.batch:
-		return replies[0], nil
-	}
-	return replies, nil
-}
-
 // decodeMessage parses one JSON-RPC message. Input that is not one gets the
 // error response to send back instead, with a null id unless the id could be
 // read (JSON-RPC 2.0 §5).
@@ -296,89 +474,6 @@ func validID(id json.RawMessage) bool {
 	return false
 }
 
-// dispatch runs one message for sess and returns the response to send, or
-// nil: notifications are never answered (JSON-RPC 2.0 §4.1), and responses
-// from the client need no answer (this server asks the client nothing).
-func (s *server) dispatch(ctx context.Context, ms *mcpSession, sess *session, m *rpcMessage) *rpcResponse {
-	if m.Method == "" || m.ID == nil {
-		return nil
-	}
-	result, err := s.call(ctx, ms, sess, m.Method, m.Params)
-	if err != nil {
-		return &rpcResponse{JSONRPC: "2.0", ID: m.ID, Error: err}
-	}
-	return &rpcResponse{JSONRPC: "2.0", ID: m.ID, Result: result}
-}
-
-// call runs one request: a switch on the method, nothing clever.
-func (s *server) call(ctx context.Context, ms *mcpSession, sess *session, method string, params json.RawMessage) (any, *rpcError) {
-	switch method {
-	case "initialize":
-		return ms.initialize(params)
-	case "ping":
-		return struct{}{}, nil
-	case "tools/list":
-		return listTools(ms.version()), nil
-	case "tools/call":
-		return s.callTool(ctx, ms, sess, params)
-	}
-	return nil, &rpcError{Code: codeMethodNotFound, Message: "method not found"}
-}
-
-// initializeResult answers initialize.
-type initializeResult struct {
-	ProtocolVersion string `json:"protocolVersion"`
-	Capabilities    struct {
-		Tools struct{} `json:"tools"`
-	} `json:"capabilities"`
-	ServerInfo any `json:"serverInfo"`
-}
-
-// initialize negotiates the protocol version (MCP "Lifecycle", Version
-// Negotiation): the client's version if this server speaks it, else the newest
-// one it speaks, and never an error; a client that cannot use the answer
-// disconnects.
-func (ms *mcpSession) initialize(params json.RawMessage) (any, *rpcError) {
-	var p struct {
-		ProtocolVersion string `json:"protocolVersion"`
-	}
-	if err := json.Unmarshal(params, &p); err != nil || p.ProtocolVersion == "" {
-		return nil, &rpcError{Code: codeInvalidParams, Message: "initialize needs params with a protocolVersion string"}
-	}
-	version := supportedVersions[0]
-	if slices.Contains(supportedVersions, p.ProtocolVersion) {
-		version = p.ProtocolVersion
-	}
-	ms.mu.Lock()
-	ms.protocolVersion = version
-	ms.mu.Unlock()
-
-	result := initializeResult{ProtocolVersion: version, ServerInfo: serverInfo}
-	return result, nil
-}
-
-// tool describes a tool in tools/list.
-type tool struct {
-	Name         string          `json:"name"`
-	Description  string          `json:"description"`
-	InputSchema  json.RawMessage `json:"inputSchema"`
-	OutputSchema json.RawMessage `json:"outputSchema,omitempty"` // MCP 2025-06-18 and later
-}
-
-// userDetailsTool is the one tool: no arguments; its structured result is a
-// userDetails object.
-var userDetailsTool = tool{
-	Name:        "getUserDetails",
-	Description: "Returns the signed-in user's display name, mail and user principal name from Microsoft Graph.",
-	InputSchema: json.RawMessage(`{"type":"object","properties":{},"additionalProperties":false}`),
-	OutputSchema: json.RawMessage(`{"type":"object","properties":{` +
-		`"displayName":{"type":"string"},"mail":{"type":"string"},"userPrincipalName":{"type":"string"}},` +
-		`"required":["displayName","mail","userPrincipalName"]}`),
-}
-
-// tools are the tools this server offers, in tools/list order.
-var tools = []tool{userDetailsTool}
-
 // structuredResults reports whether a session's version knows structured
 // tool results (outputSchema and structuredContent, MCP 2025-06-18). Older
 // clients get text only. The versions are dates, so they compare as strings.
@@ -416,96 +511,6 @@ type userDetails struct {
 type textContent struct {
 	Type string `json:"type"`
 	Text string `json:"text"`
-}
-
-// callTool runs tools/call: a switch on the tool's name.
-func (s *server) callTool(ctx context.Context, ms *mcpSession, sess *session, params json.RawMessage) (any, *rpcError) {
-	var p struct {
-		Name      string          `json:"name"`
-		Arguments json.RawMessage `json:"arguments"`
-	}
-	if err := json.Unmarshal(params, &p); err != nil {
-		return nil, &rpcError{Code: codeInvalidParams, Message: "tools/call needs params with a tool name"}
-	}
-	switch p.Name {
-	case userDetailsTool.Name: // no arguments to decode
-		return s.getUserDetails(ctx, ms, sess), nil
-	}
-	return nil, &rpcError{Code: codeInvalidParams, Message: "unknown tool"}
-}
-
-// getUserDetails runs the getUserDetails tool.
-func (s *server) getUserDetails(ctx context.Context, ms *mcpSession, sess *session) toolResult {
-	me, err := s.userDetails(ctx, sess)
-	if err != nil {
-		return toolResult{Content: []textContent{{"text", "getUserDetails failed: " + err.Error()}}, IsError: true}
-	}
-	orNone := func(v string) string { return cmp.Or(strings.TrimSpace(v), "(none)") }
-	result := toolResult{Content: []textContent{{"text", fmt.Sprintf("Display name: %s\nMail: %s\nUser principal name: %s",
-		orNone(me.DisplayName), orNone(me.Mail), orNone(me.UserPrincipalName))}}}
-	if structuredResults(ms.version()) {
-		result.StructuredContent = me
-	}
-	return result
-}
-
-// userDetails is step 10: GET {GRAPH_URL}/v1.0/me with the session's Entra
-// access token. If Graph refuses the token (401: revoked, or expired early),
-// the token is refreshed and the call made once more, never more than once.
-// Errors are written for the user; the log gets the details.
-func (s *server) userDetails(ctx context.Context, sess *session) (*userDetails, error) {
-	token, err := s.entraAccessToken(sess, "")
-	if err != nil {
-		return nil, err
-	}
-	status, body, err := s.graphGet(ctx, "/v1.0/me", token)
-	if err == nil && status == http.StatusUnauthorized {
-		if token, err = s.entraAccessToken(sess, token); err != nil {
-			return nil, err
-		}
-		status, body, err = s.graphGet(ctx, "/v1.0/me", token)
-	}
-	if err != nil {
-		return nil, err
-	}
-	if status != http.StatusOK {
-		// Graph errors look like {"error":{"code":"…","message":"…"}}; the
-		// code is stable, the message is not (and stays in the log).
-		var e struct {
-			Error struct{ Code string } `json:"error"`
-		}
-		json.Unmarshal(body, &e)
-		s.log.Warn("Microsoft Graph error", "status", status, "code", e.Error.Code)
-		return nil, fmt.Errorf("the call to Microsoft Graph failed: %d %s", status, e.Error.Code)
-	}
-	// Graph sends null for unset properties; they decode as "".
-	var me userDetails
-	if err := json.Unmarshal(body, &me); err != nil {
-		return nil, errors.New("the answer of Microsoft Graph was not a user profile")
-	}
-	return &me, nil
-}
-
-// graphGet calls Microsoft Graph with an Entra access token and returns the
-// status and body of its answer.
-func (s *server) graphGet(ctx context.Context, path, token string) (int, []byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, s.entra.graphURL+path, nil)
-	if err != nil {
-		return 0, nil, err
-	}
-	req.Header.Set("Authorization", "Bearer "+token)
-	req.Header.Set("Accept", "application/json")
-	resp, err := s.entra.httpClient.Do(req)
-	if err != nil {
-		s.log.Warn("Microsoft Graph unreachable", "err", err)
-		return 0, nil, errors.New("could not reach Microsoft Graph; try again later")
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
-	if err != nil {
-		return 0, nil, errors.New("could not read the answer of Microsoft Graph; try again later")
-	}
-	return resp.StatusCode, body, nil
 }
 
 // writeRPCError answers an HTTP request with a JSON-RPC error, for transport

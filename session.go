@@ -72,97 +72,6 @@ type entraUser struct {
 	username string // preferred_username
 }
 
-// Lifetimes of the server's own state.
-const (
-	consentTTL      = 10 * time.Minute    // a consent page stays usable
-	flowTTL         = 10 * time.Minute    // a sign-in at Entra may take
-	codeTTL         = 2 * time.Minute     // our authorization codes (OAuth 2.1 §4.1.2: short)
-	unusedClientTTL = time.Hour           // a registration that never completes a sign-in
-	clientTTL       = 90 * 24 * time.Hour // a registration nobody uses any more
-	mcpIdleTTL      = 24 * time.Hour      // a Streamable HTTP session nobody uses
-
-	// refreshGrace is how long a refresh token stays good for a duplicate of
-	// the refresh that replaced it: clients that lose a response, or send
-	// the same refresh twice at once, get the same new tokens rather than a
-	// dead session. Past it, a replaced refresh token means theft.
-	refreshGrace = 30 * time.Second
-)
-
-// The Entra tokens, kept fresh on the server (step 10).
-
-// errSessionEnded reports that Entra ID refused to renew a session's tokens,
-// so the session is over and its user must sign in again.
-var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
-
-// entraSignInOver are the refresh errors after which only a new sign-in
-// helps: the grant was revoked or expired, or Entra now wants the user
-// (multi-factor, consent, a fresh login).
-var entraSignInOver = []string{"invalid_grant", "interaction_required", "consent_required", "login_required"}
-
-// setEntraToken stores Entra tokens just received. Entra rotates refresh
-// tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries
-// the old one over when a response has none). The expiry is taken on our
-// clock from expires_in.
-func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
-	lifetime := time.Duration(tok.ExpiresIn) * time.Second
-	if lifetime <= 0 {
-		lifetime = time.Hour // Entra always says; an hour is its usual
-	}
-	sess.mu.Lock()
-	defer sess.mu.Unlock()
-	sess.entraToken = tok
-	sess.entraExpiry = s.now().Add(lifetime)
-}
-
-// entraAccessToken returns the session's Entra access token, refreshing it
-// first if it expires within a minute, or if it is refused, the token Graph
-// just refused. Only one refresh runs per session: callers that arrive during
-// it wait for its result, and a caller whose refused token has already been
-// replaced gets the replacement without another refresh.
-//
-// The refresh runs on a background context (golang.org/x/oauth2 keeps the
-// context it is given): a caller that gives up does not cancel it halfway, and
-// the HTTP client's timeout bounds it. If Entra refuses with one of
-// entraSignInOver (the user was signed out, their password changed, the
-// refresh token expired, Entra wants the user again), the session ends: the
-// client's next request gets 401 and it signs in again.
-func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
-	sess.refreshing.Lock()
-	defer sess.refreshing.Unlock()
-	if sess.ended.Load() { // while this caller waited
-		return "", errSessionEnded
-	}
-	sess.mu.Lock()
-	current, refreshToken, expiry := sess.entraToken.AccessToken, sess.entraToken.RefreshToken, sess.entraExpiry
-	sess.mu.Unlock()
-	if current != refused && s.now().Before(expiry.Add(-time.Minute)) {
-		return current, nil
-	}
-	if refreshToken == "" {
-		s.log.Warn("Entra gave no refresh token (is offline_access granted?); ending the session", "subject", sess.subject)
-		s.endSession(sess)
-		return "", errSessionEnded
-	}
-	stale := &oauth2.Token{RefreshToken: refreshToken} // no access token: refresh now
-	tok, err := s.entra.oauth.TokenSource(s.entra.background, stale).Token()
-	var rerr *oauth2.RetrieveError
-	switch {
-	case errors.As(err, &rerr) && slices.Contains(entraSignInOver, rerr.ErrorCode):
-		s.log.Warn("Entra refused to renew the sign-in; ending the session", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
-		s.endSession(sess)
-		return "", errSessionEnded
-	case errors.As(err, &rerr):
-		s.log.Warn("Entra token refresh failed", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
-		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
-	case err != nil:
-		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
-		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
-	}
-	s.setEntraToken(sess, tok)
-	s.saveState() // the rotated Entra refresh token must survive a restart
-	return tok.AccessToken, nil
-}
-
 // Step 1: the challenge.
 
 // authenticate checks the bearer token of a request to an MCP endpoint and
@@ -218,50 +127,12 @@ type tokenResponse struct {
 	Scope        string `json:"scope"`
 }
 
-// Refresh tokens rotate (OAuth 2.1 §4.3.1, required for public clients by
-// MCP 2025-06-18): each one works once and comes back replaced. Nothing about
-// them is stored: a refresh token is the session id and a generation number,
-// signed (see [sessionCodec.refreshToken]), and the session remembers which
-// generation works now. That one number is enough to tell a stale token, and
-// so a stolen one, from the current one.
-
 // startSession makes a signed-in session live and issues its first tokens.
 func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) {
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
 	sess.rotatedAt = s.now()
 	return s.issueTokens(c, sess)
-}
-
-// rotateRefresh redeems the refresh token of generation gen of sess:
-//   - the current generation: the next one is issued, with a new access
-//     token, and the current one stops working. A later generation counts as
-//     current too: its MAC proves this server issued it, so a state file that
-//     missed a save before a crash merely lags behind;
-//   - the previous generation within refreshGrace of its rotation: a
-//     duplicate of that refresh, which gets the same tokens again;
-//   - anything older: the token was replaced long ago, so someone kept a
-//     copy. The whole session ends, for the thief and the client alike
-//     (RFC 9700 §4.14.2).
-func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResponse, error) {
-	sess.mu.Lock()
-	switch now := s.now(); {
-	case sess.ended.Load():
-		sess.mu.Unlock()
-		return nil, badRequest("invalid_grant", "the session has ended; sign in again")
-	case gen >= sess.refreshGen:
-		sess.refreshGen = gen + 1
-		sess.rotatedAt = now
-		defer sess.mu.Unlock()
-		return s.issueTokens(c, sess)
-	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < refreshGrace:
-		defer sess.mu.Unlock()
-		return s.issueTokens(c, sess)
-	}
-	sess.mu.Unlock()
-	s.log.Warn("replaced refresh token used again; ending its session", "client_id", c.ID, "subject", sess.subject)
-	s.endSession(sess)
-	return nil, badRequest("invalid_grant", "the refresh token was already used; sign in again")
 }
 
 // issueTokens issues the tokens of the session's current generation: a
@@ -341,24 +212,6 @@ type sessionClaims struct {
 	TokenID   string `json:"jti"` // unique per token (RFC 9068 §2.2)
 }
 
-// tokenHeader is the header part; ver is the format version, kid names the key.
-type tokenHeader struct {
-	Alg string `json:"alg"`
-	Typ string `json:"typ"`
-	Kid string `json:"kid"`
-	Ver int    `json:"ver"`
-}
-
-var (
-	errTokenMalformed = errors.New("session token: malformed")
-	errTokenSignature = errors.New("session token: bad signature")
-	errTokenExpired   = errors.New("session token: expired")
-	errTokenIssuer    = errors.New("session token: wrong issuer")
-)
-
-// maxTokenLen bounds what verify reads: real tokens are about 400 bytes.
-const maxTokenLen = 4096
-
 // sessionCodec mints and verifies session tokens and refresh tokens. It
 // signs with the current key and accepts the previous one too, so that
 // SESSION_KEY can be rotated without signing anyone out: set the old value as
@@ -376,45 +229,6 @@ type sessionCodec struct {
 	// time; past maxDecoded entries the map starts afresh.
 	decodedMu sync.RWMutex
 	decoded   map[string]sessionClaims
-}
-
-const maxDecoded = 10_000
-
-// codecKey is the part of the codec that comes from one SESSION_KEY.
-type codecKey struct {
-	mac     *macKey // signs session tokens
-	refresh *macKey // signs refresh tokens
-	state   []byte  // encrypts the state file
-	header  string  // base64url of the fixed token header, naming the key
-}
-
-// deriveKey derives a key for one purpose from a SESSION_KEY (HKDF,
-// RFC 5869), so that no two purposes ever share a key.
-func deriveKey(secret []byte, purpose string) []byte {
-	key, err := hkdf.Key(sha256.New, secret, nil, "entra-mcp "+purpose, 32)
-	if err != nil {
-		panic(err) // only for impossible lengths
-	}
-	return key
-}
-
-// newSessionCodec builds the codec from the current SESSION_KEY and,
-// optionally, the previous one.
-func newSessionCodec(issuer string, now func() time.Time, secrets ...[]byte) *sessionCodec {
-	c := &sessionCodec{subjectKey: deriveKey(secrets[0], "subject v1"), issuer: issuer, now: now}
-	for _, secret := range secrets {
-		macKey := deriveKey(secret, "session token v1")
-		k := codecKey{
-			mac:     newMACKey(macKey),
-			refresh: newMACKey(deriveKey(secret, "refresh token v1")),
-			state:   deriveKey(secret, "state file v1"),
-		}
-		kid := sha256.Sum256(macKey) // names the key without revealing it
-		header, _ := json.Marshal(tokenHeader{Alg: "HS256", Typ: "at+jwt", Kid: hex.EncodeToString(kid[:4]), Ver: 1})
-		k.header = base64.RawURLEncoding.EncodeToString(header)
-		c.keys = append(c.keys, k)
-	}
-	return c
 }
 
 // mint returns a token carrying claims, signed with the current key, with
@@ -483,6 +297,224 @@ func (c *sessionCodec) verifyWith(k codecKey, token, rest string) (sessionClaims
 	return claims, nil
 }
 
+// refreshToken returns the refresh token of generation gen of session sid:
+// "rt1.<sid>.<gen>.<mac>", the MAC taken over everything before its dot with
+// a key of its own. Session ids are base32 and generations decimal, so
+// neither holds a dot and the string parses one way only.
+func (c *sessionCodec) refreshToken(sid string, gen uint64) string {
+	signed := "rt1." + sid + "." + strconv.FormatUint(gen, 10)
+	return signed + "." + base64.RawURLEncoding.EncodeToString(c.keys[0].refresh.sum(signed))
+}
+
+// parseRefreshToken checks a refresh token's MAC, under any of the codec's
+// keys, and returns its session id and generation.
+func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, ok bool) {
+	i := strings.LastIndexByte(token, '.')
+	if i < 0 || len(token) > maxTokenLen || !isTokenText(token) {
+		return "", 0, false
+	}
+	mac, err := base64.RawURLEncoding.Strict().DecodeString(token[i+1:])
+	if err != nil || !slices.ContainsFunc(c.keys, func(k codecKey) bool { return hmac.Equal(mac, k.refresh.sum(token[:i])) }) {
+		return "", 0, false
+	}
+	parts := strings.Split(token[:i], ".")
+	if len(parts) != 3 || parts[0] != "rt1" {
+		return "", 0, false
+	}
+	gen, err = strconv.ParseUint(parts[2], 10, 64)
+	return parts[1], gen, err == nil
+}
+
+// Step 10: the Entra token, kept fresh on the server.
+
+// errSessionEnded reports that Entra ID refused to renew a session's tokens,
+// so the session is over and its user must sign in again.
+var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
+
+// entraAccessToken returns the session's Entra access token, refreshing it
+// first if it expires within a minute, or if it is refused, the token Graph
+// just refused. Only one refresh runs per session: callers that arrive during
+// it wait for its result, and a caller whose refused token has already been
+// replaced gets the replacement without another refresh.
+//
+// The refresh runs on a background context (golang.org/x/oauth2 keeps the
+// context it is given): a caller that gives up does not cancel it halfway, and
+// the HTTP client's timeout bounds it. If Entra refuses with one of
+// entraSignInOver (the user was signed out, their password changed, the
+// refresh token expired, Entra wants the user again), the session ends: the
+// client's next request gets 401 and it signs in again.
+func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
+	sess.refreshing.Lock()
+	defer sess.refreshing.Unlock()
+	if sess.ended.Load() { // while this caller waited
+		return "", errSessionEnded
+	}
+	sess.mu.Lock()
+	current, refreshToken, expiry := sess.entraToken.AccessToken, sess.entraToken.RefreshToken, sess.entraExpiry
+	sess.mu.Unlock()
+	if current != refused && s.now().Before(expiry.Add(-time.Minute)) {
+		return current, nil
+	}
+	if refreshToken == "" {
+		s.log.Warn("Entra gave no refresh token (is offline_access granted?); ending the session", "subject", sess.subject)
+		s.endSession(sess)
+		return "", errSessionEnded
+	}
+	stale := &oauth2.Token{RefreshToken: refreshToken} // no access token: refresh now
+	tok, err := s.entra.oauth.TokenSource(s.entra.background, stale).Token()
+	var rerr *oauth2.RetrieveError
+	switch {
+	case errors.As(err, &rerr) && slices.Contains(entraSignInOver, rerr.ErrorCode):
+		s.log.Warn("Entra refused to renew the sign-in; ending the session", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
+		s.endSession(sess)
+		return "", errSessionEnded
+	case errors.As(err, &rerr):
+		s.log.Warn("Entra token refresh failed", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
+		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
+	case err != nil:
+		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
+		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
+	}
+	s.setEntraToken(sess, tok)
+	s.saveState() // the rotated Entra refresh token must survive a restart
+	return tok.AccessToken, nil
+}
+
+// setEntraToken stores Entra tokens just received. Entra rotates refresh
+// tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries
+// the old one over when a response has none). The expiry is taken on our
+// clock from expires_in.
+func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
+	lifetime := time.Duration(tok.ExpiresIn) * time.Second
+	if lifetime <= 0 {
+		lifetime = time.Hour // Entra always says; an hour is its usual
+	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	sess.entraToken = tok
+	sess.entraExpiry = s.now().Add(lifetime)
+}
+
+// ---------------------------------------------------------------------------
+// Behind the lesson: refresh-token rotation, lifetimes, keys and their
+// rotation, the bounded stores every step keeps its state in, and the state
+// file that lets it all survive a restart.
+// Refresh tokens rotate (OAuth 2.1 §4.3.1, required for public clients by
+// MCP 2025-06-18): each one works once and comes back replaced. Nothing about
+// them is stored: a refresh token is the session id and a generation number,
+// signed (see [sessionCodec.refreshToken]), and the session remembers which
+// generation works now. That one number is enough to tell a stale token, and
+// so a stolen one, from the current one.
+
+// rotateRefresh redeems the refresh token of generation gen of sess:
+//   - the current generation: the next one is issued, with a new access
+//     token, and the current one stops working. A later generation counts as
+//     current too: its MAC proves this server issued it, so a state file that
+//     missed a save before a crash merely lags behind;
+//   - the previous generation within refreshGrace of its rotation: a
+//     duplicate of that refresh, which gets the same tokens again;
+//   - anything older: the token was replaced long ago, so someone kept a
+//     copy. The whole session ends, for the thief and the client alike
+//     (RFC 9700 §4.14.2).
+func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResponse, error) {
+	sess.mu.Lock()
+	switch now := s.now(); {
+	case sess.ended.Load():
+		sess.mu.Unlock()
+		return nil, badRequest("invalid_grant", "the session has ended; sign in again")
+	case gen >= sess.refreshGen:
+		sess.refreshGen = gen + 1
+		sess.rotatedAt = now
+		defer sess.mu.Unlock()
+		return s.issueTokens(c, sess)
+	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < refreshGrace:
+		defer sess.mu.Unlock()
+		return s.issueTokens(c, sess)
+	}
+	sess.mu.Unlock()
+	s.log.Warn("replaced refresh token used again; ending its session", "client_id", c.ID, "subject", sess.subject)
+	s.endSession(sess)
+	return nil, badRequest("invalid_grant", "the refresh token was already used; sign in again")
+}
+
+// Lifetimes of the server's own state.
+const (
+	consentTTL      = 10 * time.Minute    // a consent page stays usable
+	flowTTL         = 10 * time.Minute    // a sign-in at Entra may take
+	codeTTL         = 2 * time.Minute     // our authorization codes (OAuth 2.1 §4.1.2: short)
+	unusedClientTTL = time.Hour           // a registration that never completes a sign-in
+	clientTTL       = 90 * 24 * time.Hour // a registration nobody uses any more
+	mcpIdleTTL      = 24 * time.Hour      // a Streamable HTTP session nobody uses
+
+	// refreshGrace is how long a refresh token stays good for a duplicate of
+	// the refresh that replaced it: clients that lose a response, or send
+	// the same refresh twice at once, get the same new tokens rather than a
+	// dead session. Past it, a replaced refresh token means theft.
+	refreshGrace = 30 * time.Second
+)
+
+// entraSignInOver are the refresh errors after which only a new sign-in
+// helps: the grant was revoked or expired, or Entra now wants the user
+// (multi-factor, consent, a fresh login).
+var entraSignInOver = []string{"invalid_grant", "interaction_required", "consent_required", "login_required"}
+
+// tokenHeader is the header part; ver is the format version, kid names the key.
+type tokenHeader struct {
+	Alg string `json:"alg"`
+	Typ string `json:"typ"`
+	Kid string `json:"kid"`
+	Ver int    `json:"ver"`
+}
+
+var (
+	errTokenMalformed = errors.New("session token: malformed")
+	errTokenSignature = errors.New("session token: bad signature")
+	errTokenExpired   = errors.New("session token: expired")
+	errTokenIssuer    = errors.New("session token: wrong issuer")
+)
+
+// maxTokenLen bounds what verify reads: real tokens are about 400 bytes.
+const maxTokenLen = 4096
+
+const maxDecoded = 10_000
+
+// codecKey is the part of the codec that comes from one SESSION_KEY.
+type codecKey struct {
+	mac     *macKey // signs session tokens
+	refresh *macKey // signs refresh tokens
+	state   []byte  // encrypts the state file
+	header  string  // base64url of the fixed token header, naming the key
+}
+
+// deriveKey derives a key for one purpose from a SESSION_KEY (HKDF,
+// RFC 5869), so that no two purposes ever share a key.
+func deriveKey(secret []byte, purpose string) []byte {
+	key, err := hkdf.Key(sha256.New, secret, nil, "entra-mcp "+purpose, 32)
+	if err != nil {
+		panic(err) // only for impossible lengths
+	}
+	return key
+}
+
+// newSessionCodec builds the codec from the current SESSION_KEY and,
+// optionally, the previous one.
+func newSessionCodec(issuer string, now func() time.Time, secrets ...[]byte) *sessionCodec {
+	c := &sessionCodec{subjectKey: deriveKey(secrets[0], "subject v1"), issuer: issuer, now: now}
+	for _, secret := range secrets {
+		macKey := deriveKey(secret, "session token v1")
+		k := codecKey{
+			mac:     newMACKey(macKey),
+			refresh: newMACKey(deriveKey(secret, "refresh token v1")),
+			state:   deriveKey(secret, "state file v1"),
+		}
+		kid := sha256.Sum256(macKey) // names the key without revealing it
+		header, _ := json.Marshal(tokenHeader{Alg: "HS256", Typ: "at+jwt", Kid: hex.EncodeToString(kid[:4]), Ver: 1})
+		k.header = base64.RawURLEncoding.EncodeToString(header)
+		c.keys = append(c.keys, k)
+	}
+	return c
+}
+
 // isTokenText reports whether s holds only what our tokens are made of: the
 // base64url alphabet and dots. Go's base64 decoder skips newlines, so without
 // this check one MAC could be spelled many ways.
@@ -530,39 +562,11 @@ func (m *macKey) sum(data string) []byte {
 	return st.h.Sum(nil)
 }
 
-// refreshToken returns the refresh token of generation gen of session sid:
-// "rt1.<sid>.<gen>.<mac>", the MAC taken over everything before its dot with
-// a key of its own. Session ids are base32 and generations decimal, so
-// neither holds a dot and the string parses one way only.
-func (c *sessionCodec) refreshToken(sid string, gen uint64) string {
-	signed := "rt1." + sid + "." + strconv.FormatUint(gen, 10)
-	return signed + "." + base64.RawURLEncoding.EncodeToString(c.keys[0].refresh.sum(signed))
-}
-
 // tokenID derives the jti of the session token of generation gen of session
 // sid, so that issuing a generation's tokens again gives the same bytes.
 func (c *sessionCodec) tokenID(sid string, gen uint64) string {
 	mac := c.keys[0].refresh.sum("jti." + sid + "." + strconv.FormatUint(gen, 10))
 	return base64.RawURLEncoding.EncodeToString(mac[:16])
-}
-
-// parseRefreshToken checks a refresh token's MAC, under any of the codec's
-// keys, and returns its session id and generation.
-func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, ok bool) {
-	i := strings.LastIndexByte(token, '.')
-	if i < 0 || len(token) > maxTokenLen || !isTokenText(token) {
-		return "", 0, false
-	}
-	mac, err := base64.RawURLEncoding.Strict().DecodeString(token[i+1:])
-	if err != nil || !slices.ContainsFunc(c.keys, func(k codecKey) bool { return hmac.Equal(mac, k.refresh.sum(token[:i])) }) {
-		return "", 0, false
-	}
-	parts := strings.Split(token[:i], ".")
-	if len(parts) != 3 || parts[0] != "rt1" {
-		return "", 0, false
-	}
-	gen, err = strconv.ParseUint(parts[2], 10, 64)
-	return parts[1], gen, err == nil
 }
 
 // subject derives the opaque, stable user id of a token's "sub" from the
@@ -575,8 +579,6 @@ func (c *sessionCodec) subject(u entraUser) string {
 	m.Write([]byte(u.objectID))
 	return base64.RawURLEncoding.EncodeToString(m.Sum(nil)[:16])
 }
-
-// Secrets and the maps that hold short-lived state.
 
 // newSecret returns a random string with at least 128 bits of entropy, for
 // ids, states, nonces, codes and client secrets.

@@ -34,9 +34,6 @@ import (
 // Server-sent events are framed as in the WHATWG HTML standard, §9.2
 // "Server-sent events": "event:" and "data:" lines, then a blank line.
 
-// maxMessageSize bounds a POSTed JSON-RPC body.
-const maxMessageSize = 1 << 20
-
 // mcpRequest runs the checks every request to an MCP endpoint passes first,
 // and returns the caller's session, or nil once it has answered 403 or 401:
 //
@@ -55,101 +52,7 @@ func (s *server) mcpRequest(w http.ResponseWriter, r *http.Request, endpoint str
 	return s.authenticate(w, r, endpoint)
 }
 
-// originAllowed reports whether pages from origin may use the MCP endpoints.
-func (s *server) originAllowed(origin string) bool {
-	u, err := url.Parse(origin)
-	return err == nil && u.Host != "" && u.User == nil && u.Path == "" &&
-		(u.Scheme == "http" || u.Scheme == "https") &&
-		(normalOrigin(u) == s.cfg.publicURL || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, normalOrigin(u)))
-}
-
-// findSession returns the caller's MCP session named id, on one transport
-// (sse: the HTTP+SSE one), or answers 400 if the request named none, and 404 if it is
-// not the caller's: unknown, ended, another user's and the other transport's
-// sessions all look alike.
-func (s *server) findSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
-	if id == "" {
-		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "the session id is missing")
-		return nil, false
-	}
-	ms, ok := s.mcp.get(id)
-	if !ok || ms.owner != sess.id || (ms.stream != nil) != sse {
-		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
-		return nil, false
-	}
-	if !sse {
-		s.mcp.touch(id, mcpIdleTTL) // in use: not idle
-	}
-	return ms, true
-}
-
-// refuseMCPSession answers a request whose new MCP session addMCPSession
-// refused: 401 if the signed-in session has ended, else 503.
-func (s *server) refuseMCPSession(w http.ResponseWriter, r *http.Request, endpoint string, err error) {
-	if errors.Is(err, errSessionEnded) {
-		s.authenticate(w, r, endpoint) // answers 401, as for the ended session's token
-		return
-	}
-	w.Header().Set("Retry-After", "60")
-	writeRPCError(w, http.StatusServiceUnavailable, codeInternalError, "too many open MCP sessions; try again later")
-}
-
-// readBody reads and decodes a POSTed JSON-RPC body, answering transport
-// errors itself: 415 for a body that is not JSON, 413 for one too large, 400
-// for an unsupported MCP-Protocol-Version or a body that is not JSON-RPC.
-func (s *server) readBody(w http.ResponseWriter, r *http.Request) (*rpcBody, bool) {
-	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
-		writeRPCError(w, http.StatusUnsupportedMediaType, codeInvalidRequest, "Content-Type must be application/json")
-		return nil, false
-	}
-	if errResp := checkVersionHeader(r); errResp != nil {
-		writeJSON(w, http.StatusBadRequest, errResp)
-		return nil, false
-	}
-	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxMessageSize))
-	if err != nil {
-		if errors.As(err, new(*http.MaxBytesError)) {
-			writeRPCError(w, http.StatusRequestEntityTooLarge, codeInvalidRequest, "message too large")
-		} else {
-			writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "the body could not be read")
-		}
-		return nil, false
-	}
-	body, errResp := decodeBody(raw)
-	if errResp != nil {
-		writeJSON(w, http.StatusBadRequest, errResp)
-		return nil, false
-	}
-	return body, true
-}
-
-// runBody runs a decoded body in the MCP session ms and returns what to
-// answer, or answers the request itself and returns false: 400 for a batch
-// the session may not send, 401 if the signed-in session ended meanwhile.
-func (s *server) runBody(w http.ResponseWriter, r *http.Request, endpoint string, ms *mcpSession, sess *session, body *rpcBody) (any, bool) {
-	if errResp := body.checkBatch(ms); errResp != nil {
-		writeJSON(w, http.StatusBadRequest, errResp)
-		return nil, false
-	}
-	reply, err := s.run(r.Context(), ms, sess, body)
-	if err != nil {
-		s.authenticate(w, r, endpoint) // the session has ended: 401, as for its token
-		return nil, false
-	}
-	return reply, true
-}
-
 // HTTP+SSE.
-
-// stream is the open event stream of an HTTP+SSE session.
-type stream struct {
-	out  chan []byte   // JSON-RPC messages waiting to be sent as "message" events (a few)
-	done chan struct{} // closed when the stream ends
-	once sync.Once
-}
-
-// end makes the stream's handler return.
-func (st *stream) end() { st.once.Do(func() { close(st.done) }) }
 
 // handleSSE is step 8 on HTTP+SSE: it opens the event stream of a new MCP
 // session and writes its events until the client goes away, the session ends
@@ -202,12 +105,6 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-}
-
-// writeEvent writes one server-sent event. data is one line of JSON (or the
-// endpoint URL), so a single "data:" line carries it.
-func writeEvent(w io.Writer, event string, data []byte) {
-	fmt.Fprintf(w, "event: %s\ndata: %s\n\n", event, data)
 }
 
 // handleMessage is step 9 on HTTP+SSE: it runs the body POSTed for the
@@ -323,6 +220,131 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, reply)
 }
 
+// handleMCPDelete ends a Streamable HTTP session (MCP "Session Management"):
+// 204, and the session id gets 404 from then on.
+func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
+	sess := s.mcpRequest(w, r, "/mcp")
+	if sess == nil {
+		return
+	}
+	if errResp := checkVersionHeader(r); errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return
+	}
+	ms, ok := s.findSession(w, r.Header.Get("Mcp-Session-Id"), sess, false)
+	if !ok {
+		return
+	}
+	s.mcp.delete(ms.id)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// ---------------------------------------------------------------------------
+// Behind the lesson: the Origin check, finding and refusing MCP sessions,
+// reading bodies, the stream's queue and framing, and Accept headers.
+// maxMessageSize bounds a POSTed JSON-RPC body.
+const maxMessageSize = 1 << 20
+
+// originAllowed reports whether pages from origin may use the MCP endpoints.
+func (s *server) originAllowed(origin string) bool {
+	u, err := url.Parse(origin)
+	return err == nil && u.Host != "" && u.User == nil && u.Path == "" &&
+		(u.Scheme == "http" || u.Scheme == "https") &&
+		(normalOrigin(u) == s.cfg.publicURL || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, normalOrigin(u)))
+}
+
+// findSession returns the caller's MCP session named id, on one transport
+// (sse: the HTTP+SSE one), or answers 400 if the request named none, and 404 if it is
+// not the caller's: unknown, ended, another user's and the other transport's
+// sessions all look alike.
+func (s *server) findSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
+	if id == "" {
+		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "the session id is missing")
+		return nil, false
+	}
+	ms, ok := s.mcp.get(id)
+	if !ok || ms.owner != sess.id || (ms.stream != nil) != sse {
+		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session not found")
+		return nil, false
+	}
+	if !sse {
+		s.mcp.touch(id, mcpIdleTTL) // in use: not idle
+	}
+	return ms, true
+}
+
+// refuseMCPSession answers a request whose new MCP session addMCPSession
+// refused: 401 if the signed-in session has ended, else 503.
+func (s *server) refuseMCPSession(w http.ResponseWriter, r *http.Request, endpoint string, err error) {
+	if errors.Is(err, errSessionEnded) {
+		s.authenticate(w, r, endpoint) // answers 401, as for the ended session's token
+		return
+	}
+	w.Header().Set("Retry-After", "60")
+	writeRPCError(w, http.StatusServiceUnavailable, codeInternalError, "too many open MCP sessions; try again later")
+}
+
+// readBody reads and decodes a POSTed JSON-RPC body, answering transport
+// errors itself: 415 for a body that is not JSON, 413 for one too large, 400
+// for an unsupported MCP-Protocol-Version or a body that is not JSON-RPC.
+func (s *server) readBody(w http.ResponseWriter, r *http.Request) (*rpcBody, bool) {
+	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
+		writeRPCError(w, http.StatusUnsupportedMediaType, codeInvalidRequest, "Content-Type must be application/json")
+		return nil, false
+	}
+	if errResp := checkVersionHeader(r); errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return nil, false
+	}
+	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxMessageSize))
+	if err != nil {
+		if errors.As(err, new(*http.MaxBytesError)) {
+			writeRPCError(w, http.StatusRequestEntityTooLarge, codeInvalidRequest, "message too large")
+		} else {
+			writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "the body could not be read")
+		}
+		return nil, false
+	}
+	body, errResp := decodeBody(raw)
+	if errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return nil, false
+	}
+	return body, true
+}
+
+// runBody runs a decoded body in the MCP session ms and returns what to
+// answer, or answers the request itself and returns false: 400 for a batch
+// the session may not send, 401 if the signed-in session ended meanwhile.
+func (s *server) runBody(w http.ResponseWriter, r *http.Request, endpoint string, ms *mcpSession, sess *session, body *rpcBody) (any, bool) {
+	if errResp := body.checkBatch(ms); errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return nil, false
+	}
+	reply, err := s.run(r.Context(), ms, sess, body)
+	if err != nil {
+		s.authenticate(w, r, endpoint) // the session has ended: 401, as for its token
+		return nil, false
+	}
+	return reply, true
+}
+
+// stream is the open event stream of an HTTP+SSE session.
+type stream struct {
+	out  chan []byte   // JSON-RPC messages waiting to be sent as "message" events (a few)
+	done chan struct{} // closed when the stream ends
+	once sync.Once
+}
+
+// end makes the stream's handler return.
+func (st *stream) end() { st.once.Do(func() { close(st.done) }) }
+
+// writeEvent writes one server-sent event. data is one line of JSON (or the
+// endpoint URL), so a single "data:" line carries it.
+func writeEvent(w io.Writer, event string, data []byte) {
+	fmt.Fprintf(w, "event: %s\ndata: %s\n\n", event, data)
+}
+
 // acceptsJSONAndEvents reports whether the Accept header allows both answers
 // Streamable HTTP may give: application/json and text/event-stream. Clients
 // must list both; a missing or empty header, */* and application/* are taken
@@ -350,25 +372,6 @@ func acceptsJSONAndEvents(accept []string) bool {
 		}
 	}
 	return jsonOK && eventsOK
-}
-
-// handleMCPDelete ends a Streamable HTTP session (MCP "Session Management"):
-// 204, and the session id gets 404 from then on.
-func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
-	sess := s.mcpRequest(w, r, "/mcp")
-	if sess == nil {
-		return
-	}
-	if errResp := checkVersionHeader(r); errResp != nil {
-		writeJSON(w, http.StatusBadRequest, errResp)
-		return
-	}
-	ms, ok := s.findSession(w, r.Header.Get("Mcp-Session-Id"), sess, false)
-	if !ok {
-		return
-	}
-	s.mcp.delete(ms.id)
-	w.WriteHeader(http.StatusNoContent)
 }
 
 // handleMCPOther answers every other method on /mcp, GET included, with 405
