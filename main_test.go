@@ -2,7 +2,11 @@ package main
 
 // The tests read as a walkthrough of the flow: TestWalkthrough takes one MCP
 // client from its first 401 to a tool result, step by step, in the order of
-// the README. Then come the failure cases, in flow order, as tables.
+// the README, and TestSSEWalkthrough does the same over HTTP+SSE. Then come
+// each step's failure cases, in step order, as tables; then the lifecycle
+// (refresh, revocation, Entra renewal, restarts, start and shutdown);
+// hardening; and the fuzz targets and benchmarks. Last are the demo, the test
+// environment and its helpers, and the fake Entra ID.
 //
 // Everything runs in-process on loopback, against fakeEntra: a local Entra ID
 // (authorize, token, discovery, JWKS) and Microsoft Graph (/v1.0/me) that is
@@ -55,6 +59,8 @@ import (
 
 // demo is the one package-level flag: go test -run TestDemo -demo.
 var demo = flag.Bool("demo", false, "serve the server on localhost:3001 against a fake Entra ID until interrupted")
+
+// ---- The walkthroughs ----
 
 // TestWalkthrough is the whole flow, as in the README: one MCP client, from
 // its first 401 to the signed-in user's name from Microsoft Graph.
@@ -244,76 +250,78 @@ func TestWalkthrough(t *testing.T) {
 	})
 }
 
-// TestNothingLeaks runs a sign-in, a refresh, tool calls that refresh the
-// Entra token, failures and a sign-out with the log captured, and checks that
-// no secret, token, code, verifier, state, nonce or cookie of any of it
-// reached a log line.
-func TestNothingLeaks(t *testing.T) {
+// TestSSEWalkthrough is steps 1 and 8 to 10 over HTTP+SSE, as older clients
+// run them (steps 2 to 7 are those of TestWalkthrough).
+func TestSSEWalkthrough(t *testing.T) {
 	env := newTestEnv(t)
-	env.entra.set(func() { env.entra.expiresIn = 600 })
-	c := env.newClient(t, `"token_endpoint_auth_method":"client_secret_post","client_name":"leak test"`)
-	b := newBrowser(t)
-	page := readBody(t, b.get(t, env.url+c.authorizeURL(nil)))
-	consentID := consentIDFrom(t, page)
-	entraURL := location(t, b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {consentID}, "decision": {"approve"}}), http.StatusSeeOther)
-	callback := location(t, b.get(t, entraURL.String()), http.StatusFound)
-	code := location(t, b.get(t, callback.String()), http.StatusFound).Query().Get("code")
-	tokens := env.redeem(t, c, code)
-	wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "client_id": {c.id},
-		"client_secret": {c.secret}, "code_verifier": {c.verifier}, "redirect_uri": {c.redirectURI}}, nil), 400, "invalid_grant") // reused: logged
-	wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken},
-		"client_id": {c.id}, "client_secret": {c.secret + "x"}}, nil), 401, "invalid_client")
+	ctx := t.Context() // the stream opened in step 8 lives on through step 10
+	var tokens signedIn
+	var conn *sseConn
 
-	c2 := env.newClient(t, `"token_endpoint_auth_method":"client_secret_post"`)
-	tokens2 := env.redeem(t, c2, env.codeFor(t, c2))
-	mcp := &mcpClient{env: env, token: tokens2.AccessToken}
-	mcp.initialize(t, "2025-11-25")
-	env.clock.advance(10 * time.Minute) // the tool call refreshes the Entra token
-	var result toolResult
-	mcp.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
-	env.entra.set(func() { env.entra.refreshRevoked = true })
-	env.clock.advance(10 * time.Minute) // and now Entra refuses: logged, with Entra's ids
-	mcp.post(t, `{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"getUserDetails"}}`, nil)
-	env.postForm(t, "/revoke", url.Values{"token": {tokens2.RefreshToken}, "client_id": {c2.id}, "client_secret": {c2.secret}}, nil)
+	t.Run("step 1: GET /sse without a token gets 401 pointing at the /sse metadata", func(t *testing.T) {
+		resp := env.do(t, "GET", "/sse", nil, nil)
+		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/sse", scope="mcp"`
+		if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") != want {
+			t.Errorf("GET /sse = %d %q, want 401 %q", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), want)
+		}
+	})
+	t.Run("steps 2 to 7: sign in for the /sse resource", func(t *testing.T) {
+		tokens = env.signIn(t, signInOptions{resource: env.url + "/sse"})
+	})
+	t.Run("step 8: the client opens the SSE stream with the session token", func(t *testing.T) {
+		conn = env.connectUntil(t, ctx, tokens.AccessToken)
+		if !strings.HasPrefix(conn.endpoint, "/message?sessionId=") {
+			t.Errorf("endpoint event = %q", conn.endpoint)
+		}
+	})
 
-	cookies := b.client.Jar.Cookies(&url.URL{Scheme: "http", Host: strings.TrimPrefix(env.url, "http://")})
-	secrets := map[string]string{
-		"Entra client secret":   env.entra.clientSecret,
-		"client secret":         c.secret,
-		"PKCE verifier":         c.verifier,
-		"consent id":            consentID,
-		"browser cookie":        cookies[0].Value,
-		"our state at Entra":    entraURL.Query().Get("state"),
-		"our nonce":             entraURL.Query().Get("nonce"),
-		"Entra's code":          callback.Query().Get("code"),
-		"our code":              code,
-		"access token":          tokens.AccessToken,
-		"refresh token":         tokens.RefreshToken,
-		"session id":            tokenClaims(t, tokens.AccessToken)["sid"].(string),
-		"Entra access token":    env.entra.lastAccessToken(),
-		"Entra refresh token":   env.entra.lastRefreshToken(),
-		"Entra refused refresh": env.entra.refreshes[len(env.entra.refreshes)-1].Get("refresh_token"),
-		"Entra id_token":        env.entra.lastIDToken,
-		"user's name":           env.entra.user.name,
-		"user's UPN":            env.entra.user.upn,
-		"user's object id":      env.entra.user.oid,
-		"Entra's error text":    "The provided grant has expired",
-	}
-	logs := env.logs.String()
-	if !strings.Contains(logs, "aadsts=50173") {
-		t.Fatalf("the run did not log what it should have; the check below would prove nothing:\n%s", logs)
-	}
-	for name, secret := range secrets {
-		if len(secret) < 8 {
-			t.Fatalf("%s %q: not collected", name, secret)
+	t.Run("step 9: initialize, initialized, tools/list, answered on the stream", func(t *testing.T) {
+		var init struct {
+			ProtocolVersion string
+			ServerInfo      struct{ Name string }
+			Capabilities    map[string]any
 		}
-		if strings.Contains(logs, secret) {
-			t.Errorf("the log holds the %s", name)
+		conn.call(t, "initialize", `{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"test","version":"1"}}`, &init)
+		if init.ProtocolVersion != "2024-11-05" || init.ServerInfo.Name != "entra-mcp" || init.Capabilities["tools"] == nil {
+			t.Errorf("initialize = %+v", init)
 		}
-	}
+		if resp := conn.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`); resp.StatusCode != http.StatusAccepted {
+			t.Errorf("notifications/initialized = %d, want 202", resp.StatusCode)
+		}
+		var list struct{ Tools []tool }
+		conn.call(t, "tools/list", `{}`, &list)
+		if len(list.Tools) != 1 || list.Tools[0].Name != "getUserDetails" {
+			t.Errorf("tools/list = %+v", list)
+		}
+	})
+
+	t.Run("step 10: getUserDetails answers with the user's profile from Graph", func(t *testing.T) {
+		var result toolResult
+		conn.call(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, &result)
+		want := "Display name: Adele Vance\nMail: adele.vance@contoso.example\nUser principal name: adele.vance@contoso.example"
+		if result.IsError || len(result.Content) != 1 || result.Content[0].Text != want {
+			t.Errorf("tools/call = %+v, want the text %q", result, want)
+		}
+	})
 }
 
-// Step 1: the challenge.
+// Example_sessionToken shows what a session token carries: a fixed header
+// with the key id and format version, and claims that name a session.
+func Example_sessionToken() {
+	c := newSessionCodec("http://localhost:3001", func() time.Time { return time.Unix(1e9, 0) }, make([]byte, 32))
+	token := c.mint(sessionClaims{Audience: "http://localhost:3001/sse", Subject: "QmFzZTY0U3ViamVjdA", SessionID: "SESSIONID",
+		ClientID: "CLIENTID", Scope: "mcp", IssuedAt: 1e9, Expiry: 1e9 + 3600, TokenID: "TOKENID"})
+	header, payload, _, _ := cut3(token)
+	for _, part := range []string{header, payload} {
+		b, _ := base64.RawURLEncoding.DecodeString(part)
+		fmt.Println(string(b))
+	}
+	// Output:
+	// {"alg":"HS256","typ":"at+jwt","kid":"24672a10","ver":1}
+	// {"iss":"http://localhost:3001","aud":"http://localhost:3001/sse","sub":"QmFzZTY0U3ViamVjdA","sid":"SESSIONID","client_id":"CLIENTID","scope":"mcp","iat":1000000000,"exp":1000003600,"jti":"TOKENID"}
+}
+
+// ---- Step 1: the challenge and the session token ----
 
 func TestChallengeRejectsBadTokens(t *testing.T) {
 	env := newTestEnv(t)
@@ -409,50 +417,7 @@ func TestSessionTokenEncodingIsUnambiguous(t *testing.T) {
 	}
 }
 
-func TestSessionKeyRotation(t *testing.T) {
-	oldKey, newKey := randomBytes(32), randomBytes(32)
-	env := newTestEnv(t, func(c *config) { c.sessionKeys = [][]byte{oldKey} })
-	tokens := env.signIn(t, signInOptions{})
-	rotate := func(keys ...[]byte) { env.srv.tokens = newSessionCodec(env.url, env.clock.now, keys...) }
-
-	rotate(newKey) // without SESSION_KEY_PREVIOUS, the old tokens are dead...
-	if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
-		t.Errorf("old access token under a new key alone = %d, want 401", resp.StatusCode)
-	}
-	wantOAuthError(t, env.refresh(t, tokens.RefreshToken, tokens.clientID), 400, "invalid_grant")
-
-	rotate(newKey, oldKey) // ...with it, they work until they expire
-	if resp := env.do(t, "POST", "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`),
-		(&mcpClient{token: tokens.AccessToken}).headers(nil)); resp.StatusCode != http.StatusOK {
-		t.Errorf("old access token with SESSION_KEY_PREVIOUS = %d, want 200", resp.StatusCode)
-	}
-	var next tokenResponse
-	decodeJSON(t, env.refresh(t, tokens.RefreshToken, tokens.clientID), http.StatusOK, &next)
-	header, _, _, _ := cut3(next.AccessToken)
-	if oldHeader, _, _, _ := cut3(tokens.AccessToken); header == oldHeader {
-		t.Errorf("the refreshed token is signed with the old key")
-	}
-	rotate(newKey) // the refreshed tokens need only the new key
-	decodeJSON(t, env.refresh(t, next.RefreshToken, tokens.clientID), http.StatusOK, &next)
-}
-
-// Example_sessionToken shows what a session token carries: a fixed header
-// with the key id and format version, and claims that name a session.
-func Example_sessionToken() {
-	c := newSessionCodec("http://localhost:3001", func() time.Time { return time.Unix(1e9, 0) }, make([]byte, 32))
-	token := c.mint(sessionClaims{Audience: "http://localhost:3001/sse", Subject: "QmFzZTY0U3ViamVjdA", SessionID: "SESSIONID",
-		ClientID: "CLIENTID", Scope: "mcp", IssuedAt: 1e9, Expiry: 1e9 + 3600, TokenID: "TOKENID"})
-	header, payload, _, _ := cut3(token)
-	for _, part := range []string{header, payload} {
-		b, _ := base64.RawURLEncoding.DecodeString(part)
-		fmt.Println(string(b))
-	}
-	// Output:
-	// {"alg":"HS256","typ":"at+jwt","kid":"24672a10","ver":1}
-	// {"iss":"http://localhost:3001","aud":"http://localhost:3001/sse","sub":"QmFzZTY0U3ViamVjdA","sid":"SESSIONID","client_id":"CLIENTID","scope":"mcp","iat":1000000000,"exp":1000003600,"jti":"TOKENID"}
-}
-
-// Step 2: discovery.
+// ---- Step 2: discovery ----
 
 func TestDiscovery(t *testing.T) {
 	env := newTestEnv(t)
@@ -486,7 +451,7 @@ func TestDiscovery(t *testing.T) {
 	}
 }
 
-// Step 3: registration.
+// ---- Step 3: registration ----
 
 func TestRegister(t *testing.T) {
 	env := newTestEnv(t)
@@ -525,7 +490,7 @@ func TestRegister(t *testing.T) {
 	}
 }
 
-// Step 4: the authorization request and consent.
+// ---- Step 4: consent ----
 
 func TestAuthorizeErrors(t *testing.T) {
 	env := newTestEnv(t)
@@ -670,7 +635,7 @@ func TestBrowserCookie(t *testing.T) {
 	}
 }
 
-// Steps 5 and 6: Entra ID and the callback.
+// ---- Steps 5 and 6: sign-in at Entra ID and the callback ----
 
 func TestCallbackErrors(t *testing.T) {
 	env := newTestEnv(t)
@@ -852,7 +817,7 @@ func TestAllowedTenants(t *testing.T) {
 	})
 }
 
-// Step 7: the token endpoint.
+// ---- Step 7: tokens ----
 
 func TestTokenErrors(t *testing.T) {
 	env := newTestEnv(t)
@@ -947,6 +912,424 @@ func TestConfidentialClients(t *testing.T) {
 		}
 	}
 }
+
+// ---- Steps 8 and 9: MCP sessions and messages ----
+
+func TestSSESessions(t *testing.T) {
+	env := newTestEnv(t)
+	alice := env.signIn(t, signInOptions{})
+	env.entra.set(func() {
+		env.entra.user = fakeUser{oid: "22222222-2222-2222-2222-222222222222", name: "Bob", upn: "bob@contoso.example"}
+	})
+	bob := env.signIn(t, signInOptions{})
+	aliceConn := env.connect(t, alice.AccessToken)
+	bobConn := env.connect(t, bob.AccessToken)
+
+	t.Run("each stream gets its own answers", func(t *testing.T) {
+		var a, b toolResult
+		aliceConn.call(t, "tools/call", `{"name":"getUserDetails"}`, &a)
+		bobConn.call(t, "tools/call", `{"name":"getUserDetails"}`, &b)
+		if !strings.Contains(a.Content[0].Text, "Adele Vance") || !strings.Contains(b.Content[0].Text, "Bob") {
+			t.Errorf("alice got %q, bob got %q", a.Content[0].Text, b.Content[0].Text)
+		}
+	})
+
+	tests := []struct {
+		name        string
+		token, path string
+		contentType string
+		wantStatus  int
+	}{
+		{"another user's session", bob.AccessToken, aliceConn.endpoint, "application/json", http.StatusNotFound},
+		{"unknown session", alice.AccessToken, "/message?sessionId=nope", "application/json", http.StatusNotFound},
+		{"no session id", alice.AccessToken, "/message", "application/json", http.StatusBadRequest},
+		{"not JSON", alice.AccessToken, aliceConn.endpoint, "text/plain", http.StatusUnsupportedMediaType},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := env.do(t, "POST", tt.path, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`),
+				http.Header{"Authorization": {"Bearer " + tt.token}, "Content-Type": {tt.contentType}})
+			if resp.StatusCode != tt.wantStatus {
+				t.Errorf("POST %s = %d, want %d", tt.path, resp.StatusCode, tt.wantStatus)
+			}
+		})
+	}
+
+	t.Run("a closed stream ends its session", func(t *testing.T) {
+		ms, ok := env.srv.mcp.get(strings.TrimPrefix(aliceConn.endpoint, "/message?sessionId="))
+		if !ok {
+			t.Fatal("alice's session is not registered")
+		}
+		aliceConn.close()
+		<-ms.stream.done // the handler has returned and unregistered the session
+		if resp := aliceConn.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); resp.StatusCode != http.StatusNotFound {
+			t.Errorf("POST to a closed stream's session = %d, want 404", resp.StatusCode)
+		}
+	})
+
+	t.Run("revoking the session closes its stream", func(t *testing.T) {
+		resp := env.postForm(t, "/revoke", url.Values{"token": {bob.AccessToken}, "client_id": {bob.clientID}}, nil)
+		if resp.StatusCode != http.StatusOK {
+			t.Fatalf("revoke = %d", resp.StatusCode)
+		}
+		if _, err := bobConn.events.next(); !errors.Is(err, io.EOF) {
+			t.Errorf("bob's stream after revocation: %v, want EOF", err)
+		}
+	})
+}
+
+func TestSSEKeepAlive(t *testing.T) {
+	env := newTestEnv(t)
+	env.srv.keepAlive = time.Millisecond
+	tokens := env.signIn(t, signInOptions{})
+	conn := env.connect(t, tokens.AccessToken)
+	line, err := conn.events.r.ReadString('\n')
+	if err != nil || line != ": keep-alive\n" {
+		t.Errorf("next line = %q, %v; want a keep-alive comment", line, err)
+	}
+}
+
+func TestStreamableHTTPErrors(t *testing.T) {
+	env := newTestEnv(t, func(c *config) { c.allowedOrigins = []string{"https://app.example"} })
+	alice := env.signIn(t, signInOptions{resource: env.url + "/mcp"})
+	bob := env.signIn(t, signInOptions{})
+	a := &mcpClient{env: env, token: alice.AccessToken}
+	a.initialize(t, "2025-11-25")
+	b := &mcpClient{env: env, token: bob.AccessToken}
+	b.initialize(t, "2025-11-25")
+	sse := env.connect(t, bob.AccessToken) // bob's token is for the whole server
+	sseID := strings.TrimPrefix(sse.endpoint, "/message?sessionId=")
+	ping := `{"jsonrpc":"2.0","id":1,"method":"ping"}`
+
+	tests := []struct {
+		name       string
+		client     *mcpClient
+		method     string
+		body       string
+		header     http.Header // added to, or replacing, the client's headers
+		wantStatus int
+		wantCode   int // JSON-RPC error code in the body, if any
+	}{
+		{"ping", a, "POST", ping, nil, 200, 0},
+		{"no Accept header", a, "POST", ping, http.Header{"Accept": nil}, 200, 0},
+		{"Accept */*", a, "POST", ping, http.Header{"Accept": {"*/*"}}, 200, 0},
+		{"Accept application/*", a, "POST", ping, http.Header{"Accept": {"application/*"}}, 200, 0},
+		{"Accept JSON only", a, "POST", ping, http.Header{"Accept": {"application/json"}}, 406, codeInvalidRequest},
+		{"Accept events only", a, "POST", ping, http.Header{"Accept": {"text/event-stream"}}, 406, codeInvalidRequest},
+		{"Accept refusing JSON", a, "POST", ping, http.Header{"Accept": {"application/json;q=0, text/event-stream"}}, 406, codeInvalidRequest},
+		{"empty Accept", a, "POST", ping, http.Header{"Accept": {""}}, 200, 0},
+		{"not JSON", a, "POST", ping, http.Header{"Content-Type": {"text/plain"}}, 415, codeInvalidRequest},
+		{"no session id", a, "POST", ping, http.Header{"Mcp-Session-Id": nil}, 400, codeInvalidRequest},
+		{"unknown session id", a, "POST", ping, http.Header{"Mcp-Session-Id": {"nope"}}, 404, codeSessionNotFound},
+		{"another user's session", b, "POST", ping, http.Header{"Mcp-Session-Id": {a.sessionID}}, 404, codeSessionNotFound},
+		{"an HTTP+SSE session id", b, "POST", ping, http.Header{"Mcp-Session-Id": {sseID}}, 404, codeSessionNotFound},
+		{"initialize again", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`, nil, 400, codeInvalidRequest},
+		{"initialize with an unknown session id", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`,
+			http.Header{"Mcp-Session-Id": {"ended"}}, 404, codeSessionNotFound},
+		{"no version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": nil}, 200, 0},
+		{"unsupported version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": {"1999-01-01"}}, 400, codeInvalidRequest},
+		{"2026-07-28 probe", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}`,
+			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Mcp-Session-Id": nil, "Mcp-Method": {"server/discover"}}, 400, codeInvalidRequest},
+		{"2026-07-28 probe without a token", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover"}`,
+			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Authorization": nil}, 401, 0},
+		{"batch outside 2025-03-26", a, "POST", "[" + ping + "]", nil, 400, codeInvalidRequest},
+		{"notification", a, "POST", `{"jsonrpc":"2.0","method":"notifications/progress"}`, nil, 202, 0},
+		{"client response", a, "POST", `{"jsonrpc":"2.0","id":5,"result":{}}`, nil, 202, 0},
+		{"GET", a, "GET", "", nil, 405, codeInvalidRequest},
+		{"PUT", a, "PUT", ping, nil, 405, codeInvalidRequest},
+		{"GET without a token", a, "GET", "", http.Header{"Authorization": nil}, 401, 0},
+		{"DELETE without a session id", a, "DELETE", "", http.Header{"Mcp-Session-Id": nil}, 400, codeInvalidRequest},
+		{"DELETE another user's session", b, "DELETE", "", http.Header{"Mcp-Session-Id": {a.sessionID}}, 404, codeSessionNotFound},
+		{"DELETE an HTTP+SSE session", b, "DELETE", "", http.Header{"Mcp-Session-Id": {sseID}}, 404, codeSessionNotFound},
+		{"DELETE with an unsupported version", a, "DELETE", "", http.Header{"Mcp-Protocol-Version": {"1999-01-01"}}, 400, codeInvalidRequest},
+		{"a token for /sse", a, "POST", ping, bearerFor(env, signInOptions{resource: env.url + "/sse"}, t), 401, 0},
+		{"foreign Origin", a, "POST", ping, http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
+		{"null Origin", a, "POST", ping, http.Header{"Origin": {"null"}}, 403, codeInvalidRequest},
+		{"GET from a foreign Origin", a, "GET", "", http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
+		{"DELETE from a foreign Origin", a, "DELETE", "", http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
+		{"a lookalike loopback Origin", a, "POST", ping, http.Header{"Origin": {"http://127.0.0.1.evil.example"}}, 403, codeInvalidRequest},
+		{"loopback Origin", a, "POST", ping, http.Header{"Origin": {"http://localhost:6274"}}, 200, 0},
+		{"our own Origin", a, "POST", ping, http.Header{"Origin": {env.url}}, 200, 0},
+		{"an allowed Origin", a, "POST", ping, http.Header{"Origin": {"https://app.example"}}, 200, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := env.do(t, tt.method, "/mcp", strings.NewReader(tt.body), tt.client.headers(tt.header))
+			body := readBody(t, resp)
+			if resp.StatusCode != tt.wantStatus {
+				t.Fatalf("%s /mcp = %d, want %d: %s", tt.method, resp.StatusCode, tt.wantStatus, body)
+			}
+			if tt.wantCode != 0 {
+				var r rpcReply
+				if err := json.Unmarshal([]byte(body), &r); err != nil || r.Error == nil || r.Error.Code != tt.wantCode {
+					t.Errorf("%s /mcp body = %s, want JSON-RPC error %d", tt.method, body, tt.wantCode)
+				}
+			}
+			if resp.StatusCode == http.StatusMethodNotAllowed && resp.Header.Get("Allow") != "POST, DELETE" {
+				t.Errorf("Allow = %q", resp.Header.Get("Allow"))
+			}
+		})
+	}
+
+	t.Run("the version error lists the supported versions", func(t *testing.T) {
+		resp := env.do(t, "POST", "/mcp", strings.NewReader(ping), a.headers(http.Header{"Mcp-Protocol-Version": {"2026-07-28"}}))
+		if body := readBody(t, resp); !strings.Contains(body, "2025-11-25, 2025-06-18, 2025-03-26, 2024-11-05") || strings.Contains(body, "-32022") {
+			t.Errorf("body = %s", body)
+		}
+	})
+	t.Run("a Streamable HTTP session id on /message", func(t *testing.T) {
+		resp := env.do(t, "POST", "/message?sessionId="+b.sessionID, strings.NewReader(ping), bearer(bob.AccessToken))
+		if resp.StatusCode != http.StatusNotFound {
+			t.Errorf("POST /message with a Streamable HTTP session id = %d, want 404", resp.StatusCode)
+		}
+		if resp := sse.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`); resp.StatusCode != http.StatusAccepted {
+			t.Errorf("the SSE session afterwards = %d, want 202: still alive", resp.StatusCode)
+		}
+	})
+	t.Run("Origin is checked on /sse and /message too", func(t *testing.T) {
+		evil := http.Header{"Origin": {"https://evil.example"}, "Authorization": {"Bearer " + bob.AccessToken}}
+		for _, r := range []struct{ method, path string }{{"GET", "/sse"}, {"POST", sse.endpoint}} {
+			if resp := env.do(t, r.method, r.path, strings.NewReader(ping), evil); resp.StatusCode != http.StatusForbidden {
+				t.Errorf("%s %s from a foreign Origin = %d, want 403", r.method, r.path, resp.StatusCode)
+			}
+		}
+	})
+}
+
+func TestBatchesOnlyIn20250326(t *testing.T) {
+	env := newTestEnv(t)
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-03-26")
+	var replies []rpcReply
+	resp := c.post(t, `[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"},
+		{"jsonrpc":"2.0","id":2,"method":"tools/list"},{"jsonrpc":"1.0","id":3,"method":"ping"}]`, nil)
+	decodeJSON(t, resp, http.StatusOK, &replies)
+	ids := []string{}
+	for _, r := range replies {
+		ids = append(ids, string(r.ID))
+	}
+	slices.Sort(ids)
+	if !slices.Equal(ids, []string{"1", "2", "3"}) || replies[0].Error == nil || replies[0].Error.Code != codeInvalidRequest {
+		t.Errorf("batch replies = %+v, want answers to 1 and 2 and an error for the invalid 3, first", replies)
+	}
+	if resp := c.post(t, `[{"jsonrpc":"2.0","method":"notifications/initialized"}]`, nil); resp.StatusCode != http.StatusAccepted {
+		t.Errorf("a batch of notifications = %d, want 202", resp.StatusCode)
+	}
+	tooMany := "[" + strings.Repeat(`{"jsonrpc":"2.0","id":1,"method":"ping"},`, maxBatch) + `{"jsonrpc":"2.0","id":1,"method":"ping"}]`
+	for _, body := range []string{`[]`, tooMany, `[{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26"}}]`} {
+		if resp := c.post(t, body, nil); resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("POST %s = %d, want 400", body, resp.StatusCode)
+		}
+	}
+}
+
+// TestResultShapesFollowTheVersion checks that structured tool results
+// (outputSchema, structuredContent) go only to sessions of MCP 2025-06-18 or
+// later, on either transport.
+func TestResultShapesFollowTheVersion(t *testing.T) {
+	env := newTestEnv(t)
+	token := env.signIn(t, signInOptions{}).AccessToken
+	for _, version := range supportedVersions {
+		t.Run(version, func(t *testing.T) {
+			c := &mcpClient{env: env, token: token}
+			c.initialize(t, version)
+			sse := env.connect(t, token)
+			var init any
+			sse.call(t, "initialize", `{"protocolVersion":"`+version+`"}`, &init)
+			for name, call := range map[string]func(method, params string, v any){
+				"/mcp": func(m, p string, v any) { c.call(t, m, p, v) },
+				"/sse": func(m, p string, v any) { sse.call(t, m, p, v) },
+			} {
+				var list struct{ Tools []tool }
+				var result map[string]any
+				call("tools/list", "", &list)
+				call("tools/call", `{"name":"getUserDetails"}`, &result)
+				want := version >= "2025-06-18"
+				if got := list.Tools[0].OutputSchema != nil; got != want {
+					t.Errorf("%s: outputSchema present = %v, want %v", name, got, want)
+				}
+				if got := result["structuredContent"] != nil; got != want {
+					t.Errorf("%s: structuredContent present = %v, want %v", name, got, want)
+				}
+			}
+		})
+	}
+}
+
+// TestOneTokenBothTransports shows that one sign-in serves both transports
+// in the same process, through the same MCP core, and that ending the session
+// ends both.
+func TestOneTokenBothTransports(t *testing.T) {
+	env := newTestEnv(t)
+	tokens := env.signIn(t, signInOptions{resource: env.url}) // the root resource covers /mcp and /sse
+	sse := env.connect(t, tokens.AccessToken)
+	streamable := &mcpClient{env: env, token: tokens.AccessToken}
+	streamable.initialize(t, "2025-03-26")
+
+	var viaSSE, viaMCP toolResult
+	sse.call(t, "tools/call", `{"name":"getUserDetails"}`, &viaSSE)
+	streamable.call(t, "tools/call", `{"name":"getUserDetails"}`, &viaMCP)
+	if viaSSE.IsError || !reflect.DeepEqual(viaSSE, viaMCP) {
+		t.Errorf("tools/call over /sse = %+v, over /mcp = %+v; want the same result", viaSSE, viaMCP)
+	}
+
+	resp := env.postForm(t, "/revoke", url.Values{"token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("revoke = %d", resp.StatusCode)
+	}
+	if _, err := sse.events.next(); !errors.Is(err, io.EOF) {
+		t.Errorf("SSE stream after revocation: %v, want EOF", err)
+	}
+	if resp := streamable.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`, nil); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("POST /mcp after revocation = %d, want 401", resp.StatusCode)
+	}
+}
+
+func TestJSONRPC(t *testing.T) {
+	env := newTestEnv(t)
+	tokens := env.signIn(t, signInOptions{})
+	conn := env.connect(t, tokens.AccessToken)
+
+	// Bodies that are not one JSON-RPC message get 400 and the error in
+	// the body, with a null id.
+	for _, tt := range []struct {
+		name, body string
+		wantCode   int
+		wantID     string
+	}{
+		{"malformed JSON", `{"jsonrpc":"2.0",`, codeParseError, "null"},
+		{"not an object", `"ping"`, codeInvalidRequest, "null"},
+		{"wrong version", `{"jsonrpc":"1.0","id":1,"method":"ping"}`, codeInvalidRequest, "1"},
+		{"null id", `{"jsonrpc":"2.0","id":null,"method":"ping"}`, codeInvalidRequest, "null"},
+		{"object id", `{"jsonrpc":"2.0","id":{},"method":"ping"}`, codeInvalidRequest, "null"},
+		{"no method", `{"jsonrpc":"2.0","id":"a"}`, codeInvalidRequest, `"a"`},
+		{"batch", `[{"jsonrpc":"2.0","id":1,"method":"ping"}]`, codeInvalidRequest, "null"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var r struct {
+				ID    json.RawMessage
+				Error rpcError
+			}
+			decodeJSON(t, conn.post(t, tt.body), http.StatusBadRequest, &r)
+			if r.Error.Code != tt.wantCode || string(r.ID) != tt.wantID {
+				t.Errorf("POST %s = id %s, error %+v; want id %s, code %d", tt.body, r.ID, r.Error, tt.wantID, tt.wantCode)
+			}
+		})
+	}
+
+	t.Run("too large", func(t *testing.T) {
+		body := `{"jsonrpc":"2.0","id":1,"method":"ping","params":{"pad":"` + strings.Repeat("x", maxMessageSize) + `"}}`
+		var r struct{ Error rpcError }
+		decodeJSON(t, conn.post(t, body), http.StatusRequestEntityTooLarge, &r)
+		if r.Error.Code != codeInvalidRequest {
+			t.Errorf("oversized message: error %+v", r.Error)
+		}
+	})
+
+	// Requests get their answer on the stream: a result or an error.
+	for _, tt := range []struct {
+		name, method, params string
+		wantCode             int
+		wantResult           string
+	}{
+		{"ping", "ping", ``, 0, `{}`},
+		{"newer version negotiates down", "initialize", `{"protocolVersion":"2099-01-01"}`, 0, `"protocolVersion":"2025-11-25"`},
+		{"supported version is kept", "initialize", `{"protocolVersion":"2025-06-18"}`, 0, `"protocolVersion":"2025-06-18"`},
+		{"initialize without params", "initialize", ``, codeInvalidParams, ``},
+		{"unknown method", "resources/list", `{}`, codeMethodNotFound, ``},
+		{"unknown tool", "tools/call", `{"name":"deleteEverything"}`, codeInvalidParams, ``},
+		{"tools/call without params", "tools/call", ``, codeInvalidParams, ``},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := conn.request(t, tt.method, tt.params)
+			if tt.wantCode != 0 {
+				if resp.Error == nil || resp.Error.Code != tt.wantCode {
+					t.Errorf("%s = %s, want error %d", tt.method, resp.raw, tt.wantCode)
+				}
+				return
+			}
+			if resp.Error != nil || !strings.Contains(string(resp.Result), tt.wantResult) {
+				t.Errorf("%s = %s, want a result with %s", tt.method, resp.raw, tt.wantResult)
+			}
+		})
+	}
+
+	t.Run("notifications get no answer", func(t *testing.T) {
+		for _, n := range []string{`{"jsonrpc":"2.0","method":"notifications/initialized"}`, `{"jsonrpc":"2.0","method":"notifications/unknown"}`,
+			`{"jsonrpc":"2.0","id":7,"result":{}}`} {
+			if resp := conn.post(t, n); resp.StatusCode != http.StatusAccepted {
+				t.Errorf("POST %s = %d, want 202", n, resp.StatusCode)
+			}
+		}
+		// The next event on the stream answers the next request: nothing was
+		// queued for the notifications.
+		if resp := conn.request(t, "ping", ""); string(resp.ID) != fmt.Sprint(conn.nextID-1) {
+			t.Errorf("next event = %s, want the ping's answer", resp.raw)
+		}
+	})
+}
+
+// ---- Step 10: the tool and Microsoft Graph ----
+
+func TestToolGraphFailure(t *testing.T) {
+	env := newTestEnv(t)
+	conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
+	env.entra.set(func() { env.entra.graphStatus = http.StatusServiceUnavailable }) // Graph is down
+	var result toolResult
+	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	if want := "503 serviceNotAvailable"; !result.IsError || !strings.Contains(result.Content[0].Text, want) {
+		t.Errorf("tools/call = %+v, want isError and %q", result, want)
+	}
+}
+
+func TestGraphRefusesTheToken(t *testing.T) {
+	env := newTestEnv(t)
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-11-25")
+
+	t.Run("refused once: refresh, retry, done", func(t *testing.T) {
+		env.entra.set(func() { env.entra.accessTokens = map[string]fakeGrant{} }) // e.g. revoked early
+		var result toolResult
+		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		if n := env.entra.refreshCount(); result.IsError || n != 1 {
+			t.Errorf("tools/call = %+v after %d refreshes, want a result after 1", result, n)
+		}
+	})
+	t.Run("refused again: one retry, no loop", func(t *testing.T) {
+		env.entra.set(func() { env.entra.graphStatus = http.StatusUnauthorized })
+		var result toolResult
+		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+		if n := env.entra.refreshCount(); !result.IsError || !strings.Contains(result.Content[0].Text, "401 InvalidAuthenticationToken") || n != 2 {
+			t.Errorf("tools/call = %+v after %d refreshes in all, want an error after 2", result, n)
+		}
+	})
+}
+
+func TestGraphConnectionsAreReused(t *testing.T) {
+	env := newTestEnv(t)
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-11-25")
+	call := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails"}}`
+	before := func() int { env.entra.mu.Lock(); defer env.entra.mu.Unlock(); return env.entra.connections }()
+	for range 5 { // five rounds of eight concurrent calls
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() {
+				if got := postRaw(t.Context(), env.url+"/mcp", c.headers(nil), call); !strings.HasPrefix(got, "200 ") {
+					t.Errorf("tools/call = %s", got)
+				}
+			})
+		}
+		wg.Wait()
+	}
+	env.entra.mu.Lock()
+	defer env.entra.mu.Unlock()
+	if n := env.entra.connections - before; n > 8 {
+		t.Errorf("40 tool calls, 8 at a time, opened %d connections to Graph; want at most 8, kept alive", n)
+	}
+}
+
+// ---- Lifecycle: refresh, revocation, Entra renewal, restarts, start and shutdown ----
 
 func TestRefresh(t *testing.T) {
 	env := newTestEnv(t)
@@ -1122,364 +1505,6 @@ func TestEndedSessionStaysEnded(t *testing.T) {
 	wantOAuthError(t, resp, 400, "invalid_grant")
 }
 
-// Steps 8 and 9: the SSE transport.
-
-func TestSSESessions(t *testing.T) {
-	env := newTestEnv(t)
-	alice := env.signIn(t, signInOptions{})
-	env.entra.set(func() {
-		env.entra.user = fakeUser{oid: "22222222-2222-2222-2222-222222222222", name: "Bob", upn: "bob@contoso.example"}
-	})
-	bob := env.signIn(t, signInOptions{})
-	aliceConn := env.connect(t, alice.AccessToken)
-	bobConn := env.connect(t, bob.AccessToken)
-
-	t.Run("each stream gets its own answers", func(t *testing.T) {
-		var a, b toolResult
-		aliceConn.call(t, "tools/call", `{"name":"getUserDetails"}`, &a)
-		bobConn.call(t, "tools/call", `{"name":"getUserDetails"}`, &b)
-		if !strings.Contains(a.Content[0].Text, "Adele Vance") || !strings.Contains(b.Content[0].Text, "Bob") {
-			t.Errorf("alice got %q, bob got %q", a.Content[0].Text, b.Content[0].Text)
-		}
-	})
-
-	tests := []struct {
-		name        string
-		token, path string
-		contentType string
-		wantStatus  int
-	}{
-		{"another user's session", bob.AccessToken, aliceConn.endpoint, "application/json", http.StatusNotFound},
-		{"unknown session", alice.AccessToken, "/message?sessionId=nope", "application/json", http.StatusNotFound},
-		{"no session id", alice.AccessToken, "/message", "application/json", http.StatusBadRequest},
-		{"not JSON", alice.AccessToken, aliceConn.endpoint, "text/plain", http.StatusUnsupportedMediaType},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			resp := env.do(t, "POST", tt.path, strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"ping"}`),
-				http.Header{"Authorization": {"Bearer " + tt.token}, "Content-Type": {tt.contentType}})
-			if resp.StatusCode != tt.wantStatus {
-				t.Errorf("POST %s = %d, want %d", tt.path, resp.StatusCode, tt.wantStatus)
-			}
-		})
-	}
-
-	t.Run("a closed stream ends its session", func(t *testing.T) {
-		ms, ok := env.srv.mcp.get(strings.TrimPrefix(aliceConn.endpoint, "/message?sessionId="))
-		if !ok {
-			t.Fatal("alice's session is not registered")
-		}
-		aliceConn.close()
-		<-ms.stream.done // the handler has returned and unregistered the session
-		if resp := aliceConn.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); resp.StatusCode != http.StatusNotFound {
-			t.Errorf("POST to a closed stream's session = %d, want 404", resp.StatusCode)
-		}
-	})
-
-	t.Run("revoking the session closes its stream", func(t *testing.T) {
-		resp := env.postForm(t, "/revoke", url.Values{"token": {bob.AccessToken}, "client_id": {bob.clientID}}, nil)
-		if resp.StatusCode != http.StatusOK {
-			t.Fatalf("revoke = %d", resp.StatusCode)
-		}
-		if _, err := bobConn.events.next(); !errors.Is(err, io.EOF) {
-			t.Errorf("bob's stream after revocation: %v, want EOF", err)
-		}
-	})
-}
-
-func TestStalledStreamIsClosed(t *testing.T) {
-	env := newTestEnv(t)
-	env.srv.streamStall = time.Millisecond
-	tokens := env.signIn(t, signInOptions{})
-	sess, _ := env.srv.sessions.get(tokenClaims(t, tokens.AccessToken)["sid"].(string))
-	// A stream whose client stopped reading: its queue is full and nothing
-	// drains it.
-	st := &stream{out: make(chan []byte, 1), done: make(chan struct{})}
-	st.out <- []byte(`{}`)
-	if err := env.srv.addMCPSession(&mcpSession{id: "stalled", owner: sess.id, stream: st}, sess); err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), time.Minute) // a regression fails, not hangs
-	defer cancel()
-	h := bearer(tokens.AccessToken)
-	h.Set("Content-Type", "application/json")
-	if got := postRaw(ctx, env.url+"/message?sessionId=stalled", h, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); !strings.HasPrefix(got, "503 ") {
-		t.Errorf("POST to a stalled stream's session = %s, want 503", got)
-	}
-	select {
-	case <-st.done:
-	default:
-		t.Errorf("the stalled stream was not closed")
-	}
-}
-
-func TestHostileInput(t *testing.T) {
-	env := newTestEnv(t)
-	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
-	c.initialize(t, "2025-11-25")
-	big := strings.Repeat("x", 70<<10)
-	tests := []struct {
-		name, method, path, body string
-		header                   http.Header
-		wantStatus               int
-		wantError                string // OAuth error, or JSON-RPC code as text
-	}{
-		{"registration too large", "POST", "/register", `{"client_name":"` + big + `"}`, nil, 413, "invalid_request"},
-		{"registration not UTF-8", "POST", "/register", "{\"redirect_uris\":[\"https://a.example/\xff\"]}", nil, 400, "invalid_client_metadata"},
-		{"token request too large", "POST", "/token", "grant_type=" + big, http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}, 413, "invalid_request"},
-		{"revocation too large", "POST", "/revoke", "token=" + big, http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}, 413, "invalid_request"},
-		{"JSON-RPC not UTF-8", "POST", "/mcp", "{\"jsonrpc\":\"2.0\",\"id\":\"\xff\",\"method\":\"ping\"}", c.headers(nil), 400, "-32700"},
-		{"JSON-RPC nested too deep", "POST", "/mcp", strings.Repeat("[", 20000) + strings.Repeat("]", 20000), c.headers(nil), 400, "-32700"},
-		{"JSON-RPC id too large a number", "POST", "/mcp", `{"jsonrpc":"2.0","id":1e999,"method":"ping"}`, c.headers(nil), 400, "-32600"},
-		{"JSON-RPC params of the wrong type", "POST", "/mcp", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["getUserDetails"]}`, c.headers(nil), 200, "-32602"},
-		{"authorization request too long", "GET", "/authorize?state=" + big, "", nil, 414, ""},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			resp := env.do(t, tt.method, tt.path, strings.NewReader(tt.body), tt.header)
-			body := readBody(t, resp)
-			if resp.StatusCode != tt.wantStatus || !strings.Contains(body, tt.wantError) {
-				t.Errorf("%s %s = %d %.200s, want %d with %s", tt.method, tt.name, resp.StatusCode, body, tt.wantStatus, tt.wantError)
-			}
-		})
-	}
-}
-
-func TestSSEKeepAlive(t *testing.T) {
-	env := newTestEnv(t)
-	env.srv.keepAlive = time.Millisecond
-	tokens := env.signIn(t, signInOptions{})
-	conn := env.connect(t, tokens.AccessToken)
-	line, err := conn.events.r.ReadString('\n')
-	if err != nil || line != ": keep-alive\n" {
-		t.Errorf("next line = %q, %v; want a keep-alive comment", line, err)
-	}
-}
-
-// Steps 8 and 9 on each transport.
-
-// TestSSEWalkthrough is steps 1 and 8 to 10 over HTTP+SSE, as older clients
-// run them (steps 2 to 7 are those of TestWalkthrough).
-func TestSSEWalkthrough(t *testing.T) {
-	env := newTestEnv(t)
-	ctx := t.Context() // the stream opened in step 8 lives on through step 10
-	var tokens signedIn
-	var conn *sseConn
-
-	t.Run("step 1: GET /sse without a token gets 401 pointing at the /sse metadata", func(t *testing.T) {
-		resp := env.do(t, "GET", "/sse", nil, nil)
-		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/sse", scope="mcp"`
-		if resp.StatusCode != http.StatusUnauthorized || resp.Header.Get("WWW-Authenticate") != want {
-			t.Errorf("GET /sse = %d %q, want 401 %q", resp.StatusCode, resp.Header.Get("WWW-Authenticate"), want)
-		}
-	})
-	t.Run("steps 2 to 7: sign in for the /sse resource", func(t *testing.T) {
-		tokens = env.signIn(t, signInOptions{resource: env.url + "/sse"})
-	})
-	t.Run("step 8: the client opens the SSE stream with the session token", func(t *testing.T) {
-		conn = env.connectUntil(t, ctx, tokens.AccessToken)
-		if !strings.HasPrefix(conn.endpoint, "/message?sessionId=") {
-			t.Errorf("endpoint event = %q", conn.endpoint)
-		}
-	})
-
-	t.Run("step 9: initialize, initialized, tools/list, answered on the stream", func(t *testing.T) {
-		var init struct {
-			ProtocolVersion string
-			ServerInfo      struct{ Name string }
-			Capabilities    map[string]any
-		}
-		conn.call(t, "initialize", `{"protocolVersion":"2024-11-05","capabilities":{},"clientInfo":{"name":"test","version":"1"}}`, &init)
-		if init.ProtocolVersion != "2024-11-05" || init.ServerInfo.Name != "entra-mcp" || init.Capabilities["tools"] == nil {
-			t.Errorf("initialize = %+v", init)
-		}
-		if resp := conn.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`); resp.StatusCode != http.StatusAccepted {
-			t.Errorf("notifications/initialized = %d, want 202", resp.StatusCode)
-		}
-		var list struct{ Tools []tool }
-		conn.call(t, "tools/list", `{}`, &list)
-		if len(list.Tools) != 1 || list.Tools[0].Name != "getUserDetails" {
-			t.Errorf("tools/list = %+v", list)
-		}
-	})
-
-	t.Run("step 10: getUserDetails answers with the user's profile from Graph", func(t *testing.T) {
-		var result toolResult
-		conn.call(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, &result)
-		want := "Display name: Adele Vance\nMail: adele.vance@contoso.example\nUser principal name: adele.vance@contoso.example"
-		if result.IsError || len(result.Content) != 1 || result.Content[0].Text != want {
-			t.Errorf("tools/call = %+v, want the text %q", result, want)
-		}
-	})
-}
-
-func TestStreamableHTTPErrors(t *testing.T) {
-	env := newTestEnv(t, func(c *config) { c.allowedOrigins = []string{"https://app.example"} })
-	alice := env.signIn(t, signInOptions{resource: env.url + "/mcp"})
-	bob := env.signIn(t, signInOptions{})
-	a := &mcpClient{env: env, token: alice.AccessToken}
-	a.initialize(t, "2025-11-25")
-	b := &mcpClient{env: env, token: bob.AccessToken}
-	b.initialize(t, "2025-11-25")
-	sse := env.connect(t, bob.AccessToken) // bob's token is for the whole server
-	sseID := strings.TrimPrefix(sse.endpoint, "/message?sessionId=")
-	ping := `{"jsonrpc":"2.0","id":1,"method":"ping"}`
-
-	tests := []struct {
-		name       string
-		client     *mcpClient
-		method     string
-		body       string
-		header     http.Header // added to, or replacing, the client's headers
-		wantStatus int
-		wantCode   int // JSON-RPC error code in the body, if any
-	}{
-		{"ping", a, "POST", ping, nil, 200, 0},
-		{"no Accept header", a, "POST", ping, http.Header{"Accept": nil}, 200, 0},
-		{"Accept */*", a, "POST", ping, http.Header{"Accept": {"*/*"}}, 200, 0},
-		{"Accept application/*", a, "POST", ping, http.Header{"Accept": {"application/*"}}, 200, 0},
-		{"Accept JSON only", a, "POST", ping, http.Header{"Accept": {"application/json"}}, 406, codeInvalidRequest},
-		{"Accept events only", a, "POST", ping, http.Header{"Accept": {"text/event-stream"}}, 406, codeInvalidRequest},
-		{"Accept refusing JSON", a, "POST", ping, http.Header{"Accept": {"application/json;q=0, text/event-stream"}}, 406, codeInvalidRequest},
-		{"empty Accept", a, "POST", ping, http.Header{"Accept": {""}}, 200, 0},
-		{"not JSON", a, "POST", ping, http.Header{"Content-Type": {"text/plain"}}, 415, codeInvalidRequest},
-		{"no session id", a, "POST", ping, http.Header{"Mcp-Session-Id": nil}, 400, codeInvalidRequest},
-		{"unknown session id", a, "POST", ping, http.Header{"Mcp-Session-Id": {"nope"}}, 404, codeSessionNotFound},
-		{"another user's session", b, "POST", ping, http.Header{"Mcp-Session-Id": {a.sessionID}}, 404, codeSessionNotFound},
-		{"an HTTP+SSE session id", b, "POST", ping, http.Header{"Mcp-Session-Id": {sseID}}, 404, codeSessionNotFound},
-		{"initialize again", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`, nil, 400, codeInvalidRequest},
-		{"initialize with an unknown session id", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`,
-			http.Header{"Mcp-Session-Id": {"ended"}}, 404, codeSessionNotFound},
-		{"no version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": nil}, 200, 0},
-		{"unsupported version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": {"1999-01-01"}}, 400, codeInvalidRequest},
-		{"2026-07-28 probe", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}`,
-			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Mcp-Session-Id": nil, "Mcp-Method": {"server/discover"}}, 400, codeInvalidRequest},
-		{"2026-07-28 probe without a token", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover"}`,
-			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Authorization": nil}, 401, 0},
-		{"batch outside 2025-03-26", a, "POST", "[" + ping + "]", nil, 400, codeInvalidRequest},
-		{"notification", a, "POST", `{"jsonrpc":"2.0","method":"notifications/progress"}`, nil, 202, 0},
-		{"client response", a, "POST", `{"jsonrpc":"2.0","id":5,"result":{}}`, nil, 202, 0},
-		{"GET", a, "GET", "", nil, 405, codeInvalidRequest},
-		{"PUT", a, "PUT", ping, nil, 405, codeInvalidRequest},
-		{"GET without a token", a, "GET", "", http.Header{"Authorization": nil}, 401, 0},
-		{"DELETE without a session id", a, "DELETE", "", http.Header{"Mcp-Session-Id": nil}, 400, codeInvalidRequest},
-		{"DELETE another user's session", b, "DELETE", "", http.Header{"Mcp-Session-Id": {a.sessionID}}, 404, codeSessionNotFound},
-		{"DELETE an HTTP+SSE session", b, "DELETE", "", http.Header{"Mcp-Session-Id": {sseID}}, 404, codeSessionNotFound},
-		{"DELETE with an unsupported version", a, "DELETE", "", http.Header{"Mcp-Protocol-Version": {"1999-01-01"}}, 400, codeInvalidRequest},
-		{"a token for /sse", a, "POST", ping, bearerFor(env, signInOptions{resource: env.url + "/sse"}, t), 401, 0},
-		{"foreign Origin", a, "POST", ping, http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
-		{"null Origin", a, "POST", ping, http.Header{"Origin": {"null"}}, 403, codeInvalidRequest},
-		{"GET from a foreign Origin", a, "GET", "", http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
-		{"DELETE from a foreign Origin", a, "DELETE", "", http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
-		{"a lookalike loopback Origin", a, "POST", ping, http.Header{"Origin": {"http://127.0.0.1.evil.example"}}, 403, codeInvalidRequest},
-		{"loopback Origin", a, "POST", ping, http.Header{"Origin": {"http://localhost:6274"}}, 200, 0},
-		{"our own Origin", a, "POST", ping, http.Header{"Origin": {env.url}}, 200, 0},
-		{"an allowed Origin", a, "POST", ping, http.Header{"Origin": {"https://app.example"}}, 200, 0},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			resp := env.do(t, tt.method, "/mcp", strings.NewReader(tt.body), tt.client.headers(tt.header))
-			body := readBody(t, resp)
-			if resp.StatusCode != tt.wantStatus {
-				t.Fatalf("%s /mcp = %d, want %d: %s", tt.method, resp.StatusCode, tt.wantStatus, body)
-			}
-			if tt.wantCode != 0 {
-				var r rpcReply
-				if err := json.Unmarshal([]byte(body), &r); err != nil || r.Error == nil || r.Error.Code != tt.wantCode {
-					t.Errorf("%s /mcp body = %s, want JSON-RPC error %d", tt.method, body, tt.wantCode)
-				}
-			}
-			if resp.StatusCode == http.StatusMethodNotAllowed && resp.Header.Get("Allow") != "POST, DELETE" {
-				t.Errorf("Allow = %q", resp.Header.Get("Allow"))
-			}
-		})
-	}
-
-	t.Run("the version error lists the supported versions", func(t *testing.T) {
-		resp := env.do(t, "POST", "/mcp", strings.NewReader(ping), a.headers(http.Header{"Mcp-Protocol-Version": {"2026-07-28"}}))
-		if body := readBody(t, resp); !strings.Contains(body, "2025-11-25, 2025-06-18, 2025-03-26, 2024-11-05") || strings.Contains(body, "-32022") {
-			t.Errorf("body = %s", body)
-		}
-	})
-	t.Run("a Streamable HTTP session id on /message", func(t *testing.T) {
-		resp := env.do(t, "POST", "/message?sessionId="+b.sessionID, strings.NewReader(ping), bearer(bob.AccessToken))
-		if resp.StatusCode != http.StatusNotFound {
-			t.Errorf("POST /message with a Streamable HTTP session id = %d, want 404", resp.StatusCode)
-		}
-		if resp := sse.post(t, `{"jsonrpc":"2.0","method":"notifications/initialized"}`); resp.StatusCode != http.StatusAccepted {
-			t.Errorf("the SSE session afterwards = %d, want 202: still alive", resp.StatusCode)
-		}
-	})
-	t.Run("Origin is checked on /sse and /message too", func(t *testing.T) {
-		evil := http.Header{"Origin": {"https://evil.example"}, "Authorization": {"Bearer " + bob.AccessToken}}
-		for _, r := range []struct{ method, path string }{{"GET", "/sse"}, {"POST", sse.endpoint}} {
-			if resp := env.do(t, r.method, r.path, strings.NewReader(ping), evil); resp.StatusCode != http.StatusForbidden {
-				t.Errorf("%s %s from a foreign Origin = %d, want 403", r.method, r.path, resp.StatusCode)
-			}
-		}
-	})
-}
-
-func TestBatchesOnlyIn20250326(t *testing.T) {
-	env := newTestEnv(t)
-	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
-	c.initialize(t, "2025-03-26")
-	var replies []rpcReply
-	resp := c.post(t, `[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","method":"notifications/initialized"},
-		{"jsonrpc":"2.0","id":2,"method":"tools/list"},{"jsonrpc":"1.0","id":3,"method":"ping"}]`, nil)
-	decodeJSON(t, resp, http.StatusOK, &replies)
-	ids := []string{}
-	for _, r := range replies {
-		ids = append(ids, string(r.ID))
-	}
-	slices.Sort(ids)
-	if !slices.Equal(ids, []string{"1", "2", "3"}) || replies[0].Error == nil || replies[0].Error.Code != codeInvalidRequest {
-		t.Errorf("batch replies = %+v, want answers to 1 and 2 and an error for the invalid 3, first", replies)
-	}
-	if resp := c.post(t, `[{"jsonrpc":"2.0","method":"notifications/initialized"}]`, nil); resp.StatusCode != http.StatusAccepted {
-		t.Errorf("a batch of notifications = %d, want 202", resp.StatusCode)
-	}
-	tooMany := "[" + strings.Repeat(`{"jsonrpc":"2.0","id":1,"method":"ping"},`, maxBatch) + `{"jsonrpc":"2.0","id":1,"method":"ping"}]`
-	for _, body := range []string{`[]`, tooMany, `[{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-03-26"}}]`} {
-		if resp := c.post(t, body, nil); resp.StatusCode != http.StatusBadRequest {
-			t.Errorf("POST %s = %d, want 400", body, resp.StatusCode)
-		}
-	}
-}
-
-// TestResultShapesFollowTheVersion checks that structured tool results
-// (outputSchema, structuredContent) go only to sessions of MCP 2025-06-18 or
-// later, on either transport.
-func TestResultShapesFollowTheVersion(t *testing.T) {
-	env := newTestEnv(t)
-	token := env.signIn(t, signInOptions{}).AccessToken
-	for _, version := range supportedVersions {
-		t.Run(version, func(t *testing.T) {
-			c := &mcpClient{env: env, token: token}
-			c.initialize(t, version)
-			sse := env.connect(t, token)
-			var init any
-			sse.call(t, "initialize", `{"protocolVersion":"`+version+`"}`, &init)
-			for name, call := range map[string]func(method, params string, v any){
-				"/mcp": func(m, p string, v any) { c.call(t, m, p, v) },
-				"/sse": func(m, p string, v any) { sse.call(t, m, p, v) },
-			} {
-				var list struct{ Tools []tool }
-				var result map[string]any
-				call("tools/list", "", &list)
-				call("tools/call", `{"name":"getUserDetails"}`, &result)
-				want := version >= "2025-06-18"
-				if got := list.Tools[0].OutputSchema != nil; got != want {
-					t.Errorf("%s: outputSchema present = %v, want %v", name, got, want)
-				}
-				if got := result["structuredContent"] != nil; got != want {
-					t.Errorf("%s: structuredContent present = %v, want %v", name, got, want)
-				}
-			}
-		})
-	}
-}
-
 // TestRevocationEndsMCPSessions checks that ending a signed-in session
 // removes its MCP sessions, and that a session opened by a request racing
 // with the revocation is refused.
@@ -1500,123 +1525,6 @@ func TestRevocationEndsMCPSessions(t *testing.T) {
 		t.Errorf("an MCP session was registered for an ended session")
 	}
 }
-
-// TestOneTokenBothTransports shows that one sign-in serves both transports
-// in the same process, through the same MCP core, and that ending the session
-// ends both.
-func TestOneTokenBothTransports(t *testing.T) {
-	env := newTestEnv(t)
-	tokens := env.signIn(t, signInOptions{resource: env.url}) // the root resource covers /mcp and /sse
-	sse := env.connect(t, tokens.AccessToken)
-	streamable := &mcpClient{env: env, token: tokens.AccessToken}
-	streamable.initialize(t, "2025-03-26")
-
-	var viaSSE, viaMCP toolResult
-	sse.call(t, "tools/call", `{"name":"getUserDetails"}`, &viaSSE)
-	streamable.call(t, "tools/call", `{"name":"getUserDetails"}`, &viaMCP)
-	if viaSSE.IsError || !reflect.DeepEqual(viaSSE, viaMCP) {
-		t.Errorf("tools/call over /sse = %+v, over /mcp = %+v; want the same result", viaSSE, viaMCP)
-	}
-
-	resp := env.postForm(t, "/revoke", url.Values{"token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
-	if resp.StatusCode != http.StatusOK {
-		t.Fatalf("revoke = %d", resp.StatusCode)
-	}
-	if _, err := sse.events.next(); !errors.Is(err, io.EOF) {
-		t.Errorf("SSE stream after revocation: %v, want EOF", err)
-	}
-	if resp := streamable.post(t, `{"jsonrpc":"2.0","id":1,"method":"ping"}`, nil); resp.StatusCode != http.StatusUnauthorized {
-		t.Errorf("POST /mcp after revocation = %d, want 401", resp.StatusCode)
-	}
-}
-
-// Steps 9 and 10: JSON-RPC and the tool.
-
-func TestJSONRPC(t *testing.T) {
-	env := newTestEnv(t)
-	tokens := env.signIn(t, signInOptions{})
-	conn := env.connect(t, tokens.AccessToken)
-
-	// Bodies that are not one JSON-RPC message get 400 and the error in
-	// the body, with a null id.
-	for _, tt := range []struct {
-		name, body string
-		wantCode   int
-		wantID     string
-	}{
-		{"malformed JSON", `{"jsonrpc":"2.0",`, codeParseError, "null"},
-		{"not an object", `"ping"`, codeInvalidRequest, "null"},
-		{"wrong version", `{"jsonrpc":"1.0","id":1,"method":"ping"}`, codeInvalidRequest, "1"},
-		{"null id", `{"jsonrpc":"2.0","id":null,"method":"ping"}`, codeInvalidRequest, "null"},
-		{"object id", `{"jsonrpc":"2.0","id":{},"method":"ping"}`, codeInvalidRequest, "null"},
-		{"no method", `{"jsonrpc":"2.0","id":"a"}`, codeInvalidRequest, `"a"`},
-		{"batch", `[{"jsonrpc":"2.0","id":1,"method":"ping"}]`, codeInvalidRequest, "null"},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			var r struct {
-				ID    json.RawMessage
-				Error rpcError
-			}
-			decodeJSON(t, conn.post(t, tt.body), http.StatusBadRequest, &r)
-			if r.Error.Code != tt.wantCode || string(r.ID) != tt.wantID {
-				t.Errorf("POST %s = id %s, error %+v; want id %s, code %d", tt.body, r.ID, r.Error, tt.wantID, tt.wantCode)
-			}
-		})
-	}
-
-	t.Run("too large", func(t *testing.T) {
-		body := `{"jsonrpc":"2.0","id":1,"method":"ping","params":{"pad":"` + strings.Repeat("x", maxMessageSize) + `"}}`
-		var r struct{ Error rpcError }
-		decodeJSON(t, conn.post(t, body), http.StatusRequestEntityTooLarge, &r)
-		if r.Error.Code != codeInvalidRequest {
-			t.Errorf("oversized message: error %+v", r.Error)
-		}
-	})
-
-	// Requests get their answer on the stream: a result or an error.
-	for _, tt := range []struct {
-		name, method, params string
-		wantCode             int
-		wantResult           string
-	}{
-		{"ping", "ping", ``, 0, `{}`},
-		{"newer version negotiates down", "initialize", `{"protocolVersion":"2099-01-01"}`, 0, `"protocolVersion":"2025-11-25"`},
-		{"supported version is kept", "initialize", `{"protocolVersion":"2025-06-18"}`, 0, `"protocolVersion":"2025-06-18"`},
-		{"initialize without params", "initialize", ``, codeInvalidParams, ``},
-		{"unknown method", "resources/list", `{}`, codeMethodNotFound, ``},
-		{"unknown tool", "tools/call", `{"name":"deleteEverything"}`, codeInvalidParams, ``},
-		{"tools/call without params", "tools/call", ``, codeInvalidParams, ``},
-	} {
-		t.Run(tt.name, func(t *testing.T) {
-			resp := conn.request(t, tt.method, tt.params)
-			if tt.wantCode != 0 {
-				if resp.Error == nil || resp.Error.Code != tt.wantCode {
-					t.Errorf("%s = %s, want error %d", tt.method, resp.raw, tt.wantCode)
-				}
-				return
-			}
-			if resp.Error != nil || !strings.Contains(string(resp.Result), tt.wantResult) {
-				t.Errorf("%s = %s, want a result with %s", tt.method, resp.raw, tt.wantResult)
-			}
-		})
-	}
-
-	t.Run("notifications get no answer", func(t *testing.T) {
-		for _, n := range []string{`{"jsonrpc":"2.0","method":"notifications/initialized"}`, `{"jsonrpc":"2.0","method":"notifications/unknown"}`,
-			`{"jsonrpc":"2.0","id":7,"result":{}}`} {
-			if resp := conn.post(t, n); resp.StatusCode != http.StatusAccepted {
-				t.Errorf("POST %s = %d, want 202", n, resp.StatusCode)
-			}
-		}
-		// The next event on the stream answers the next request: nothing was
-		// queued for the notifications.
-		if resp := conn.request(t, "ping", ""); string(resp.ID) != fmt.Sprint(conn.nextID-1) {
-			t.Errorf("next event = %s, want the ping's answer", resp.raw)
-		}
-	})
-}
-
-// Step 10: the Entra token, kept fresh on the server.
 
 func TestEntraTokenRefresh(t *testing.T) {
 	env := newTestEnv(t)
@@ -1779,65 +1687,72 @@ func TestEndedSessionLeavesEntraAlone(t *testing.T) {
 	}
 }
 
-func TestGraphRefusesTheToken(t *testing.T) {
+func TestSessionKeyRotation(t *testing.T) {
+	oldKey, newKey := randomBytes(32), randomBytes(32)
+	env := newTestEnv(t, func(c *config) { c.sessionKeys = [][]byte{oldKey} })
+	tokens := env.signIn(t, signInOptions{})
+	rotate := func(keys ...[]byte) { env.srv.tokens = newSessionCodec(env.url, env.clock.now, keys...) }
+
+	rotate(newKey) // without SESSION_KEY_PREVIOUS, the old tokens are dead...
+	if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
+		t.Errorf("old access token under a new key alone = %d, want 401", resp.StatusCode)
+	}
+	wantOAuthError(t, env.refresh(t, tokens.RefreshToken, tokens.clientID), 400, "invalid_grant")
+
+	rotate(newKey, oldKey) // ...with it, they work until they expire
+	if resp := env.do(t, "POST", "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25"}}`),
+		(&mcpClient{token: tokens.AccessToken}).headers(nil)); resp.StatusCode != http.StatusOK {
+		t.Errorf("old access token with SESSION_KEY_PREVIOUS = %d, want 200", resp.StatusCode)
+	}
+	var next tokenResponse
+	decodeJSON(t, env.refresh(t, tokens.RefreshToken, tokens.clientID), http.StatusOK, &next)
+	header, _, _, _ := cut3(next.AccessToken)
+	if oldHeader, _, _, _ := cut3(tokens.AccessToken); header == oldHeader {
+		t.Errorf("the refreshed token is signed with the old key")
+	}
+	rotate(newKey) // the refreshed tokens need only the new key
+	decodeJSON(t, env.refresh(t, next.RefreshToken, tokens.clientID), http.StatusOK, &next)
+}
+
+func TestRegistrationLifetime(t *testing.T) {
 	env := newTestEnv(t)
-	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	unused := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	used := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	env.redeem(t, used, env.codeFor(t, used))
+	env.clock.advance(unusedClientTTL)
+	for _, tt := range []struct {
+		c    *testClient
+		want int
+	}{{unused, http.StatusBadRequest}, {used, http.StatusOK}} {
+		if got := newBrowser(t).get(t, env.url+tt.c.authorizeURL(nil)).StatusCode; got != tt.want {
+			t.Errorf("GET /authorize an hour after registering = %d, want %d", got, tt.want)
+		}
+	}
+}
+
+func TestIdleMCPSessionsExpire(t *testing.T) {
+	env := newTestEnv(t)
+	tokens := env.signIn(t, signInOptions{})
+	c := &mcpClient{env: env, token: tokens.AccessToken}
 	c.initialize(t, "2025-11-25")
-
-	t.Run("refused once: refresh, retry, done", func(t *testing.T) {
-		env.entra.set(func() { env.entra.accessTokens = map[string]fakeGrant{} }) // e.g. revoked early
-		var result toolResult
-		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
-		if n := env.entra.refreshCount(); result.IsError || n != 1 {
-			t.Errorf("tools/call = %+v after %d refreshes, want a result after 1", result, n)
-		}
-	})
-	t.Run("refused again: one retry, no loop", func(t *testing.T) {
-		env.entra.set(func() { env.entra.graphStatus = http.StatusUnauthorized })
-		var result toolResult
-		c.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
-		if n := env.entra.refreshCount(); !result.IsError || !strings.Contains(result.Content[0].Text, "401 InvalidAuthenticationToken") || n != 2 {
-			t.Errorf("tools/call = %+v after %d refreshes in all, want an error after 2", result, n)
-		}
-	})
-}
-
-func TestGraphConnectionsAreReused(t *testing.T) {
-	env := newTestEnv(t)
-	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
-	c.initialize(t, "2025-11-25")
-	call := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails"}}`
-	before := func() int { env.entra.mu.Lock(); defer env.entra.mu.Unlock(); return env.entra.connections }()
-	for range 5 { // five rounds of eight concurrent calls
-		var wg sync.WaitGroup
-		for range 8 {
-			wg.Go(func() {
-				if got := postRaw(t.Context(), env.url+"/mcp", c.headers(nil), call); !strings.HasPrefix(got, "200 ") {
-					t.Errorf("tools/call = %s", got)
-				}
-			})
-		}
-		wg.Wait()
+	// later moves the clock and refreshes the access token, as the client
+	// would after so long.
+	later := func(d time.Duration) {
+		env.clock.advance(d)
+		resp := env.refresh(t, tokens.RefreshToken, tokens.clientID)
+		decodeJSON(t, resp, http.StatusOK, &tokens.tokenResponse)
+		c.token = tokens.AccessToken
 	}
-	env.entra.mu.Lock()
-	defer env.entra.mu.Unlock()
-	if n := env.entra.connections - before; n > 8 {
-		t.Errorf("40 tool calls, 8 at a time, opened %d connections to Graph; want at most 8, kept alive", n)
+	later(mcpIdleTTL - time.Minute)
+	var v any
+	c.call(t, "ping", "", &v) // in use: the idle time starts again
+	later(mcpIdleTTL - time.Minute)
+	c.call(t, "ping", "", &v)
+	later(mcpIdleTTL)
+	if resp := c.post(t, `{"jsonrpc":"2.0","id":9,"method":"ping"}`, nil); resp.StatusCode != http.StatusNotFound {
+		t.Errorf("ping after %v idle = %d, want 404", mcpIdleTTL, resp.StatusCode)
 	}
 }
-
-func TestToolGraphFailure(t *testing.T) {
-	env := newTestEnv(t)
-	conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
-	env.entra.set(func() { env.entra.graphStatus = http.StatusServiceUnavailable }) // Graph is down
-	var result toolResult
-	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
-	if want := "503 serviceNotAvailable"; !result.IsError || !strings.Contains(result.Content[0].Text, want) {
-		t.Errorf("tools/call = %+v, want isError and %q", result, want)
-	}
-}
-
-// Restarts.
 
 func TestStateFileSurvivesRestart(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "state")
@@ -2026,6 +1941,274 @@ func TestStateFileErrors(t *testing.T) {
 				t.Errorf("the state file was changed; it must be kept for the user to deal with")
 			}
 		})
+	}
+}
+
+func TestRunConfigErrors(t *testing.T) {
+	f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback"})
+	base := map[string]string{
+		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
+		"ENTRA_AUTHORITY": f.URL, "ADDR": "127.0.0.1:0",
+	}
+	garbage := filepath.Join(t.TempDir(), "state")
+	os.WriteFile(garbage, []byte("garbage"), 0o600)
+	tests := []struct {
+		name    string
+		env     map[string]string
+		wantErr string
+	}{
+		{"missing", map[string]string{"ENTRA_TENANT_ID": "", "ENTRA_CLIENT_SECRET": ""}, "ENTRA_TENANT_ID, ENTRA_CLIENT_SECRET not set"},
+		{"public URL with a path", map[string]string{"PUBLIC_URL": "https://mcp.example/x"}, "PUBLIC_URL"},
+		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
+		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
+		{"state file without a session key", map[string]string{"STATE_FILE": "/tmp/x"}, "SESSION_KEY"},
+		{"state file with a blank session key", map[string]string{"STATE_FILE": "/tmp/x", "SESSION_KEY": "   "}, "SESSION_KEY"},
+		{"damaged state file", map[string]string{"STATE_FILE": garbage, "SESSION_KEY": strings.Repeat("ab", 32)}, "STATE_FILE"},
+		{"previous key without a key", map[string]string{"SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY"},
+		{"previous key equal to the key", map[string]string{"SESSION_KEY": strings.Repeat("ab", 32), "SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY_PREVIOUS"},
+		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
+		{"bad rate limit", map[string]string{"RATE_LIMIT": "lots"}, "RATE_LIMIT"},
+		{"allowed tenant that is a domain", map[string]string{"ALLOWED_TENANTS": "contoso.example"}, "ALLOWED_TENANTS"},
+		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
+		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
+		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
+		{"unknown tenant", map[string]string{"ENTRA_TENANT_ID": "not-a-tenant"}, "ENTRA_TENANT_ID"},
+		{"unreachable authority", map[string]string{"ENTRA_AUTHORITY": "http://127.0.0.1:1"}, "ENTRA_AUTHORITY"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := map[string]string{}
+			for k, v := range base {
+				env[k] = v
+			}
+			for k, v := range tt.env {
+				env[k] = v
+			}
+			var stderr bytes.Buffer
+			// Should the configuration be accepted after all, run serves until
+			// this deadline, and the test fails rather than hangs.
+			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+			defer cancel()
+			err := run(ctx, []string{"entra-mcp"}, func(k string) string { return env[k] }, io.Discard, &stderr)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || strings.Contains(err.Error(), "\n") {
+				t.Errorf("run() = %v, want one line naming %s", err, tt.wantErr)
+			}
+			if strings.Contains(fmt.Sprint(err)+stderr.String(), f.clientSecret) {
+				t.Errorf("the client secret leaked into %v %s", err, stderr.String())
+			}
+		})
+	}
+}
+
+func TestLoadConfigNormalizesOrigins(t *testing.T) {
+	env := map[string]string{"ENTRA_TENANT_ID": "t", "ENTRA_CLIENT_ID": "c", "ENTRA_CLIENT_SECRET": "s",
+		"ALLOWED_ORIGINS": " https://App.Example/ ,http://intranet:8080,https://b.example:443", "PUBLIC_URL": "https://MCP.example:443/"}
+	cfg, err := loadConfig(func(k string) string { return env[k] })
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As browsers send origins: lower case, no default port, no slash.
+	if !slices.Equal(cfg.allowedOrigins, []string{"https://app.example", "http://intranet:8080", "https://b.example"}) || cfg.publicURL != "https://mcp.example" {
+		t.Errorf("allowedOrigins = %q, publicURL = %q", cfg.allowedOrigins, cfg.publicURL)
+	}
+}
+
+func TestRunServesAndShutsDown(t *testing.T) {
+	// run needs its public URL before it listens; take a free port first.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	publicURL := "http://" + addr
+	f := newFakeEntra(t, fakeEntraOptions{redirectURI: publicURL + "/auth/callback"})
+	env := map[string]string{
+		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
+		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL, "ADDR": addr, "PUBLIC_URL": publicURL,
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	logs, logWriter := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"entra-mcp"}, func(k string) string { return env[k] }, io.Discard, logWriter)
+		logWriter.Close()
+	}()
+
+	// Once listening, one log line says which URL to give the client.
+	lines := bufio.NewScanner(logs)
+	if !lines.Scan() {
+		t.Fatalf("no log line from run: %v", <-done)
+	}
+	if first := lines.Text(); !strings.Contains(first, "url="+publicURL+"/mcp") {
+		t.Errorf("first log line = %q, want the URL to give the client", first)
+	}
+	go io.Copy(io.Discard, logs)
+
+	// Request lines and headers are bounded.
+	huge := http.Header{"X-Padding": {strings.Repeat("x", 100<<10)}}
+	req, _ := http.NewRequestWithContext(t.Context(), "GET", publicURL+"/.well-known/oauth-authorization-server", nil)
+	req.Header = huge
+	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
+		t.Errorf("a request with 100 KB of headers = %v, %v; want 431", resp, err)
+	} else {
+		resp.Body.Close()
+	}
+
+	// A client signs in through the real server and holds a stream open.
+	client := &testEnv{url: publicURL, entra: f}
+	conn := client.connect(t, client.signIn(t, signInOptions{}).AccessToken)
+	var result toolResult
+	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	if result.IsError {
+		t.Fatalf("tools/call through run = %+v", result)
+	}
+
+	// Shutting down ends the open stream and returns cleanly.
+	cancel()
+	if _, err := conn.events.next(); !errors.Is(err, io.EOF) {
+		t.Errorf("stream after shutdown: %v, want EOF", err)
+	}
+	if err := <-done; err != nil {
+		t.Errorf("run() after cancel = %v, want nil", err)
+	}
+}
+
+func TestShutdownClosesStreams(t *testing.T) {
+	env := newTestEnv(t)
+	conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
+	env.srv.closeStreams()
+	if _, err := conn.events.next(); !errors.Is(err, io.EOF) {
+		t.Errorf("stream after shutdown: %v, want EOF", err)
+	}
+}
+
+// ---- Hardening ----
+
+// TestNothingLeaks runs a sign-in, a refresh, tool calls that refresh the
+// Entra token, failures and a sign-out with the log captured, and checks that
+// no secret, token, code, verifier, state, nonce or cookie of any of it
+// reached a log line.
+func TestNothingLeaks(t *testing.T) {
+	env := newTestEnv(t)
+	env.entra.set(func() { env.entra.expiresIn = 600 })
+	c := env.newClient(t, `"token_endpoint_auth_method":"client_secret_post","client_name":"leak test"`)
+	b := newBrowser(t)
+	page := readBody(t, b.get(t, env.url+c.authorizeURL(nil)))
+	consentID := consentIDFrom(t, page)
+	entraURL := location(t, b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {consentID}, "decision": {"approve"}}), http.StatusSeeOther)
+	callback := location(t, b.get(t, entraURL.String()), http.StatusFound)
+	code := location(t, b.get(t, callback.String()), http.StatusFound).Query().Get("code")
+	tokens := env.redeem(t, c, code)
+	wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"authorization_code"}, "code": {code}, "client_id": {c.id},
+		"client_secret": {c.secret}, "code_verifier": {c.verifier}, "redirect_uri": {c.redirectURI}}, nil), 400, "invalid_grant") // reused: logged
+	wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken},
+		"client_id": {c.id}, "client_secret": {c.secret + "x"}}, nil), 401, "invalid_client")
+
+	c2 := env.newClient(t, `"token_endpoint_auth_method":"client_secret_post"`)
+	tokens2 := env.redeem(t, c2, env.codeFor(t, c2))
+	mcp := &mcpClient{env: env, token: tokens2.AccessToken}
+	mcp.initialize(t, "2025-11-25")
+	env.clock.advance(10 * time.Minute) // the tool call refreshes the Entra token
+	var result toolResult
+	mcp.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
+	env.entra.set(func() { env.entra.refreshRevoked = true })
+	env.clock.advance(10 * time.Minute) // and now Entra refuses: logged, with Entra's ids
+	mcp.post(t, `{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"getUserDetails"}}`, nil)
+	env.postForm(t, "/revoke", url.Values{"token": {tokens2.RefreshToken}, "client_id": {c2.id}, "client_secret": {c2.secret}}, nil)
+
+	cookies := b.client.Jar.Cookies(&url.URL{Scheme: "http", Host: strings.TrimPrefix(env.url, "http://")})
+	secrets := map[string]string{
+		"Entra client secret":   env.entra.clientSecret,
+		"client secret":         c.secret,
+		"PKCE verifier":         c.verifier,
+		"consent id":            consentID,
+		"browser cookie":        cookies[0].Value,
+		"our state at Entra":    entraURL.Query().Get("state"),
+		"our nonce":             entraURL.Query().Get("nonce"),
+		"Entra's code":          callback.Query().Get("code"),
+		"our code":              code,
+		"access token":          tokens.AccessToken,
+		"refresh token":         tokens.RefreshToken,
+		"session id":            tokenClaims(t, tokens.AccessToken)["sid"].(string),
+		"Entra access token":    env.entra.lastAccessToken(),
+		"Entra refresh token":   env.entra.lastRefreshToken(),
+		"Entra refused refresh": env.entra.refreshes[len(env.entra.refreshes)-1].Get("refresh_token"),
+		"Entra id_token":        env.entra.lastIDToken,
+		"user's name":           env.entra.user.name,
+		"user's UPN":            env.entra.user.upn,
+		"user's object id":      env.entra.user.oid,
+		"Entra's error text":    "The provided grant has expired",
+	}
+	logs := env.logs.String()
+	if !strings.Contains(logs, "aadsts=50173") {
+		t.Fatalf("the run did not log what it should have; the check below would prove nothing:\n%s", logs)
+	}
+	for name, secret := range secrets {
+		if len(secret) < 8 {
+			t.Fatalf("%s %q: not collected", name, secret)
+		}
+		if strings.Contains(logs, secret) {
+			t.Errorf("the log holds the %s", name)
+		}
+	}
+}
+
+func TestHostileInput(t *testing.T) {
+	env := newTestEnv(t)
+	c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	c.initialize(t, "2025-11-25")
+	big := strings.Repeat("x", 70<<10)
+	tests := []struct {
+		name, method, path, body string
+		header                   http.Header
+		wantStatus               int
+		wantError                string // OAuth error, or JSON-RPC code as text
+	}{
+		{"registration too large", "POST", "/register", `{"client_name":"` + big + `"}`, nil, 413, "invalid_request"},
+		{"registration not UTF-8", "POST", "/register", "{\"redirect_uris\":[\"https://a.example/\xff\"]}", nil, 400, "invalid_client_metadata"},
+		{"token request too large", "POST", "/token", "grant_type=" + big, http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}, 413, "invalid_request"},
+		{"revocation too large", "POST", "/revoke", "token=" + big, http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}, 413, "invalid_request"},
+		{"JSON-RPC not UTF-8", "POST", "/mcp", "{\"jsonrpc\":\"2.0\",\"id\":\"\xff\",\"method\":\"ping\"}", c.headers(nil), 400, "-32700"},
+		{"JSON-RPC nested too deep", "POST", "/mcp", strings.Repeat("[", 20000) + strings.Repeat("]", 20000), c.headers(nil), 400, "-32700"},
+		{"JSON-RPC id too large a number", "POST", "/mcp", `{"jsonrpc":"2.0","id":1e999,"method":"ping"}`, c.headers(nil), 400, "-32600"},
+		{"JSON-RPC params of the wrong type", "POST", "/mcp", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["getUserDetails"]}`, c.headers(nil), 200, "-32602"},
+		{"authorization request too long", "GET", "/authorize?state=" + big, "", nil, 414, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			resp := env.do(t, tt.method, tt.path, strings.NewReader(tt.body), tt.header)
+			body := readBody(t, resp)
+			if resp.StatusCode != tt.wantStatus || !strings.Contains(body, tt.wantError) {
+				t.Errorf("%s %s = %d %.200s, want %d with %s", tt.method, tt.name, resp.StatusCode, body, tt.wantStatus, tt.wantError)
+			}
+		})
+	}
+}
+
+func TestStalledStreamIsClosed(t *testing.T) {
+	env := newTestEnv(t)
+	env.srv.streamStall = time.Millisecond
+	tokens := env.signIn(t, signInOptions{})
+	sess, _ := env.srv.sessions.get(tokenClaims(t, tokens.AccessToken)["sid"].(string))
+	// A stream whose client stopped reading: its queue is full and nothing
+	// drains it.
+	st := &stream{out: make(chan []byte, 1), done: make(chan struct{})}
+	st.out <- []byte(`{}`)
+	if err := env.srv.addMCPSession(&mcpSession{id: "stalled", owner: sess.id, stream: st}, sess); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute) // a regression fails, not hangs
+	defer cancel()
+	h := bearer(tokens.AccessToken)
+	h.Set("Content-Type", "application/json")
+	if got := postRaw(ctx, env.url+"/message?sessionId=stalled", h, `{"jsonrpc":"2.0","id":1,"method":"ping"}`); !strings.HasPrefix(got, "503 ") {
+		t.Errorf("POST to a stalled stream's session = %s, want 503", got)
+	}
+	select {
+	case <-st.done:
+	default:
+		t.Errorf("the stalled stream was not closed")
 	}
 }
 
@@ -2261,20 +2444,11 @@ func TestBoundedState(t *testing.T) {
 	})
 }
 
-func TestRegistrationLifetime(t *testing.T) {
-	env := newTestEnv(t)
-	unused := env.newClient(t, `"token_endpoint_auth_method":"none"`)
-	used := env.newClient(t, `"token_endpoint_auth_method":"none"`)
-	env.redeem(t, used, env.codeFor(t, used))
-	env.clock.advance(unusedClientTTL)
-	for _, tt := range []struct {
-		c    *testClient
-		want int
-	}{{unused, http.StatusBadRequest}, {used, http.StatusOK}} {
-		if got := newBrowser(t).get(t, env.url+tt.c.authorizeURL(nil)).StatusCode; got != tt.want {
-			t.Errorf("GET /authorize an hour after registering = %d, want %d", got, tt.want)
-		}
-	}
+// capAt sets the cap of a store.
+func capAt[V any](m *ttlMap[V], n int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.max = n
 }
 
 func TestMCPSessionsPerUser(t *testing.T) {
@@ -2300,64 +2474,93 @@ func TestMCPSessionsPerUser(t *testing.T) {
 	}
 }
 
-func TestIdleMCPSessionsExpire(t *testing.T) {
+// TestStreamsLeaveNothingBehind opens and closes many streams, and checks that
+// goroutines, descriptors and sessions come back to where they were.
+func TestStreamsLeaveNothingBehind(t *testing.T) {
 	env := newTestEnv(t)
-	tokens := env.signIn(t, signInOptions{})
-	c := &mcpClient{env: env, token: tokens.AccessToken}
-	c.initialize(t, "2025-11-25")
-	// later moves the clock and refreshes the access token, as the client
-	// would after so long.
-	later := func(d time.Duration) {
-		env.clock.advance(d)
-		resp := env.refresh(t, tokens.RefreshToken, tokens.clientID)
-		decodeJSON(t, resp, http.StatusOK, &tokens.tokenResponse)
-		c.token = tokens.AccessToken
+	const n = 200
+	tokens := env.sessionTokens(n)
+	// Serve env's server on a listener that says when the server has closed
+	// each connection: the wait below is for that, not for time to pass.
+	closed := make(chan struct{}, 3*n)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
 	}
-	later(mcpIdleTTL - time.Minute)
-	var v any
-	c.call(t, "ping", "", &v) // in use: the idle time starts again
-	later(mcpIdleTTL - time.Minute)
-	c.call(t, "ping", "", &v)
-	later(mcpIdleTTL)
-	if resp := c.post(t, `{"jsonrpc":"2.0","id":9,"method":"ping"}`, nil); resp.StatusCode != http.StatusNotFound {
-		t.Errorf("ping after %v idle = %d, want 404", mcpIdleTTL, resp.StatusCode)
+	hs := &http.Server{Handler: env.srv}
+	served := make(chan struct{})
+	go func() { hs.Serve(&trackedListener{Listener: ln, closed: closed}); close(served) }()
+	defer func() { hs.Close(); <-served }()
+	addr := ln.Addr().String()
+
+	sessions, goroutines, fds := env.srv.mcp.len(), runtime.NumGoroutine(), openFDs()
+	for range 3 {
+		conns := openStreams(t, addr, tokens)
+		if got := env.srv.mcp.len(); got != sessions+n {
+			t.Fatalf("%d MCP sessions with %d streams open, want %d", got, n, sessions+n)
+		}
+		for _, c := range conns {
+			c.Close()
+		}
+		for range n {
+			<-closed // the server has closed one of them
+		}
+	}
+	if got := env.srv.mcp.len(); got != sessions {
+		t.Errorf("%d MCP sessions after the streams closed, want %d", got, sessions)
+	}
+	if got := openFDs(); fds >= 0 && got > fds {
+		t.Errorf("%d descriptors open after the streams closed, want at most %d", got, fds)
+	}
+	// The server's goroutines are returning from closing the connections.
+	for range 1000 {
+		if runtime.NumGoroutine() <= goroutines {
+			break
+		}
+		runtime.Gosched()
+	}
+	if got := runtime.NumGoroutine(); got > goroutines {
+		t.Errorf("%d goroutines after the streams closed, want at most %d", got, goroutines)
 	}
 }
 
-// capAt sets the cap of a store.
-func capAt[V any](m *ttlMap[V], n int) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.max = n
+// trackedListener sends on closed each time the server closes a connection.
+type trackedListener struct {
+	net.Listener
+	closed chan<- struct{}
 }
 
-// BenchmarkAbandonedAuthorizations sends authorization requests that are
-// never completed, as a loop or an attacker would, and reports what the
-// server keeps: at most maxPending consents, however many arrive. Run it with
-// -benchtime=100000x for 100k of them.
-func BenchmarkAbandonedAuthorizations(b *testing.B) {
-	env := newTestEnv(b)
-	rec := httptest.NewRecorder()
-	env.srv.ServeHTTP(rec, httptest.NewRequest("POST", "/register", strings.NewReader(`{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`)))
-	var reg registration
-	json.Unmarshal(rec.Body.Bytes(), &reg)
-	c := &testClient{id: reg.ClientID, redirectURI: "http://127.0.0.1/cb", verifier: oauth2.GenerateVerifier()}
-	path := c.authorizeURL(nil)
-
-	var before, after runtime.MemStats
-	runtime.GC()
-	runtime.ReadMemStats(&before)
-	for b.Loop() {
-		env.srv.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", path, nil))
+func (l *trackedListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
 	}
-	runtime.GC()
-	runtime.ReadMemStats(&after)
-	if n := env.srv.consents.len(); n > maxPending {
-		b.Fatalf("%d consents kept, past the cap %d", n, maxPending)
-	}
-	b.ReportMetric(float64(env.srv.consents.len()), "consents-kept")
-	b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/(1<<20), "heap-MiB")
+	return &trackedConn{Conn: c, closed: l.closed}, nil
 }
+
+type trackedConn struct {
+	net.Conn
+	once   sync.Once
+	closed chan<- struct{}
+}
+
+func (c *trackedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(func() { c.closed <- struct{}{} })
+	return err
+}
+
+// openFDs counts this process's open descriptors, or returns -1 where /proc
+// cannot tell.
+func openFDs() int {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return -1
+	}
+	return len(entries)
+}
+
+// ---- Fuzz targets and benchmarks ----
 
 // Fuzzing. go test runs each target on its seeds; go test -fuzz=FuzzX -run
 // '^$' explores further.
@@ -2936,232 +3139,35 @@ func waitForLine(r io.Reader, want string) bool {
 	return false
 }
 
-// TestStreamsLeaveNothingBehind opens and closes many streams, and checks that
-// goroutines, descriptors and sessions come back to where they were.
-func TestStreamsLeaveNothingBehind(t *testing.T) {
-	env := newTestEnv(t)
-	const n = 200
-	tokens := env.sessionTokens(n)
-	// Serve env's server on a listener that says when the server has closed
-	// each connection: the wait below is for that, not for time to pass.
-	closed := make(chan struct{}, 3*n)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	hs := &http.Server{Handler: env.srv}
-	served := make(chan struct{})
-	go func() { hs.Serve(&trackedListener{Listener: ln, closed: closed}); close(served) }()
-	defer func() { hs.Close(); <-served }()
-	addr := ln.Addr().String()
+// BenchmarkAbandonedAuthorizations sends authorization requests that are
+// never completed, as a loop or an attacker would, and reports what the
+// server keeps: at most maxPending consents, however many arrive. Run it with
+// -benchtime=100000x for 100k of them.
+func BenchmarkAbandonedAuthorizations(b *testing.B) {
+	env := newTestEnv(b)
+	rec := httptest.NewRecorder()
+	env.srv.ServeHTTP(rec, httptest.NewRequest("POST", "/register", strings.NewReader(`{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`)))
+	var reg registration
+	json.Unmarshal(rec.Body.Bytes(), &reg)
+	c := &testClient{id: reg.ClientID, redirectURI: "http://127.0.0.1/cb", verifier: oauth2.GenerateVerifier()}
+	path := c.authorizeURL(nil)
 
-	sessions, goroutines, fds := env.srv.mcp.len(), runtime.NumGoroutine(), openFDs()
-	for range 3 {
-		conns := openStreams(t, addr, tokens)
-		if got := env.srv.mcp.len(); got != sessions+n {
-			t.Fatalf("%d MCP sessions with %d streams open, want %d", got, n, sessions+n)
-		}
-		for _, c := range conns {
-			c.Close()
-		}
-		for range n {
-			<-closed // the server has closed one of them
-		}
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	for b.Loop() {
+		env.srv.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", path, nil))
 	}
-	if got := env.srv.mcp.len(); got != sessions {
-		t.Errorf("%d MCP sessions after the streams closed, want %d", got, sessions)
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if n := env.srv.consents.len(); n > maxPending {
+		b.Fatalf("%d consents kept, past the cap %d", n, maxPending)
 	}
-	if got := openFDs(); fds >= 0 && got > fds {
-		t.Errorf("%d descriptors open after the streams closed, want at most %d", got, fds)
-	}
-	// The server's goroutines are returning from closing the connections.
-	for range 1000 {
-		if runtime.NumGoroutine() <= goroutines {
-			break
-		}
-		runtime.Gosched()
-	}
-	if got := runtime.NumGoroutine(); got > goroutines {
-		t.Errorf("%d goroutines after the streams closed, want at most %d", got, goroutines)
-	}
+	b.ReportMetric(float64(env.srv.consents.len()), "consents-kept")
+	b.ReportMetric(float64(int64(after.HeapAlloc)-int64(before.HeapAlloc))/(1<<20), "heap-MiB")
 }
 
-// trackedListener sends on closed each time the server closes a connection.
-type trackedListener struct {
-	net.Listener
-	closed chan<- struct{}
-}
-
-func (l *trackedListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
-	if err != nil {
-		return nil, err
-	}
-	return &trackedConn{Conn: c, closed: l.closed}, nil
-}
-
-type trackedConn struct {
-	net.Conn
-	once   sync.Once
-	closed chan<- struct{}
-}
-
-func (c *trackedConn) Close() error {
-	err := c.Conn.Close()
-	c.once.Do(func() { c.closed <- struct{}{} })
-	return err
-}
-
-// openFDs counts this process's open descriptors, or returns -1 where /proc
-// cannot tell.
-func openFDs() int {
-	entries, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		return -1
-	}
-	return len(entries)
-}
-
-// run: configuration, start and shutdown.
-
-func TestRunConfigErrors(t *testing.T) {
-	f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback"})
-	base := map[string]string{
-		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
-		"ENTRA_AUTHORITY": f.URL, "ADDR": "127.0.0.1:0",
-	}
-	garbage := filepath.Join(t.TempDir(), "state")
-	os.WriteFile(garbage, []byte("garbage"), 0o600)
-	tests := []struct {
-		name    string
-		env     map[string]string
-		wantErr string
-	}{
-		{"missing", map[string]string{"ENTRA_TENANT_ID": "", "ENTRA_CLIENT_SECRET": ""}, "ENTRA_TENANT_ID, ENTRA_CLIENT_SECRET not set"},
-		{"public URL with a path", map[string]string{"PUBLIC_URL": "https://mcp.example/x"}, "PUBLIC_URL"},
-		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
-		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
-		{"state file without a session key", map[string]string{"STATE_FILE": "/tmp/x"}, "SESSION_KEY"},
-		{"state file with a blank session key", map[string]string{"STATE_FILE": "/tmp/x", "SESSION_KEY": "   "}, "SESSION_KEY"},
-		{"damaged state file", map[string]string{"STATE_FILE": garbage, "SESSION_KEY": strings.Repeat("ab", 32)}, "STATE_FILE"},
-		{"previous key without a key", map[string]string{"SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY"},
-		{"previous key equal to the key", map[string]string{"SESSION_KEY": strings.Repeat("ab", 32), "SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY_PREVIOUS"},
-		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
-		{"bad rate limit", map[string]string{"RATE_LIMIT": "lots"}, "RATE_LIMIT"},
-		{"allowed tenant that is a domain", map[string]string{"ALLOWED_TENANTS": "contoso.example"}, "ALLOWED_TENANTS"},
-		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
-		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
-		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
-		{"unknown tenant", map[string]string{"ENTRA_TENANT_ID": "not-a-tenant"}, "ENTRA_TENANT_ID"},
-		{"unreachable authority", map[string]string{"ENTRA_AUTHORITY": "http://127.0.0.1:1"}, "ENTRA_AUTHORITY"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			env := map[string]string{}
-			for k, v := range base {
-				env[k] = v
-			}
-			for k, v := range tt.env {
-				env[k] = v
-			}
-			var stderr bytes.Buffer
-			// Should the configuration be accepted after all, run serves until
-			// this deadline, and the test fails rather than hangs.
-			ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-			defer cancel()
-			err := run(ctx, []string{"entra-mcp"}, func(k string) string { return env[k] }, io.Discard, &stderr)
-			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || strings.Contains(err.Error(), "\n") {
-				t.Errorf("run() = %v, want one line naming %s", err, tt.wantErr)
-			}
-			if strings.Contains(fmt.Sprint(err)+stderr.String(), f.clientSecret) {
-				t.Errorf("the client secret leaked into %v %s", err, stderr.String())
-			}
-		})
-	}
-}
-
-func TestLoadConfigNormalizesOrigins(t *testing.T) {
-	env := map[string]string{"ENTRA_TENANT_ID": "t", "ENTRA_CLIENT_ID": "c", "ENTRA_CLIENT_SECRET": "s",
-		"ALLOWED_ORIGINS": " https://App.Example/ ,http://intranet:8080,https://b.example:443", "PUBLIC_URL": "https://MCP.example:443/"}
-	cfg, err := loadConfig(func(k string) string { return env[k] })
-	if err != nil {
-		t.Fatal(err)
-	}
-	// As browsers send origins: lower case, no default port, no slash.
-	if !slices.Equal(cfg.allowedOrigins, []string{"https://app.example", "http://intranet:8080", "https://b.example"}) || cfg.publicURL != "https://mcp.example" {
-		t.Errorf("allowedOrigins = %q, publicURL = %q", cfg.allowedOrigins, cfg.publicURL)
-	}
-}
-
-func TestRunServesAndShutsDown(t *testing.T) {
-	// run needs its public URL before it listens; take a free port first.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := ln.Addr().String()
-	ln.Close()
-	publicURL := "http://" + addr
-	f := newFakeEntra(t, fakeEntraOptions{redirectURI: publicURL + "/auth/callback"})
-	env := map[string]string{
-		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
-		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL, "ADDR": addr, "PUBLIC_URL": publicURL,
-	}
-	ctx, cancel := context.WithCancel(t.Context())
-	logs, logWriter := io.Pipe()
-	done := make(chan error, 1)
-	go func() {
-		done <- run(ctx, []string{"entra-mcp"}, func(k string) string { return env[k] }, io.Discard, logWriter)
-		logWriter.Close()
-	}()
-
-	// Once listening, one log line says which URL to give the client.
-	lines := bufio.NewScanner(logs)
-	if !lines.Scan() {
-		t.Fatalf("no log line from run: %v", <-done)
-	}
-	if first := lines.Text(); !strings.Contains(first, "url="+publicURL+"/mcp") {
-		t.Errorf("first log line = %q, want the URL to give the client", first)
-	}
-	go io.Copy(io.Discard, logs)
-
-	// Request lines and headers are bounded.
-	huge := http.Header{"X-Padding": {strings.Repeat("x", 100<<10)}}
-	req, _ := http.NewRequestWithContext(t.Context(), "GET", publicURL+"/.well-known/oauth-authorization-server", nil)
-	req.Header = huge
-	if resp, err := http.DefaultClient.Do(req); err != nil || resp.StatusCode != http.StatusRequestHeaderFieldsTooLarge {
-		t.Errorf("a request with 100 KB of headers = %v, %v; want 431", resp, err)
-	} else {
-		resp.Body.Close()
-	}
-
-	// A client signs in through the real server and holds a stream open.
-	client := &testEnv{url: publicURL, entra: f}
-	conn := client.connect(t, client.signIn(t, signInOptions{}).AccessToken)
-	var result toolResult
-	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
-	if result.IsError {
-		t.Fatalf("tools/call through run = %+v", result)
-	}
-
-	// Shutting down ends the open stream and returns cleanly.
-	cancel()
-	if _, err := conn.events.next(); !errors.Is(err, io.EOF) {
-		t.Errorf("stream after shutdown: %v, want EOF", err)
-	}
-	if err := <-done; err != nil {
-		t.Errorf("run() after cancel = %v, want nil", err)
-	}
-}
-
-func TestShutdownClosesStreams(t *testing.T) {
-	env := newTestEnv(t)
-	conn := env.connect(t, env.signIn(t, signInOptions{}).AccessToken)
-	env.srv.closeStreams()
-	if _, err := conn.events.next(); !errors.Is(err, io.EOF) {
-		t.Errorf("stream after shutdown: %v, want EOF", err)
-	}
-}
+// ---- The demo, the test environment and the fake Entra ID ----
 
 // TestDemo serves the real server on localhost:3001 against the fake Entra
 // ID until interrupted. Run it with: go test -run TestDemo -demo -timeout 0
