@@ -200,27 +200,13 @@ type authRequest struct {
 }
 
 // handleAuthorize validates an authorization request (OAuth 2.1 §4.1.1) and
-// shows the consent page.
-//
-// Every error here is shown as a page, never redirected. Before client_id and
-// redirect_uri are validated, a redirect would make this server an open
-// redirector (OAuth 2.1 §4.1.2.1). After that, it still could: registration
-// is open, so a registered redirect URI proves nothing about its owner, and an
-// authorization server must not redirect automatically to a URI it does not
-// trust (RFC 9700 §4.11.2). Once the user has seen the redirect host on the
-// consent page and decided, errors go back to the client as RFC 6749 §4.1.2.1
-// error redirects.
+// shows the consent page. Every error here is a page, never a redirect: until
+// the user has seen where the client would send them, a redirect could make
+// this server an open redirector (RFC 9700 §4.11.2; see [server.authorizeQuery]).
 func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
-	if len(r.URL.RawQuery) > maxAuthorizeQuery {
-		s.errorPage(w, http.StatusRequestURITooLong, "Invalid request", "The authorization request is too long.")
+	q, ok := s.authorizeQuery(w, r)
+	if !ok {
 		return
-	}
-	q := r.URL.Query()
-	for _, name := range []string{"client_id", "redirect_uri", "response_type", "state", "code_challenge", "code_challenge_method", "scope", "resource"} {
-		if len(q[name]) > 1 {
-			s.errorPage(w, http.StatusBadRequest, "Invalid request", "The parameter "+name+" appears more than once.")
-			return
-		}
 	}
 	c, ok := s.clients.get(q.Get("client_id"))
 	if !ok {
@@ -270,8 +256,10 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 
 // showConsent renders the consent page. The MCP security best practices
 // ("Confused Deputy Problem") require it of a proxy like this one: Entra ID
-// knows only this server's client id and would sign the user in silently for
-// any client registered here, so the user must approve each client by name.
+// knows only this server's client id, so its own pages never name the MCP
+// client. A user already signed in at Entra only picks an account there
+// (prompt=select_account), and a user who consented to this app once is not
+// asked again. So the user approves each client here, by name.
 func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest, consentID string) {
 	redirect, _ := url.Parse(req.redirectURI)
 	data := struct {
@@ -369,36 +357,12 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 	}
 	req := flow.req
 	if code := q.Get("error"); code != "" {
-		s.log.Warn("Entra sign-in failed", append([]any{"client_id", req.clientID}, entraErrorAttrs(code, q.Get("error_description"))...)...)
-		switch code {
-		case "access_denied":
-			s.redirectError(w, r, req, "access_denied", "the sign-in with Microsoft Entra ID was cancelled or declined")
-		case "temporarily_unavailable":
-			s.redirectError(w, r, req, "temporarily_unavailable", "Microsoft Entra ID is temporarily unavailable; try again")
-		default:
-			s.redirectError(w, r, req, "server_error", "the sign-in with Microsoft Entra ID failed; the server log has details")
-		}
+		s.redirectEntraError(w, r, req, code, q.Get("error_description"))
 		return
 	}
-
 	tok, user, err := s.entra.redeem(r.Context(), q.Get("code"), flow, s.now())
-	if errors.Is(err, errTenantNotAllowed) {
-		s.log.Warn("sign-in refused: tenant not allowed", "client_id", req.clientID, "err", err)
-		s.redirectError(w, r, req, "access_denied", "users of your organization may not use this server")
-		return
-	}
 	if err != nil {
-		var rerr *oauth2.RetrieveError
-		if errors.As(err, &rerr) {
-			s.log.Error("Entra code redemption failed", append([]any{"client_id", req.clientID}, retrieveErrorAttrs(rerr)...)...)
-			if rerr.ErrorCode == "temporarily_unavailable" {
-				s.redirectError(w, r, req, "temporarily_unavailable", "Microsoft Entra ID is temporarily unavailable; try again")
-				return
-			}
-		} else {
-			s.log.Error("Entra sign-in could not be completed", "client_id", req.clientID, "err", err)
-		}
-		s.redirectError(w, r, req, "server_error", "the sign-in with Microsoft Entra ID could not be completed; the server log has details")
+		s.redirectRedeemError(w, r, req, err)
 		return
 	}
 
@@ -697,6 +661,32 @@ func sameLoopbackURI(a, b string) bool {
 		ua.RawQuery == ub.RawQuery && ua.User == nil && ub.User == nil
 }
 
+// authorizeQuery returns the query of an authorization request, or shows an
+// error page for one that is too long or repeats a parameter (RFC 6749 §3.1).
+//
+// Every error at /authorize is shown as a page, never redirected. Before
+// client_id and redirect_uri are validated, a redirect would make this server
+// an open redirector (OAuth 2.1 §4.1.2.1). After that, it still could:
+// registration is open, so a registered redirect URI proves nothing about its
+// owner, and an authorization server must not redirect automatically to a URI
+// it does not trust (RFC 9700 §4.11.2). Once the user has seen the redirect
+// host on the consent page and decided, errors go back to the client as
+// RFC 6749 §4.1.2.1 error redirects.
+func (s *server) authorizeQuery(w http.ResponseWriter, r *http.Request) (url.Values, bool) {
+	if len(r.URL.RawQuery) > maxAuthorizeQuery {
+		s.errorPage(w, http.StatusRequestURITooLong, "Invalid request", "The authorization request is too long.")
+		return nil, false
+	}
+	q := r.URL.Query()
+	for _, name := range []string{"client_id", "redirect_uri", "response_type", "state", "code_challenge", "code_challenge_method", "scope", "resource"} {
+		if len(q[name]) > 1 {
+			s.errorPage(w, http.StatusBadRequest, "Invalid request", "The parameter "+name+" appears more than once.")
+			return nil, false
+		}
+	}
+	return q, true
+}
+
 // maxAuthorizeQuery bounds an authorization request's query: room for long
 // states (VS Code sends a whole URI) and nothing like the megabyte net/http
 // would otherwise read.
@@ -755,7 +745,8 @@ func (s *server) secureCookies() bool { return strings.HasPrefix(s.cfg.publicURL
 // carries no SameSite=Lax cookie). At /auth/callback it proves the browser
 // coming back from Entra is the one that approved: otherwise an attacker could
 // approve consent for his own client and mail the resulting Entra link to a
-// victim, whom Entra would sign in silently (GHSA-rww4-4w9c-7733). Lax, not
+// victim, whom Entra signs in after no more than an account pick, naming only
+// this server's app (GHSA-rww4-4w9c-7733). Lax, not
 // Strict, because the callback is a top-level redirect from Entra's site.
 func (s *server) browserCookie(w http.ResponseWriter, r *http.Request) string {
 	id := ""
@@ -1076,6 +1067,44 @@ func (e *entraClient) checkIDToken(raw, nonce string, now time.Time) (entraUser,
 		return entraUser{}, errors.New("nonce does not match this sign-in")
 	}
 	return entraUser{tenantID: c.TenantID, objectID: c.ObjectID, name: c.Name, username: c.PreferredUsername}, nil
+}
+
+// redirectEntraError passes an error that Entra ID redirected with on to the
+// client, as one of the codes of RFC 6749 §4.1.2.1, and logs Entra's codes
+// and ids (never its text).
+func (s *server) redirectEntraError(w http.ResponseWriter, r *http.Request, req *authRequest, code, description string) {
+	s.log.Warn("Entra sign-in failed", append([]any{"client_id", req.clientID}, entraErrorAttrs(code, description)...)...)
+	switch code {
+	case "access_denied":
+		s.redirectError(w, r, req, "access_denied", "the sign-in with Microsoft Entra ID was cancelled or declined")
+	case "temporarily_unavailable":
+		s.redirectError(w, r, req, "temporarily_unavailable", "Microsoft Entra ID is temporarily unavailable; try again")
+	default:
+		s.redirectError(w, r, req, "server_error", "the sign-in with Microsoft Entra ID failed; the server log has details")
+	}
+}
+
+// redirectRedeemError tells the client that the sign-in could not be
+// completed after Entra's redirect: a user of a tenant outside
+// ALLOWED_TENANTS, Entra refusing the code, or an id_token that fails its
+// checks. The details go to the log.
+func (s *server) redirectRedeemError(w http.ResponseWriter, r *http.Request, req *authRequest, err error) {
+	if errors.Is(err, errTenantNotAllowed) {
+		s.log.Warn("sign-in refused: tenant not allowed", "client_id", req.clientID, "err", err)
+		s.redirectError(w, r, req, "access_denied", "users of your organization may not use this server")
+		return
+	}
+	var rerr *oauth2.RetrieveError
+	if errors.As(err, &rerr) {
+		s.log.Error("Entra code redemption failed", append([]any{"client_id", req.clientID}, retrieveErrorAttrs(rerr)...)...)
+		if rerr.ErrorCode == "temporarily_unavailable" {
+			s.redirectError(w, r, req, "temporarily_unavailable", "Microsoft Entra ID is temporarily unavailable; try again")
+			return
+		}
+	} else {
+		s.log.Error("Entra sign-in could not be completed", "client_id", req.clientID, "err", err)
+	}
+	s.redirectError(w, r, req, "server_error", "the sign-in with Microsoft Entra ID could not be completed; the server log has details")
 }
 
 // entraHints explain the Entra errors that usually mean a setup mistake.

@@ -665,7 +665,7 @@ func TestCallbackErrors(t *testing.T) {
 	})
 	t.Run("the Entra link opened in another browser", func(t *testing.T) {
 		// The attacker approves his own client, then mails the Entra link
-		// to a victim, whose browser Entra signs in silently.
+		// to a victim, whose browser Entra signs in after an account pick.
 		attacker, victim := newBrowser(t), newBrowser(t)
 		callback := env.toCallback(t, attacker, c)
 		resp := victim.get(t, callback)
