@@ -51,15 +51,6 @@ var entraScopes = []string{"openid", "profile", "offline_access", "User.Read"}
 
 // Step 2: discovery.
 
-// resourceMetadata is the protected-resource metadata of RFC 9728.
-type resourceMetadata struct {
-	Resource               string   `json:"resource"`
-	AuthorizationServers   []string `json:"authorization_servers"`
-	ScopesSupported        []string `json:"scopes_supported"`
-	BearerMethodsSupported []string `json:"bearer_methods_supported"`
-	ResourceName           string   `json:"resource_name"`
-}
-
 // handleResourceMetadata serves the metadata of the resource at path: "" for
 // the server as a whole, "/sse" or "/mcp" for one endpoint. Its "resource" is
 // exactly the URL a client connects to (RFC 9728 §3.3): strict clients (VS
@@ -73,22 +64,6 @@ func (s *server) handleResourceMetadata(path string) http.HandlerFunc {
 		ResourceName:           "entra-mcp",
 	}
 	return func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, doc) }
-}
-
-// serverMetadata is the authorization-server metadata of RFC 8414.
-type serverMetadata struct {
-	Issuer                            string   `json:"issuer"`
-	AuthorizationEndpoint             string   `json:"authorization_endpoint"`
-	TokenEndpoint                     string   `json:"token_endpoint"`
-	RegistrationEndpoint              string   `json:"registration_endpoint"`
-	RevocationEndpoint                string   `json:"revocation_endpoint"`
-	ResponseTypesSupported            []string `json:"response_types_supported"`
-	GrantTypesSupported               []string `json:"grant_types_supported"`
-	CodeChallengeMethodsSupported     []string `json:"code_challenge_methods_supported"`
-	TokenEndpointAuthMethodsSupported []string `json:"token_endpoint_auth_methods_supported"`
-	RevocationAuthMethodsSupported    []string `json:"revocation_endpoint_auth_methods_supported"`
-	ScopesSupported                   []string `json:"scopes_supported"`
-	IssParameterSupported             bool     `json:"authorization_response_iss_parameter_supported"`
 }
 
 // handleServerMetadata serves RFC 8414 metadata. The issuer is PUBLIC_URL byte
@@ -115,36 +90,12 @@ func (s *server) handleServerMetadata(w http.ResponseWriter, r *http.Request) {
 
 // Step 3: registration.
 
-// clientMetadata is the part of RFC 7591 §2 client metadata this server
-// keeps. Unknown fields are ignored, as §2 requires.
-type clientMetadata struct {
-	RedirectURIs            []string `json:"redirect_uris"`
-	TokenEndpointAuthMethod string   `json:"token_endpoint_auth_method"`
-	GrantTypes              []string `json:"grant_types"`
-	ResponseTypes           []string `json:"response_types"`
-	ClientName              string   `json:"client_name,omitempty"`
-	ClientURI               string   `json:"client_uri,omitempty"`
-	Scope                   string   `json:"scope"`
-	SoftwareID              string   `json:"software_id,omitempty"`
-	SoftwareVersion         string   `json:"software_version,omitempty"`
-}
-
 // client is a registered client.
 type client struct {
 	clientMetadata
 	ID         string
 	IssuedAt   int64
 	secretHash string // hashKey of the client secret; empty for public clients
-}
-
-// registration is the response of RFC 7591 §3.2.1: the client's id, its
-// secret if it has one, and its metadata as registered.
-type registration struct {
-	ClientID              string `json:"client_id"`
-	ClientSecret          string `json:"client_secret,omitempty"`
-	ClientIDIssuedAt      int64  `json:"client_id_issued_at"`
-	ClientSecretExpiresAt *int64 `json:"client_secret_expires_at,omitempty"` // required with a secret; 0 = never
-	clientMetadata
 }
 
 // handleRegister registers a client (RFC 7591 §3). Registration is open, as MCP
@@ -252,32 +203,6 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.showConsent(w, c, req, consentID)
-}
-
-// showConsent renders the consent page. The MCP security best practices
-// ("Confused Deputy Problem") require it of a proxy like this one: Entra ID
-// knows only this server's client id, so its own pages never name the MCP
-// client. A user already signed in at Entra only picks an account there
-// (prompt=select_account), and a user who consented to this app once is not
-// asked again. So the user approves each client here, by name.
-func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest, consentID string) {
-	redirect, _ := url.Parse(req.redirectURI)
-	data := struct {
-		ClientName, ClientID, RedirectURI, RedirectHost, Scope, ConsentID string
-		Loopback                                                          bool
-	}{
-		ClientName:   c.ClientName,
-		ClientID:     c.ID,
-		RedirectURI:  req.redirectURI,
-		RedirectHost: redirect.Host,
-		Scope:        req.scope,
-		ConsentID:    consentID,
-		Loopback:     isLoopbackHost(redirect.Hostname()),
-	}
-	if data.RedirectHost == "" {
-		data.RedirectHost = redirect.Scheme + ":" // a private-use scheme, e.g. cursor:
-	}
-	s.writePage(w, http.StatusOK, consentPage, data)
 }
 
 // handleConsent takes the user's decision from the consent page. It is
@@ -550,6 +475,82 @@ func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
 // Behind the lesson: registration rules, redirect URIs, the browser cookie,
 // client authentication, Entra discovery and its signing keys, the id_token
 // checks, Entra error hints, and the error responses and pages.
+
+// resourceMetadata is the protected-resource metadata of RFC 9728.
+type resourceMetadata struct {
+	Resource               string   `json:"resource"`
+	AuthorizationServers   []string `json:"authorization_servers"`
+	ScopesSupported        []string `json:"scopes_supported"`
+	BearerMethodsSupported []string `json:"bearer_methods_supported"`
+	ResourceName           string   `json:"resource_name"`
+}
+
+// serverMetadata is the authorization-server metadata of RFC 8414.
+type serverMetadata struct {
+	Issuer                            string   `json:"issuer"`
+	AuthorizationEndpoint             string   `json:"authorization_endpoint"`
+	TokenEndpoint                     string   `json:"token_endpoint"`
+	RegistrationEndpoint              string   `json:"registration_endpoint"`
+	RevocationEndpoint                string   `json:"revocation_endpoint"`
+	ResponseTypesSupported            []string `json:"response_types_supported"`
+	GrantTypesSupported               []string `json:"grant_types_supported"`
+	CodeChallengeMethodsSupported     []string `json:"code_challenge_methods_supported"`
+	TokenEndpointAuthMethodsSupported []string `json:"token_endpoint_auth_methods_supported"`
+	RevocationAuthMethodsSupported    []string `json:"revocation_endpoint_auth_methods_supported"`
+	ScopesSupported                   []string `json:"scopes_supported"`
+	IssParameterSupported             bool     `json:"authorization_response_iss_parameter_supported"`
+}
+
+// clientMetadata is the part of RFC 7591 §2 client metadata this server
+// keeps. Unknown fields are ignored, as §2 requires.
+type clientMetadata struct {
+	RedirectURIs            []string `json:"redirect_uris"`
+	TokenEndpointAuthMethod string   `json:"token_endpoint_auth_method"`
+	GrantTypes              []string `json:"grant_types"`
+	ResponseTypes           []string `json:"response_types"`
+	ClientName              string   `json:"client_name,omitempty"`
+	ClientURI               string   `json:"client_uri,omitempty"`
+	Scope                   string   `json:"scope"`
+	SoftwareID              string   `json:"software_id,omitempty"`
+	SoftwareVersion         string   `json:"software_version,omitempty"`
+}
+
+// registration is the response of RFC 7591 §3.2.1: the client's id, its
+// secret if it has one, and its metadata as registered.
+type registration struct {
+	ClientID              string `json:"client_id"`
+	ClientSecret          string `json:"client_secret,omitempty"`
+	ClientIDIssuedAt      int64  `json:"client_id_issued_at"`
+	ClientSecretExpiresAt *int64 `json:"client_secret_expires_at,omitempty"` // required with a secret; 0 = never
+	clientMetadata
+}
+
+// showConsent renders the consent page. The MCP security best practices
+// ("Confused Deputy Problem") require it of a proxy like this one: Entra ID
+// knows only this server's client id, so its own pages never name the MCP
+// client. A user already signed in at Entra only picks an account there
+// (prompt=select_account), and a user who consented to this app once is not
+// asked again. So the user approves each client here, by name.
+func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest, consentID string) {
+	redirect, _ := url.Parse(req.redirectURI)
+	data := struct {
+		ClientName, ClientID, RedirectURI, RedirectHost, Scope, ConsentID string
+		Loopback                                                          bool
+	}{
+		ClientName:   c.ClientName,
+		ClientID:     c.ID,
+		RedirectURI:  req.redirectURI,
+		RedirectHost: redirect.Host,
+		Scope:        req.scope,
+		ConsentID:    consentID,
+		Loopback:     isLoopbackHost(redirect.Hostname()),
+	}
+	if data.RedirectHost == "" {
+		data.RedirectHost = redirect.Scheme + ":" // a private-use scheme, e.g. cursor:
+	}
+	s.writePage(w, http.StatusOK, consentPage, data)
+}
+
 // authMethods are the client authentication methods of RFC 7591 §2 that the
 // token and revocation endpoints accept.
 var authMethods = []string{"client_secret_basic", "client_secret_post", "none"}

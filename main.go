@@ -224,6 +224,7 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // Behind the lesson: configuration, the outbound HTTP client, caps, CORS,
 // JSON responses and rate limits. The lesson above relies on what they
 // promise, not on how they work.
+
 // config is the validated configuration. It flows from run into the server;
 // nothing reads the environment after start.
 type config struct {

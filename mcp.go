@@ -269,6 +269,7 @@ func (s *server) graphGet(ctx context.Context, path, token string) (int, []byte,
 // ---------------------------------------------------------------------------
 // Behind the lesson: protocol versions, MCP sessions and their caps,
 // decoding bodies and batches, and result shapes.
+
 // supportedVersions are the MCP revisions this server speaks, newest first.
 // MCP 2026-07-28 drops sessions and initialize; a client of that revision gets
 // a plain 400 here and falls back to initialize with one of these.

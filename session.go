@@ -399,6 +399,7 @@ func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
 // Behind the lesson: refresh-token rotation, lifetimes, keys and their
 // rotation, the bounded stores every step keeps its state in, and the state
 // file that lets it all survive a restart.
+
 // Refresh tokens rotate (OAuth 2.1 §4.3.1, required for public clients by
 // MCP 2025-06-18): each one works once and comes back replaced. Nothing about
 // them is stored: a refresh token is the session id and a generation number,

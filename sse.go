@@ -242,6 +242,7 @@ func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 // ---------------------------------------------------------------------------
 // Behind the lesson: the Origin check, finding and refusing MCP sessions,
 // reading bodies, the stream's queue and framing, and Accept headers.
+
 // maxMessageSize bounds a POSTed JSON-RPC body.
 const maxMessageSize = 1 << 20
 
