@@ -13,7 +13,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash"
 	"io/fs"
 	"net/http"
 	"os"
@@ -75,43 +74,34 @@ type entraUser struct {
 // Step 1: the challenge.
 
 // authenticate checks the bearer token of a request to an MCP endpoint and
-// returns its session. Otherwise it answers 401 with the challenge of RFC 9728
-// §5.1, which points the client at the protected-resource metadata of that
-// endpoint (MCP 2025-06-18 "Authorization Server Location"), and returns nil.
+// returns its session. Otherwise it answers 401 with a challenge pointing at
+// the endpoint's protected-resource metadata (RFC 9728 §5.1), and returns nil.
 //
 // A token is good here if its MAC and expiry check out, its audience is this
 // server or this endpoint, and its session still exists. Nothing else is a
 // token: Entra tokens, whatever their shape, fail the MAC.
 func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint string) *session {
-	challenge := fmt.Sprintf(`Bearer resource_metadata="%s/.well-known/oauth-protected-resource%s", scope="%s"`,
-		s.cfg.publicURL, endpoint, serverScope)
-
-	auth := r.Header.Get("Authorization")
-	scheme, token, _ := strings.Cut(auth, " ")
-	if auth == "" || !strings.EqualFold(scheme, "Bearer") {
-		// RFC 6750 §3.1: no error code when the request carried no token.
-		w.Header().Set("WWW-Authenticate", challenge)
-		writeJSON(w, http.StatusUnauthorized, &oauthError{Code: "unauthorized", Description: "sign in first: this endpoint needs a bearer token"})
+	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
+	if !strings.EqualFold(scheme, "Bearer") {
+		s.writeChallenge(w, endpoint, "") // no token: sign in first
 		return nil
 	}
-	reject := func(description string) *session {
-		w.Header().Set("WWW-Authenticate", challenge+fmt.Sprintf(`, error="invalid_token", error_description="%s"`, description))
-		writeJSON(w, http.StatusUnauthorized, &oauthError{Code: "invalid_token", Description: description})
-		return nil
-	}
-
 	claims, err := s.tokens.verify(strings.TrimSpace(token))
 	switch {
 	case errors.Is(err, errTokenExpired):
-		return reject("the access token expired")
+		s.writeChallenge(w, endpoint, "the access token expired")
+		return nil
 	case err != nil:
-		return reject("the access token is invalid")
+		s.writeChallenge(w, endpoint, "the access token is invalid")
+		return nil
 	case claims.Audience != s.cfg.publicURL && claims.Audience != s.cfg.publicURL+endpoint:
-		return reject("the access token is for another resource")
+		s.writeChallenge(w, endpoint, "the access token is for another resource")
+		return nil
 	}
 	sess, ok := s.sessions.get(claims.SessionID)
 	if !ok || sess.ended.Load() || sess.clientID != claims.ClientID {
-		return reject("the session has ended; sign in again")
+		s.writeChallenge(w, endpoint, errDescSessionEnded)
+		return nil
 	}
 	return sess
 }
@@ -214,21 +204,12 @@ type sessionClaims struct {
 
 // sessionCodec mints and verifies session tokens and refresh tokens. It
 // signs with the current key and accepts the previous one too, so that
-// SESSION_KEY can be rotated without signing anyone out: set the old value as
-// SESSION_KEY_PREVIOUS, and its tokens keep working until they expire.
+// SESSION_KEY can be rotated without signing anyone out.
 type sessionCodec struct {
 	keys       []codecKey // the current key, then the previous one, if any
 	subjectKey []byte     // derives opaque subjects from Entra ids
 	issuer     string
 	now        func() time.Time
-
-	// decoded holds the claims of tokens already verified, by their MAC: a
-	// client sends the same token with every request for an hour, and
-	// decoding its JSON costs more than all the checks together. Only a MAC
-	// that has just been checked is looked up, and expiry is checked every
-	// time; past maxDecoded entries the map starts afresh.
-	decodedMu sync.RWMutex
-	decoded   map[string]sessionClaims
 }
 
 // mint returns a token carrying claims, signed with the current key, with
@@ -240,53 +221,30 @@ func (c *sessionCodec) mint(claims sessionClaims) string {
 	}
 	payload, _ := json.Marshal(claims)
 	signed := c.keys[0].header + "." + base64.RawURLEncoding.EncodeToString(payload)
-	return signed + "." + base64.RawURLEncoding.EncodeToString(c.keys[0].mac.sum(signed))
+	return signed + "." + base64.RawURLEncoding.EncodeToString(macSum(c.keys[0].mac, signed))
 }
 
 // verify checks a token's header, MAC, issuer and expiry, in that order, and
 // returns its claims. The header names the key; the caller checks the
 // audience and the session.
 func (c *sessionCodec) verify(token string) (sessionClaims, error) {
-	if len(token) > maxTokenLen || !isTokenText(token) {
+	parts := strings.Split(token, ".")
+	if len(token) > maxTokenLen || !isTokenText(token) || len(parts) != 3 {
 		return sessionClaims{}, errTokenMalformed
 	}
-	for _, k := range c.keys {
-		if rest, ok := strings.CutPrefix(token, k.header+"."); ok {
-			return c.verifyWith(k, token, rest)
-		}
-	}
-	return sessionClaims{}, errTokenMalformed
-}
-
-// verifyWith verifies token with key k; rest is the token after its header.
-func (c *sessionCodec) verifyWith(k codecKey, token, rest string) (sessionClaims, error) {
-	payload, sig, ok := strings.Cut(rest, ".")
-	if !ok {
+	k := c.keyByHeader(parts[0])                                      // the header is fixed per key: no "alg" is ever read
+	mac, err := base64.RawURLEncoding.Strict().DecodeString(parts[2]) // one spelling per MAC
+	if k == nil || err != nil {
 		return sessionClaims{}, errTokenMalformed
 	}
-	gotMAC, err := base64.RawURLEncoding.Strict().DecodeString(sig) // one spelling per MAC
-	if err != nil {
-		return sessionClaims{}, errTokenMalformed
-	}
-	if !hmac.Equal(gotMAC, k.mac.sum(token[:len(token)-len(sig)-1])) {
+	if !hmac.Equal(mac, macSum(k.mac, parts[0]+"."+parts[1])) {
 		return sessionClaims{}, errTokenSignature
 	}
-
 	// Only now, with the MAC checked, is the payload ours to parse.
-	c.decodedMu.RLock()
-	claims, seen := c.decoded[string(gotMAC)]
-	c.decodedMu.RUnlock()
-	if !seen {
-		raw, err := base64.RawURLEncoding.DecodeString(payload)
-		if err != nil || json.Unmarshal(raw, &claims) != nil {
-			return sessionClaims{}, errTokenMalformed
-		}
-		c.decodedMu.Lock()
-		if len(c.decoded) >= maxDecoded || c.decoded == nil {
-			c.decoded = make(map[string]sessionClaims)
-		}
-		c.decoded[string(gotMAC)] = claims
-		c.decodedMu.Unlock()
+	var claims sessionClaims
+	raw, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil || json.Unmarshal(raw, &claims) != nil {
+		return sessionClaims{}, errTokenMalformed
 	}
 	if claims.Issuer != c.issuer {
 		return sessionClaims{}, errTokenIssuer
@@ -303,7 +261,7 @@ func (c *sessionCodec) verifyWith(k codecKey, token, rest string) (sessionClaims
 // neither holds a dot and the string parses one way only.
 func (c *sessionCodec) refreshToken(sid string, gen uint64) string {
 	signed := "rt1." + sid + "." + strconv.FormatUint(gen, 10)
-	return signed + "." + base64.RawURLEncoding.EncodeToString(c.keys[0].refresh.sum(signed))
+	return signed + "." + base64.RawURLEncoding.EncodeToString(macSum(c.keys[0].refresh, signed))
 }
 
 // parseRefreshToken checks a refresh token's MAC, under any of the codec's
@@ -314,7 +272,7 @@ func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, 
 		return "", 0, false
 	}
 	mac, err := base64.RawURLEncoding.Strict().DecodeString(token[i+1:])
-	if err != nil || !slices.ContainsFunc(c.keys, func(k codecKey) bool { return hmac.Equal(mac, k.refresh.sum(token[:i])) }) {
+	if err != nil || !slices.ContainsFunc(c.keys, func(k codecKey) bool { return hmac.Equal(mac, macSum(k.refresh, token[:i])) }) {
 		return "", 0, false
 	}
 	parts := strings.Split(token[:i], ".")
@@ -400,6 +358,27 @@ func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
 // rotation, the bounded stores every step keeps its state in, and the state
 // file that lets it all survive a restart.
 
+// writeChallenge answers 401 with the challenge of RFC 9728 §5.1, which
+// points the client at the protected-resource metadata of endpoint (MCP
+// 2025-06-18 "Authorization Server Location"). A request without a token gets
+// no error code (RFC 6750 §3.1); otherwise description says what was wrong
+// with it, as an invalid_token error.
+func (s *server) writeChallenge(w http.ResponseWriter, endpoint, description string) {
+	challenge := fmt.Sprintf(`Bearer resource_metadata="%s/.well-known/oauth-protected-resource%s", scope="%s"`,
+		s.cfg.publicURL, endpoint, serverScope)
+	if description == "" {
+		w.Header().Set("WWW-Authenticate", challenge)
+		writeJSON(w, http.StatusUnauthorized, &oauthError{Code: "unauthorized", Description: "sign in first: this endpoint needs a bearer token"})
+		return
+	}
+	w.Header().Set("WWW-Authenticate", challenge+fmt.Sprintf(`, error="invalid_token", error_description="%s"`, description))
+	writeJSON(w, http.StatusUnauthorized, &oauthError{Code: "invalid_token", Description: description})
+}
+
+// errDescSessionEnded is the 401's description for a token whose session
+// has ended.
+const errDescSessionEnded = "the session has ended; sign in again"
+
 // Refresh tokens rotate (OAuth 2.1 §4.3.1, required for public clients by
 // MCP 2025-06-18): each one works once and comes back replaced. Nothing about
 // them is stored: a refresh token is the session id and a generation number,
@@ -412,31 +391,44 @@ func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
 //     token, and the current one stops working. A later generation counts as
 //     current too: its MAC proves this server issued it, so a state file that
 //     missed a save before a crash merely lags behind;
-//   - the previous generation within refreshGrace of its rotation: a
+//   - the previous generation within [server.refreshGrace] of its rotation: a
 //     duplicate of that refresh, which gets the same tokens again;
 //   - anything older: the token was replaced long ago, so someone kept a
 //     copy. The whole session ends, for the thief and the client alike
 //     (RFC 9700 §4.14.2).
 func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResponse, error) {
+	var resp *tokenResponse
+	var err error
+	reused := false
 	sess.mu.Lock()
 	switch now := s.now(); {
 	case sess.ended.Load():
-		sess.mu.Unlock()
-		return nil, badRequest("invalid_grant", "the session has ended; sign in again")
+		err = badRequest("invalid_grant", errDescSessionEnded)
 	case gen >= sess.refreshGen:
 		sess.refreshGen = gen + 1
 		sess.rotatedAt = now
-		defer sess.mu.Unlock()
-		return s.issueTokens(c, sess)
-	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < refreshGrace:
-		defer sess.mu.Unlock()
-		return s.issueTokens(c, sess)
+		resp, err = s.issueTokens(c, sess)
+	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < s.refreshGrace():
+		resp, err = s.issueTokens(c, sess)
+	default:
+		reused = true
 	}
 	sess.mu.Unlock()
-	s.log.Warn("replaced refresh token used again; ending its session", "client_id", c.ID, "subject", sess.subject)
-	s.endSession(sess)
-	return nil, badRequest("invalid_grant", "the refresh token was already used; sign in again")
+	if reused {
+		s.log.Warn("replaced refresh token used again; ending its session", "client_id", c.ID, "subject", sess.subject)
+		s.endSession(sess)
+		return nil, badRequest("invalid_grant", "the refresh token was already used; sign in again")
+	}
+	return resp, err
 }
+
+// refreshGrace is how long a replaced refresh token stays good for a
+// duplicate of the refresh that replaced it: clients that lose a response,
+// or send the same refresh twice at once, get the same new tokens rather
+// than a dead session. Past it, a replaced refresh token means theft. It is
+// never more than half the access tokens' lifetime, so that a duplicate never
+// gets a token that has already expired.
+func (s *server) refreshGrace() time.Duration { return min(30*time.Second, s.cfg.accessTTL/2) }
 
 // Lifetimes of the server's own state.
 const (
@@ -446,12 +438,6 @@ const (
 	unusedClientTTL = time.Hour           // a registration that never completes a sign-in
 	clientTTL       = 90 * 24 * time.Hour // a registration nobody uses any more
 	mcpIdleTTL      = 24 * time.Hour      // a Streamable HTTP session nobody uses
-
-	// refreshGrace is how long a refresh token stays good for a duplicate of
-	// the refresh that replaced it: clients that lose a response, or send
-	// the same refresh twice at once, get the same new tokens rather than a
-	// dead session. Past it, a replaced refresh token means theft.
-	refreshGrace = 30 * time.Second
 )
 
 // entraSignInOver are the refresh errors after which only a new sign-in
@@ -477,14 +463,12 @@ var (
 // maxTokenLen bounds what verify reads: real tokens are about 400 bytes.
 const maxTokenLen = 4096
 
-const maxDecoded = 10_000
-
 // codecKey is the part of the codec that comes from one SESSION_KEY.
 type codecKey struct {
-	mac     *macKey // signs session tokens
-	refresh *macKey // signs refresh tokens
-	state   []byte  // encrypts the state file
-	header  string  // base64url of the fixed token header, naming the key
+	mac     []byte // signs session tokens
+	refresh []byte // signs refresh tokens
+	state   []byte // encrypts the state file
+	header  string // base64url of the fixed token header, naming the key
 }
 
 // deriveKey derives a key for one purpose from a SESSION_KEY (HKDF,
@@ -504,8 +488,8 @@ func newSessionCodec(issuer string, now func() time.Time, secrets ...[]byte) *se
 	for _, secret := range secrets {
 		macKey := deriveKey(secret, "session token v1")
 		k := codecKey{
-			mac:     newMACKey(macKey),
-			refresh: newMACKey(deriveKey(secret, "refresh token v1")),
+			mac:     macKey,
+			refresh: deriveKey(secret, "refresh token v1"),
 			state:   deriveKey(secret, "state file v1"),
 		}
 		kid := sha256.Sum256(macKey) // names the key without revealing it
@@ -521,52 +505,35 @@ func newSessionCodec(issuer string, now func() time.Time, secrets ...[]byte) *se
 // this check one MAC could be spelled many ways.
 func isTokenText(s string) bool {
 	for i := range len(s) {
-		if !tokenChars[s[i]] {
+		c := s[i]
+		if !('A' <= c && c <= 'Z' || 'a' <= c && c <= 'z' || '0' <= c && c <= '9' || c == '-' || c == '_' || c == '.') {
 			return false
 		}
 	}
 	return true
 }
 
-// tokenChars marks the bytes tokens may hold; a table, because the check runs
-// on every request.
-var tokenChars = func() (t [256]bool) {
-	for _, c := range []byte("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.") {
-		t[c] = true
+// keyByHeader returns the key whose fixed token header is header, or nil.
+func (c *sessionCodec) keyByHeader(header string) *codecKey {
+	for i := range c.keys {
+		if c.keys[i].header == header {
+			return &c.keys[i]
+		}
 	}
-	return t
-}()
-
-// macKey computes HMAC-SHA256 under one key. It reuses hash states, and a
-// buffer for the input, from a pool: setting up an HMAC costs more than
-// hashing a token with it.
-type macKey struct{ pool sync.Pool }
-
-type macState struct {
-	h   hash.Hash
-	buf []byte
+	return nil
 }
 
-func newMACKey(key []byte) *macKey {
-	m := &macKey{}
-	m.pool.New = func() any { return &macState{h: hmac.New(sha256.New, key)} }
-	return m
-}
-
-// sum returns the MAC of data.
-func (m *macKey) sum(data string) []byte {
-	st := m.pool.Get().(*macState)
-	defer m.pool.Put(st)
-	st.h.Reset()
-	st.buf = append(st.buf[:0], data...)
-	st.h.Write(st.buf)
-	return st.h.Sum(nil)
+// macSum returns HMAC-SHA256 of data under key.
+func macSum(key []byte, data string) []byte {
+	m := hmac.New(sha256.New, key)
+	m.Write([]byte(data))
+	return m.Sum(nil)
 }
 
 // tokenID derives the jti of the session token of generation gen of session
 // sid, so that issuing a generation's tokens again gives the same bytes.
 func (c *sessionCodec) tokenID(sid string, gen uint64) string {
-	mac := c.keys[0].refresh.sum("jti." + sid + "." + strconv.FormatUint(gen, 10))
+	mac := macSum(c.keys[0].refresh, "jti."+sid+"."+strconv.FormatUint(gen, 10))
 	return base64.RawURLEncoding.EncodeToString(mac[:16])
 }
 

@@ -65,7 +65,7 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	st := &stream{out: make(chan []byte, 32), done: make(chan struct{})}
 	ms := &mcpSession{id: newSecret(), owner: sess.id, stream: st}
 	if err := s.addMCPSession(ms, sess); err != nil {
-		s.refuseMCPSession(w, r, "/sse", err)
+		s.refuseMCPSession(w, "/sse", err)
 		return
 	}
 	defer st.end()            // second: mark the stream ended
@@ -206,7 +206,7 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 	if body.isInitialize() {
 		if resp, ok := reply.(*rpcResponse); ok && resp.Error == nil {
 			if err := s.addMCPSession(ms, sess); err != nil {
-				s.refuseMCPSession(w, r, "/mcp", err)
+				s.refuseMCPSession(w, "/mcp", err)
 				return
 			}
 			w.Header().Set("Mcp-Session-Id", ms.id)
@@ -276,9 +276,9 @@ func (s *server) findSession(w http.ResponseWriter, id string, sess *session, ss
 
 // refuseMCPSession answers a request whose new MCP session addMCPSession
 // refused: 401 if the signed-in session has ended, else 503.
-func (s *server) refuseMCPSession(w http.ResponseWriter, r *http.Request, endpoint string, err error) {
+func (s *server) refuseMCPSession(w http.ResponseWriter, endpoint string, err error) {
 	if errors.Is(err, errSessionEnded) {
-		s.authenticate(w, r, endpoint) // answers 401, as for the ended session's token
+		s.writeChallenge(w, endpoint, errDescSessionEnded)
 		return
 	}
 	w.Header().Set("Retry-After", "60")
@@ -324,7 +324,7 @@ func (s *server) runBody(w http.ResponseWriter, r *http.Request, endpoint string
 	}
 	reply, err := s.run(r.Context(), ms, sess, body)
 	if err != nil {
-		s.authenticate(w, r, endpoint) // the session has ended: 401, as for its token
+		s.writeChallenge(w, endpoint, errDescSessionEnded)
 		return nil, false
 	}
 	return reply, true
