@@ -2618,7 +2618,7 @@ func FuzzJSONRPC(f *testing.F) {
 			checkResponse(t, errResp, nil)
 			return
 		}
-		reply, err := env.srv.run(t.Context(), ms, sess, b)
+		reply, err := env.srv.respond(t.Context(), ms, sess, b)
 		if err != nil {
 			t.Fatalf("run: %v", err)
 		}

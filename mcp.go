@@ -21,7 +21,7 @@ import (
 // both transports (sse.go).
 //
 // A transport reads a POST body, decodes it with [decodeBody] and hands it to
-// [server.run], which dispatches each message: initialize (version
+// [server.respond], which dispatches each message: initialize (version
 // negotiation), ping, tools/list and tools/call. The one tool,
 // getUserDetails, calls Microsoft Graph with the Entra token of the caller's
 // session (step 10): the token that arrived with the request is our own and
@@ -67,13 +67,13 @@ func errorResponse(id json.RawMessage, code int, message string) *rpcResponse {
 	return &rpcResponse{JSONRPC: "2.0", ID: id, Error: &rpcError{Code: code, Message: message}}
 }
 
-// run dispatches every message of a body for sess in the MCP session ms and
+// respond dispatches every message of a body for sess in the MCP session ms and
 // returns what to answer: nil when nothing asks for an answer (only
 // notifications and responses), one response, or for a batch an array. If
 // the session ended meanwhile (Entra refused to renew it), it returns
 // errSessionEnded instead: the transport answers 401, not a result, so that
 // the client signs in again (MCP 2025-03-26, "Session Binding Requirements").
-func (s *server) run(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) (any, error) {
+func (s *server) respond(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) (any, error) {
 	replies := b.invalid
 	for _, m := range b.messages {
 		if resp := s.dispatch(ctx, ms, sess, m); resp != nil {
@@ -194,7 +194,7 @@ func (s *server) callTool(ctx context.Context, ms *mcpSession, sess *session, pa
 
 // getUserDetails runs the getUserDetails tool.
 func (s *server) getUserDetails(ctx context.Context, ms *mcpSession, sess *session) toolResult {
-	me, err := s.userDetails(ctx, sess)
+	me, err := s.graphMe(ctx, sess)
 	if err != nil {
 		return toolResult{Content: []textContent{{"text", "getUserDetails failed: " + err.Error()}}, IsError: true}
 	}
@@ -207,11 +207,11 @@ func (s *server) getUserDetails(ctx context.Context, ms *mcpSession, sess *sessi
 	return result
 }
 
-// userDetails is step 10: GET {GRAPH_URL}/v1.0/me with the session's Entra
+// graphMe is step 10: GET {GRAPH_URL}/v1.0/me with the session's Entra
 // access token. If Graph refuses the token (401: revoked, or expired early),
 // the token is refreshed and the call made once more, never more than once.
 // Errors are written for the user; the log gets the details.
-func (s *server) userDetails(ctx context.Context, sess *session) (*userDetails, error) {
+func (s *server) graphMe(ctx context.Context, sess *session) (*userDetails, error) {
 	token, err := s.entraAccessToken(sess, "")
 	if err != nil {
 		return nil, err
@@ -227,14 +227,7 @@ func (s *server) userDetails(ctx context.Context, sess *session) (*userDetails, 
 		return nil, err
 	}
 	if status != http.StatusOK {
-		// Graph errors look like {"error":{"code":"…","message":"…"}}; the
-		// code is stable, the message is not (and stays in the log).
-		var e struct {
-			Error struct{ Code string } `json:"error"`
-		}
-		json.Unmarshal(body, &e)
-		s.log.Warn("Microsoft Graph error", "status", status, "code", e.Error.Code)
-		return nil, fmt.Errorf("the call to Microsoft Graph failed: %d %s", status, e.Error.Code)
+		return nil, s.graphError(status, body)
 	}
 	// Graph sends null for unset properties; they decode as "".
 	var me userDetails
@@ -512,6 +505,18 @@ type userDetails struct {
 type textContent struct {
 	Type string `json:"type"`
 	Text string `json:"text"`
+}
+
+// graphError logs a Graph error answer and returns the error the user sees.
+// Graph errors look like {"error":{"code":"…","message":"…"}}; the code is
+// stable, the message is not (and stays out of the log and the answer).
+func (s *server) graphError(status int, body []byte) error {
+	var e struct {
+		Error struct{ Code string } `json:"error"`
+	}
+	json.Unmarshal(body, &e)
+	s.log.Warn("Microsoft Graph error", "status", status, "code", e.Error.Code)
+	return fmt.Errorf("the call to Microsoft Graph failed: %d %s", status, e.Error.Code)
 }
 
 // writeRPCError answers an HTTP request with a JSON-RPC error, for transport

@@ -118,7 +118,7 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 	if sess == nil {
 		return
 	}
-	ms, ok := s.findSession(w, r.URL.Query().Get("sessionId"), sess, true)
+	ms, ok := s.findMCPSession(w, r.URL.Query().Get("sessionId"), sess, true)
 	if !ok {
 		return
 	}
@@ -130,30 +130,8 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	if reply != nil {
-		out, err := json.Marshal(reply)
-		if err != nil {
-			s.log.Error("encode JSON-RPC response", "err", err)
-			writeRPCError(w, http.StatusInternalServerError, codeInternalError, "internal error")
-			return
-		}
-		// The queue is short: a client that stopped reading its stream gets
-		// its session closed, rather than answers queued without bound.
-		stalled := time.NewTimer(s.streamStall)
-		defer stalled.Stop()
-		select {
-		case ms.stream.out <- out:
-		case <-ms.stream.done:
-			writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session ended")
-			return
-		case <-r.Context().Done():
-			return
-		case <-stalled.C:
-			s.log.Warn("SSE stream not read; closing it", "subject", sess.subject)
-			ms.stream.end()
-			writeRPCError(w, http.StatusServiceUnavailable, codeInternalError, "the event stream was not being read, and is now closed; connect again")
-			return
-		}
+	if reply != nil && !s.queueOnStream(w, r, ms, sess, reply) {
+		return
 	}
 	w.WriteHeader(http.StatusAccepted)
 	io.WriteString(w, "Accepted")
@@ -185,7 +163,7 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 	var ms *mcpSession
 	switch {
 	case body.isInitialize() && id != "":
-		if _, ok := s.findSession(w, id, sess, false); ok {
+		if _, ok := s.findMCPSession(w, id, sess, false); ok {
 			writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "this session is already initialized; send initialize without Mcp-Session-Id to start a new one")
 		}
 		return
@@ -195,7 +173,7 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "Mcp-Session-Id is missing: send initialize first")
 		return
 	default:
-		if ms, ok = s.findSession(w, id, sess, false); !ok {
+		if ms, ok = s.findMCPSession(w, id, sess, false); !ok {
 			return
 		}
 	}
@@ -231,7 +209,7 @@ func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, http.StatusBadRequest, errResp)
 		return
 	}
-	ms, ok := s.findSession(w, r.Header.Get("Mcp-Session-Id"), sess, false)
+	ms, ok := s.findMCPSession(w, r.Header.Get("Mcp-Session-Id"), sess, false)
 	if !ok {
 		return
 	}
@@ -254,11 +232,11 @@ func (s *server) originAllowed(origin string) bool {
 		(normalOrigin(u) == s.cfg.publicURL || isLoopbackHost(u.Hostname()) || slices.Contains(s.cfg.allowedOrigins, normalOrigin(u)))
 }
 
-// findSession returns the caller's MCP session named id, on one transport
+// findMCPSession returns the caller's MCP session named id, on one transport
 // (sse: the HTTP+SSE one), or answers 400 if the request named none, and 404 if it is
 // not the caller's: unknown, ended, another user's and the other transport's
 // sessions all look alike.
-func (s *server) findSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
+func (s *server) findMCPSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
 	if id == "" {
 		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "the session id is missing")
 		return nil, false
@@ -322,7 +300,7 @@ func (s *server) runBody(w http.ResponseWriter, r *http.Request, endpoint string
 		writeJSON(w, http.StatusBadRequest, errResp)
 		return nil, false
 	}
-	reply, err := s.run(r.Context(), ms, sess, body)
+	reply, err := s.respond(r.Context(), ms, sess, body)
 	if err != nil {
 		s.writeChallenge(w, endpoint, errDescSessionEnded)
 		return nil, false
@@ -339,6 +317,32 @@ type stream struct {
 
 // end makes the stream's handler return.
 func (st *stream) end() { st.once.Do(func() { close(st.done) }) }
+
+// queueOnStream queues reply for ms's stream, or answers the request itself
+// and returns false. The queue is short: a client that stopped reading its
+// stream gets its session closed, rather than answers queued without bound.
+func (s *server) queueOnStream(w http.ResponseWriter, r *http.Request, ms *mcpSession, sess *session, reply any) bool {
+	out, err := json.Marshal(reply)
+	if err != nil {
+		s.log.Error("encode JSON-RPC response", "err", err)
+		writeRPCError(w, http.StatusInternalServerError, codeInternalError, "internal error")
+		return false
+	}
+	stalled := time.NewTimer(s.streamStall)
+	defer stalled.Stop()
+	select {
+	case ms.stream.out <- out:
+		return true
+	case <-ms.stream.done:
+		writeRPCError(w, http.StatusNotFound, codeSessionNotFound, "session ended")
+	case <-r.Context().Done():
+	case <-stalled.C:
+		s.log.Warn("SSE stream not read; closing it", "subject", sess.subject)
+		ms.stream.end()
+		writeRPCError(w, http.StatusServiceUnavailable, codeInternalError, "the event stream was not being read, and is now closed; connect again")
+	}
+	return false
+}
 
 // writeEvent writes one server-sent event. data is one line of JSON (or the
 // endpoint URL), so a single "data:" line carries it.
