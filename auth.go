@@ -397,10 +397,8 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	if !isPKCEValue(verifier) || !sameSecret(s256(verifier), req.challenge) {
 		return nil, badRequest("invalid_grant", "code_verifier does not match the code_challenge")
 	}
-	if form.Has("resource") {
-		if resource, ok := s.canonicalResource(form.Get("resource")); !ok || resource != req.resource {
-			return nil, badRequest("invalid_target", "resource does not match the authorization request")
-		}
+	if !s.resourceAllowed(form, req.resource, false) {
+		return nil, badRequest("invalid_target", "resource does not match the authorization request")
 	}
 	resp, err := s.startSession(c, code.session)
 	if err != nil {
@@ -424,18 +422,12 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 	if !ok || sess.ended.Load() || sess.clientID != c.ID || !c.allows("refresh_token") {
 		return nil, badRequest("invalid_grant", "the refresh token is invalid or its session has ended; sign in again")
 	}
-	// A refresh may ask for the session's resource, or a part of it (an
-	// endpoint of a whole-server session); the tokens keep their audience.
-	if form.Has("resource") {
-		if resource, ok := s.canonicalResource(form.Get("resource")); !ok || (resource != sess.resource && sess.resource != s.cfg.publicURL) {
-			return nil, badRequest("invalid_target", "resource must be the one the sign-in was for")
-		}
+	if !s.resourceAllowed(form, sess.resource, true) {
+		return nil, badRequest("invalid_target", "resource must be the one the sign-in was for")
 	}
-	// Our session must not outlive the Entra sign-in it stands for. If the
-	// Entra token has expired, renewing it now checks that Entra still honours
-	// the sign-in (the user may have been signed out there) and keeps Entra's
-	// own refresh token from going idle. If Entra cannot be reached, the
-	// refresh goes ahead: the next tool call tries again.
+	// Our session must not outlive the Entra sign-in it stands for: an expired
+	// Entra token is renewed now, which fails if the user was signed out
+	// there. If Entra cannot be reached, the refresh goes ahead.
 	if _, err := s.entraAccessToken(sess, ""); errors.Is(err, errSessionEnded) {
 		return nil, badRequest("invalid_grant", "the Microsoft sign-in has ended; sign in again")
 	}
@@ -444,6 +436,7 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 		return nil, unavailable()
 	}
 	if err == nil {
+		s.log.Info("tokens refreshed", "client_id", c.ID, "subject", sess.subject, "generation", gen+1)
 		s.clients.touch(c.ID, clientTTL)
 		s.saveState() // the new generation must survive a restart
 	}
@@ -708,6 +701,17 @@ func (s *server) canonicalResource(raw string) (string, bool) {
 		}
 	}
 	return "", false
+}
+
+// resourceAllowed reports whether a token request's resource (RFC 8707), if
+// it names one, is want; with part, a part of want will do too (an endpoint
+// of a whole-server session): a refresh's tokens keep their audience.
+func (s *server) resourceAllowed(form url.Values, want string, part bool) bool {
+	if !form.Has("resource") {
+		return true
+	}
+	got, ok := s.canonicalResource(form.Get("resource"))
+	return ok && (got == want || part && want == s.cfg.publicURL)
 }
 
 // isPKCEValue reports whether v is 43 to 128 characters of the PKCE alphabet

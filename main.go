@@ -28,6 +28,13 @@
 //  10. Tool: getUserDetails calls Microsoft Graph with the session's Entra
 //     token, which the server keeps fresh (mcp.go, session.go).
 //
+// Five things here are called "session". The signed-in session ([session]) is
+// one sign-in through one client, holding the Entra tokens; the session token
+// is our access token, which names it; an MCP session ([mcpSession]) is one
+// connection's protocol state, and a signed-in session may hold several; its
+// id travels as the Mcp-Session-Id header on Streamable HTTP, and as
+// ?sessionId= in the /message URL on HTTP+SSE.
+//
 // Configuration comes from the environment; see the README.
 package main
 
@@ -69,47 +76,27 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
-	flags := flag.NewFlagSet(args[0], flag.ContinueOnError)
-	flags.SetOutput(stdout)
-	flags.Usage = func() { fmt.Fprint(stdout, usage) }
-	if err := flags.Parse(args[1:]); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return nil
-		}
-		return err
+	if help, err := parseFlags(args, stdout); help || err != nil {
+		return err // -h prints the settings and ends here
 	}
-
 	cfg, err := loadConfig(getenv)
 	if err != nil {
 		return err
 	}
 	logger := slog.New(slog.NewTextHandler(stderr, nil))
-
-	httpClient := newHTTPClient()
+	logConfigNotes(logger, cfg)
 
 	// Fetching Entra's discovery document now reports a wrong tenant or
 	// authority at start, before any user tries to sign in.
-	entra, err := discoverEntra(ctx, cfg, httpClient, time.Now())
+	entra, err := discoverEntra(ctx, cfg, newHTTPClient(), time.Now())
 	if err != nil {
 		return err
 	}
-
 	srv := newServer(cfg, logger, entra, time.Now)
 	if err := srv.loadState(); err != nil {
 		return err
 	}
-	httpServer := &http.Server{
-		Addr:              cfg.addr,
-		Handler:           srv,
-		ReadHeaderTimeout: 10 * time.Second,
-		MaxHeaderBytes:    64 << 10, // the request line and headers; 431 past it
-		IdleTimeout:       2 * time.Minute,
-		// No WriteTimeout: it would cut off long-lived SSE streams.
-		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
-	}
-	// Shutdown waits for active connections; open SSE streams never end on
-	// their own, so closing them is part of shutting down.
-	httpServer.RegisterOnShutdown(srv.closeStreams)
+	httpServer := newHTTPServer(cfg, srv, logger)
 
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
@@ -225,6 +212,43 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 // JSON responses and rate limits. The lesson above relies on what they
 // promise, not on how they work.
 
+// parseFlags parses the command line, which takes no flags but -h, which
+// prints the settings; help reports that it did.
+func parseFlags(args []string, stdout io.Writer) (help bool, err error) {
+	flags := flag.NewFlagSet(args[0], flag.ContinueOnError)
+	flags.SetOutput(stdout)
+	flags.Usage = func() { fmt.Fprint(stdout, usage) }
+	err = flags.Parse(args[1:])
+	if errors.Is(err, flag.ErrHelp) {
+		return true, nil
+	}
+	return false, err
+}
+
+// newHTTPServer returns the http.Server for srv, with its limits, and with
+// srv's streams closed at shutdown: Shutdown waits for active connections,
+// and open SSE streams never end on their own.
+func newHTTPServer(cfg config, srv *server, logger *slog.Logger) *http.Server {
+	httpServer := &http.Server{
+		Addr:              cfg.addr,
+		Handler:           srv,
+		ReadHeaderTimeout: 10 * time.Second,
+		MaxHeaderBytes:    64 << 10, // the request line and headers; 431 past it
+		IdleTimeout:       2 * time.Minute,
+		// No WriteTimeout: it would cut off long-lived SSE streams.
+		ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelWarn),
+	}
+	httpServer.RegisterOnShutdown(srv.closeStreams)
+	return httpServer
+}
+
+// logConfigNotes logs, once at start, what a setting means for clients.
+func logConfigNotes(logger *slog.Logger, cfg config) {
+	if cfg.accessTTL < 10*time.Minute {
+		logger.Info("ACCESS_TOKEN_TTL is under 10 minutes: clients will refresh often (VS Code refreshes five minutes before expiry)", "access_token_ttl", cfg.accessTTL.String())
+	}
+}
+
 // config is the validated configuration. It flows from run into the server;
 // nothing reads the environment after start.
 type config struct {
@@ -334,11 +358,12 @@ func loadConfig(getenv func(string) string) (config, error) {
 		}
 		cfg.sessionKeys = append(cfg.sessionKeys, old)
 	}
+	// Lifetimes as short as a second let a learner watch refreshes happen;
+	// below 10 minutes, run logs that clients will refresh often (each
+	// refresh is a write of the state file).
 	ttl := env("ACCESS_TOKEN_TTL", "1h")
-	// Not less than 10 minutes: clients refresh ahead of expiry (VS Code five
-	// minutes ahead), and every refresh is a write of the state file.
-	if cfg.accessTTL, err = time.ParseDuration(ttl); err != nil || cfg.accessTTL < 10*time.Minute || cfg.accessTTL > 24*time.Hour {
-		return config{}, fmt.Errorf("ACCESS_TOKEN_TTL %q: want a Go duration between 10m and 24h, such as 1h", ttl)
+	if cfg.accessTTL, err = time.ParseDuration(ttl); err != nil || cfg.accessTTL < time.Second || cfg.accessTTL > 24*time.Hour {
+		return config{}, fmt.Errorf("ACCESS_TOKEN_TTL %q: want a Go duration between 1s and 24h, such as 1h", ttl)
 	}
 	// Entra's own refresh tokens expire after 90 days of disuse; ours must
 	// not outlive the Entra session they stand for.

@@ -120,38 +120,6 @@ func (s *server) call(ctx context.Context, ms *mcpSession, sess *session, method
 	return nil, &rpcError{Code: codeMethodNotFound, Message: "method not found"}
 }
 
-// initializeResult answers initialize.
-type initializeResult struct {
-	ProtocolVersion string `json:"protocolVersion"`
-	Capabilities    struct {
-		Tools struct{} `json:"tools"`
-	} `json:"capabilities"`
-	ServerInfo any `json:"serverInfo"`
-}
-
-// initialize negotiates the protocol version (MCP "Lifecycle", Version
-// Negotiation): the client's version if this server speaks it, else the newest
-// one it speaks, and never an error; a client that cannot use the answer
-// disconnects.
-func (ms *mcpSession) initialize(params json.RawMessage) (any, *rpcError) {
-	var p struct {
-		ProtocolVersion string `json:"protocolVersion"`
-	}
-	if err := json.Unmarshal(params, &p); err != nil || p.ProtocolVersion == "" {
-		return nil, &rpcError{Code: codeInvalidParams, Message: "initialize needs params with a protocolVersion string"}
-	}
-	version := supportedVersions[0]
-	if slices.Contains(supportedVersions, p.ProtocolVersion) {
-		version = p.ProtocolVersion
-	}
-	ms.mu.Lock()
-	ms.protocolVersion = version
-	ms.mu.Unlock()
-
-	result := initializeResult{ProtocolVersion: version, ServerInfo: serverInfo}
-	return result, nil
-}
-
 // Step 10: the tool.
 
 // tool describes a tool in tools/list.
@@ -237,6 +205,42 @@ func (s *server) graphMe(ctx context.Context, sess *session) (*userDetails, erro
 	return &me, nil
 }
 
+// ---------------------------------------------------------------------------
+// Behind the lesson: protocol versions, MCP sessions and their caps,
+// decoding bodies and batches, and result shapes.
+
+// initializeResult answers initialize.
+type initializeResult struct {
+	ProtocolVersion string `json:"protocolVersion"`
+	Capabilities    struct {
+		Tools struct{} `json:"tools"`
+	} `json:"capabilities"`
+	ServerInfo any `json:"serverInfo"`
+}
+
+// initialize negotiates the protocol version (MCP "Lifecycle", Version
+// Negotiation): the client's version if this server speaks it, else the newest
+// one it speaks, and never an error; a client that cannot use the answer
+// disconnects.
+func (ms *mcpSession) initialize(params json.RawMessage) (any, *rpcError) {
+	var p struct {
+		ProtocolVersion string `json:"protocolVersion"`
+	}
+	if err := json.Unmarshal(params, &p); err != nil || p.ProtocolVersion == "" {
+		return nil, &rpcError{Code: codeInvalidParams, Message: "initialize needs params with a protocolVersion string"}
+	}
+	version := supportedVersions[0]
+	if slices.Contains(supportedVersions, p.ProtocolVersion) {
+		version = p.ProtocolVersion
+	}
+	ms.mu.Lock()
+	ms.protocolVersion = version
+	ms.mu.Unlock()
+
+	result := initializeResult{ProtocolVersion: version, ServerInfo: serverInfo}
+	return result, nil
+}
+
 // graphGet calls Microsoft Graph with an Entra access token and returns the
 // status and body of its answer.
 func (s *server) graphGet(ctx context.Context, path, token string) (int, []byte, error) {
@@ -258,10 +262,6 @@ func (s *server) graphGet(ctx context.Context, path, token string) (int, []byte,
 	}
 	return resp.StatusCode, body, nil
 }
-
-// ---------------------------------------------------------------------------
-// Behind the lesson: protocol versions, MCP sessions and their caps,
-// decoding bodies and batches, and result shapes.
 
 // supportedVersions are the MCP revisions this server speaks, newest first.
 // MCP 2026-07-28 drops sessions and initialize; a client of that revision gets

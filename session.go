@@ -127,11 +127,10 @@ func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) 
 
 // issueTokens issues the tokens of the session's current generation: a
 // session token and, for clients registered for the refresh_token grant, a
-// refresh token, and keeps the session alive for as long as that refresh token
-// lives. The tokens of a generation are the same bytes however often they are
-// issued (their times are the generation's start, their ids derived from it),
-// so a duplicate refresh gets exactly what the first one got, and nothing
-// needs to be kept to give it. sess.mu is held.
+// refresh token (see [sessionCodec.refreshToken]), and keeps the session alive
+// as long as that refresh token lives. A generation's tokens are the same
+// bytes however often they are issued, so a duplicate refresh gets what the
+// first one got (see [server.rotateRefresh]). sess.mu is held.
 func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
 	issued := sess.rotatedAt
 	expiry := issued.Add(s.cfg.accessTTL)
@@ -161,19 +160,6 @@ func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
 		}
 	}
 	return resp, nil
-}
-
-// endSession ends a session and closes its streams: its access and refresh
-// tokens stop working at once, wherever they are. The flag, not only the
-// deletion, is what counts: a token request racing with endSession may put
-// the session back, ended.
-func (s *server) endSession(sess *session) {
-	sess.mu.Lock() // so that no token request of the session is halfway through
-	sess.ended.Store(true)
-	sess.mu.Unlock()
-	s.sessions.delete(sess.id)
-	s.endMCPSessions(sess.id)
-	s.saveState()
 }
 
 // The session token.
@@ -255,6 +241,69 @@ func (c *sessionCodec) verify(token string) (sessionClaims, error) {
 	return claims, nil
 }
 
+// Step 10: the Entra token, kept fresh on the server.
+
+// errSessionEnded reports that Entra ID refused to renew a session's tokens,
+// so the session is over and its user must sign in again.
+var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
+
+// entraAccessToken returns the session's Entra access token, refreshing it
+// first if it expires within a minute, or if it is refused, the token Graph
+// just refused. Only one refresh runs per session: callers that arrive during
+// it wait for its result, and a caller whose refused token has already been
+// replaced gets the replacement without another refresh.
+//
+// The refresh runs on a background context (golang.org/x/oauth2 keeps the
+// context it is given): a caller that gives up does not cancel it halfway, and
+// the HTTP client's timeout bounds it.
+func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
+	sess.refreshing.Lock()
+	defer sess.refreshing.Unlock()
+	if sess.ended.Load() { // while this caller waited
+		return "", errSessionEnded
+	}
+	sess.mu.Lock()
+	current, refreshToken, expiry := sess.entraToken.AccessToken, sess.entraToken.RefreshToken, sess.entraExpiry
+	sess.mu.Unlock()
+	if current != refused && s.now().Before(expiry.Add(-time.Minute)) {
+		return current, nil
+	}
+	if refreshToken == "" {
+		s.log.Warn("Entra gave no refresh token (is offline_access granted?); ending the session", "subject", sess.subject)
+		s.endSession(sess)
+		return "", errSessionEnded
+	}
+	stale := &oauth2.Token{RefreshToken: refreshToken} // no access token: refresh now
+	tok, err := s.entra.oauth.TokenSource(s.entra.background, stale).Token()
+	if err != nil {
+		return "", s.entraRenewalFailed(sess, err)
+	}
+	s.log.Info("Entra token renewed", "subject", sess.subject)
+	s.setEntraToken(sess, tok)
+	s.saveState() // the rotated Entra refresh token must survive a restart
+	return tok.AccessToken, nil
+}
+
+// setEntraToken stores Entra tokens just received. Entra rotates refresh
+// tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries
+// the old one over when a response has none). The expiry is taken on our
+// clock from expires_in.
+func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
+	lifetime := time.Duration(tok.ExpiresIn) * time.Second
+	if lifetime <= 0 {
+		lifetime = time.Hour // Entra always says; an hour is its usual
+	}
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	sess.entraToken = tok
+	sess.entraExpiry = s.now().Add(lifetime)
+}
+
+// ---------------------------------------------------------------------------
+// Behind the lesson: refresh-token rotation, lifetimes, keys and their
+// rotation, the bounded stores every step keeps its state in, and the state
+// file that lets it all survive a restart.
+
 // refreshToken returns the refresh token of generation gen of session sid:
 // "rt1.<sid>.<gen>.<mac>", the MAC taken over everything before its dot with
 // a key of its own. Session ids are base32 and generations decimal, so
@@ -283,80 +332,38 @@ func (c *sessionCodec) parseRefreshToken(token string) (sid string, gen uint64, 
 	return parts[1], gen, err == nil
 }
 
-// Step 10: the Entra token, kept fresh on the server.
-
-// errSessionEnded reports that Entra ID refused to renew a session's tokens,
-// so the session is over and its user must sign in again.
-var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
-
-// entraAccessToken returns the session's Entra access token, refreshing it
-// first if it expires within a minute, or if it is refused, the token Graph
-// just refused. Only one refresh runs per session: callers that arrive during
-// it wait for its result, and a caller whose refused token has already been
-// replaced gets the replacement without another refresh.
-//
-// The refresh runs on a background context (golang.org/x/oauth2 keeps the
-// context it is given): a caller that gives up does not cancel it halfway, and
-// the HTTP client's timeout bounds it. If Entra refuses with one of
-// entraSignInOver (the user was signed out, their password changed, the
-// refresh token expired, Entra wants the user again), the session ends: the
-// client's next request gets 401 and it signs in again.
-func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
-	sess.refreshing.Lock()
-	defer sess.refreshing.Unlock()
-	if sess.ended.Load() { // while this caller waited
-		return "", errSessionEnded
-	}
-	sess.mu.Lock()
-	current, refreshToken, expiry := sess.entraToken.AccessToken, sess.entraToken.RefreshToken, sess.entraExpiry
+// endSession ends a session and closes its streams: its access and refresh
+// tokens stop working at once, wherever they are. The flag, not only the
+// deletion, is what counts: a token request racing with endSession may put
+// the session back, ended.
+func (s *server) endSession(sess *session) {
+	sess.mu.Lock() // so that no token request of the session is halfway through
+	sess.ended.Store(true)
 	sess.mu.Unlock()
-	if current != refused && s.now().Before(expiry.Add(-time.Minute)) {
-		return current, nil
-	}
-	if refreshToken == "" {
-		s.log.Warn("Entra gave no refresh token (is offline_access granted?); ending the session", "subject", sess.subject)
-		s.endSession(sess)
-		return "", errSessionEnded
-	}
-	stale := &oauth2.Token{RefreshToken: refreshToken} // no access token: refresh now
-	tok, err := s.entra.oauth.TokenSource(s.entra.background, stale).Token()
+	s.sessions.delete(sess.id)
+	s.endMCPSessions(sess.id)
+	s.saveState()
+}
+
+// entraRenewalFailed logs a failed refresh of the Entra token and returns the
+// error for the caller. If Entra refused with one of entraSignInOver (the user
+// was signed out, their password changed, the refresh token expired, Entra
+// wants the user again), the session ends, and the client's next request gets
+// 401 so that it signs in again; other failures leave it for the next try.
+func (s *server) entraRenewalFailed(sess *session, err error) error {
 	var rerr *oauth2.RetrieveError
 	switch {
 	case errors.As(err, &rerr) && slices.Contains(entraSignInOver, rerr.ErrorCode):
 		s.log.Warn("Entra refused to renew the sign-in; ending the session", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
 		s.endSession(sess)
-		return "", errSessionEnded
+		return errSessionEnded
 	case errors.As(err, &rerr):
 		s.log.Warn("Entra token refresh failed", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
-		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
-	case err != nil:
+	default:
 		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
-		return "", errors.New("your Microsoft sign-in could not be renewed just now; try again later")
 	}
-	s.setEntraToken(sess, tok)
-	s.saveState() // the rotated Entra refresh token must survive a restart
-	return tok.AccessToken, nil
+	return errors.New("your Microsoft sign-in could not be renewed just now; try again later")
 }
-
-// setEntraToken stores Entra tokens just received. Entra rotates refresh
-// tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries
-// the old one over when a response has none). The expiry is taken on our
-// clock from expires_in.
-func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
-	lifetime := time.Duration(tok.ExpiresIn) * time.Second
-	if lifetime <= 0 {
-		lifetime = time.Hour // Entra always says; an hour is its usual
-	}
-	sess.mu.Lock()
-	defer sess.mu.Unlock()
-	sess.entraToken = tok
-	sess.entraExpiry = s.now().Add(lifetime)
-}
-
-// ---------------------------------------------------------------------------
-// Behind the lesson: refresh-token rotation, lifetimes, keys and their
-// rotation, the bounded stores every step keeps its state in, and the state
-// file that lets it all survive a restart.
 
 // writeChallenge answers 401 with the challenge of RFC 9728 §5.1, which
 // points the client at the protected-resource metadata of endpoint (MCP
