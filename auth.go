@@ -27,15 +27,9 @@ import (
 )
 
 // Steps 2 to 7: the OAuth 2.1 authorization server MCP clients see, and the
-// confidential client of Entra ID behind it.
-//
-// MCP clients discover this server (step 2), register (step 3) and send the
-// user's browser to /authorize, where the user approves the client on our own
-// consent page (step 4). Only then does the browser go to Entra ID (step 5),
-// with this server's own state, PKCE challenge and nonce. Entra sends it back
-// to /auth/callback (step 6); the server redeems Entra's code, keeps Entra's
-// tokens, and redirects the browser to the client with a code of its own,
-// which the client redeems at /token for a session token (step 7).
+// confidential client of Entra ID behind it. The user approves the client on
+// our own consent page (step 4) before the browser goes to Entra ID (step 5);
+// the client gets a code of our own (step 6), never one of Entra's.
 //
 // Specs: OAuth 2.1 (draft-ietf-oauth-v2-1), RFC 6749, RFC 7636 (PKCE),
 // RFC 7591 (registration), RFC 8414 and RFC 9728 (metadata), RFC 7009
@@ -101,21 +95,11 @@ type client struct {
 // handleRegister registers a client (RFC 7591 §3). Registration is open, as MCP
 // clients expect; what a client may do is still limited by consent (step 4).
 func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
+	md, err := readClientMetadata(w, r)
 	if err != nil {
-		writeOAuthError(w, readError(err))
-		return
-	}
-	var md clientMetadata
-	if !utf8.Valid(body) || json.Unmarshal(body, &md) != nil {
-		writeOAuthError(w, badRequest("invalid_client_metadata", "the body must be a JSON object of client metadata, in UTF-8"))
-		return
-	}
-	if err := checkClientMetadata(&md); err != nil {
 		writeOAuthError(w, err)
 		return
 	}
-
 	c := &client{clientMetadata: md, ID: newSecret(), IssuedAt: s.now().Unix()}
 	resp := registration{ClientID: c.ID, ClientIDIssuedAt: c.IssuedAt, clientMetadata: md}
 	if md.TokenEndpointAuthMethod != "none" {
@@ -410,6 +394,12 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	return resp, nil
 }
 
+// ---------------------------------------------------------------------------
+// Behind the lesson: the refresh grant and revocation; registration rules,
+// redirect URIs, the browser cookie, client authentication, Entra discovery
+// and its signing keys, the id_token checks, Entra error hints, and the error
+// responses and pages.
+
 // redeemRefreshToken is the refresh_token grant (OAuth 2.1 §4.3): a refresh
 // token of this client's live session, rotated by [server.rotateRefresh].
 // Another client presenting it changes nothing.
@@ -463,11 +453,6 @@ func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(http.StatusOK)
 }
-
-// ---------------------------------------------------------------------------
-// Behind the lesson: registration rules, redirect URIs, the browser cookie,
-// client authentication, Entra discovery and its signing keys, the id_token
-// checks, Entra error hints, and the error responses and pages.
 
 // resourceMetadata is the protected-resource metadata of RFC 9728.
 type resourceMetadata struct {
@@ -550,6 +535,20 @@ var authMethods = []string{"client_secret_basic", "client_secret_post", "none"}
 
 // allows reports whether the client registered for a grant type.
 func (c *client) allows(grantType string) bool { return slices.Contains(c.GrantTypes, grantType) }
+
+// readClientMetadata reads a registration request's body: client metadata as
+// a JSON object in UTF-8, validated by [checkClientMetadata].
+func readClientMetadata(w http.ResponseWriter, r *http.Request) (clientMetadata, error) {
+	var md clientMetadata
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
+	if err != nil {
+		return md, readError(err)
+	}
+	if !utf8.Valid(body) || json.Unmarshal(body, &md) != nil {
+		return md, badRequest("invalid_client_metadata", "the body must be a JSON object of client metadata, in UTF-8")
+	}
+	return md, checkClientMetadata(&md)
+}
 
 // checkClientMetadata validates md and fills in the defaults this server
 // registers (RFC 7591 §2 lets the server replace requested values, as long as

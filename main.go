@@ -103,25 +103,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return fmt.Errorf("ADDR %q: %w", cfg.addr, err)
 	}
 	logger.Info("listening; give your MCP client this URL", "url", cfg.publicURL+"/mcp", "legacy_sse_url", cfg.publicURL+"/sse", "addr", ln.Addr().String())
-
-	serveErr := make(chan error, 1)
-	go func() { serveErr <- httpServer.Serve(ln) }()
-
-	select {
-	case err := <-serveErr:
-		return err
-	case <-ctx.Done():
-	}
-	logger.Info("shutting down")
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	if err := httpServer.Shutdown(shutdownCtx); err != nil {
-		return fmt.Errorf("shutdown: %w", err)
-	}
-	if err := <-serveErr; !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
+	return serveUntilDone(ctx, httpServer, ln, logger)
 }
 
 // newServer returns the server with every endpoint, in flow order. Nothing
@@ -240,6 +222,28 @@ func newHTTPServer(cfg config, srv *server, logger *slog.Logger) *http.Server {
 	}
 	httpServer.RegisterOnShutdown(srv.closeStreams)
 	return httpServer
+}
+
+// serveUntilDone serves on ln until ctx is done, then shuts down gracefully:
+// open streams are closed, and requests in flight get 10 seconds to finish.
+func serveUntilDone(ctx context.Context, httpServer *http.Server, ln net.Listener, logger *slog.Logger) error {
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- httpServer.Serve(ln) }()
+	select {
+	case err := <-serveErr:
+		return err
+	case <-ctx.Done():
+	}
+	logger.Info("shutting down")
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := httpServer.Shutdown(shutdownCtx); err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	if err := <-serveErr; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }
 
 // logConfigNotes logs, once at start, what a setting means for clients.

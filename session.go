@@ -36,9 +36,6 @@ import (
 // it); the server maps it back to the session and, from there, to the Entra
 // token, which it keeps fresh itself (step 10).
 //
-// The file also holds the stores every step keeps its state in (bounded and
-// expiring), and the state file that lets all of it survive a restart.
-//
 // This is the "session binding" of MCP 2025-03-26 "Third-Party Authorization
 // Flow": the client never sees, and can never present, a token from Entra ID
 // (MCP 2025-06-18 "Token Passthrough").
@@ -60,15 +57,6 @@ type session struct {
 	entraExpiry time.Time     // when entraToken's access token expires, by our clock
 	refreshGen  uint64        // generation of the one refresh token of ours that works now
 	rotatedAt   time.Time     // when refreshGen began: the issue time of its tokens
-}
-
-// entraUser is who signed in, read from the verified id_token. It stays on the
-// server: no token the client holds contains it.
-type entraUser struct {
-	tenantID string // tid
-	objectID string // oid
-	name     string
-	username string // preferred_username
 }
 
 // Step 1: the challenge.
@@ -284,6 +272,11 @@ func (s *server) entraAccessToken(sess *session, refused string) (string, error)
 	return tok.AccessToken, nil
 }
 
+// ---------------------------------------------------------------------------
+// Behind the lesson: refresh-token rotation, lifetimes, keys and their
+// rotation, the bounded stores every step keeps its state in, and the state
+// file that lets it all survive a restart.
+
 // setEntraToken stores Entra tokens just received. Entra rotates refresh
 // tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries
 // the old one over when a response has none). The expiry is taken on our
@@ -299,10 +292,14 @@ func (s *server) setEntraToken(sess *session, tok *oauth2.Token) {
 	sess.entraExpiry = s.now().Add(lifetime)
 }
 
-// ---------------------------------------------------------------------------
-// Behind the lesson: refresh-token rotation, lifetimes, keys and their
-// rotation, the bounded stores every step keeps its state in, and the state
-// file that lets it all survive a restart.
+// entraUser is who signed in, read from the verified id_token. It stays on the
+// server: no token the client holds contains it.
+type entraUser struct {
+	tenantID string // tid
+	objectID string // oid
+	name     string
+	username string // preferred_username
+}
 
 // refreshToken returns the refresh token of generation gen of session sid:
 // "rt1.<sid>.<gen>.<mac>", the MAC taken over everything before its dot with

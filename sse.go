@@ -35,15 +35,9 @@ import (
 // "Server-sent events": "event:" and "data:" lines, then a blank line.
 
 // mcpRequest runs the checks every request to an MCP endpoint passes first,
-// and returns the caller's session, or nil once it has answered 403 or 401:
-//
-// The Origin: a page on another site must not reach an MCP server on this
-// machine through the user's browser, for example by rebinding its own DNS
-// name to 127.0.0.1 (MCP 2025-11-25 "Transports", Security Warning). Allowed
-// are PUBLIC_URL's origin, loopback origins on any port, and ALLOWED_ORIGINS.
-// Requests without Origin come from programs, not pages, and pass.
-//
-// Then the bearer token, for endpoint (step 1).
+// and returns the caller's session, or nil once it has answered: the Origin
+// of a browser page (403, see [server.originAllowed]), then the bearer token
+// for endpoint (step 1: 401).
 func (s *server) mcpRequest(w http.ResponseWriter, r *http.Request, endpoint string) *session {
 	if origin := r.Header.Get("Origin"); origin != "" && !s.originAllowed(origin) {
 		writeRPCError(w, http.StatusForbidden, codeInvalidRequest, "origin not allowed")
@@ -198,6 +192,11 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, reply)
 }
 
+// ---------------------------------------------------------------------------
+// Behind the lesson: ending a session with DELETE, the Origin check, finding
+// and refusing MCP sessions, reading bodies, the stream's queue and framing,
+// and Accept headers.
+
 // handleMCPDelete ends a Streamable HTTP session (MCP "Session Management"):
 // 204, and the session id gets 404 from then on.
 func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
@@ -217,14 +216,15 @@ func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 	w.WriteHeader(http.StatusNoContent)
 }
 
-// ---------------------------------------------------------------------------
-// Behind the lesson: the Origin check, finding and refusing MCP sessions,
-// reading bodies, the stream's queue and framing, and Accept headers.
-
 // maxMessageSize bounds a POSTed JSON-RPC body.
 const maxMessageSize = 1 << 20
 
 // originAllowed reports whether pages from origin may use the MCP endpoints.
+// A page on another site must not reach an MCP server on this machine
+// through the user's browser, for example by rebinding its own DNS name to
+// 127.0.0.1 (MCP 2025-11-25 "Transports", Security Warning). Allowed are
+// PUBLIC_URL's origin, loopback origins on any port, and ALLOWED_ORIGINS.
+// Requests without Origin come from programs, not pages, and pass.
 func (s *server) originAllowed(origin string) bool {
 	u, err := url.Parse(origin)
 	return err == nil && u.Host != "" && u.User == nil && u.Path == "" &&
