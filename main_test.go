@@ -58,8 +58,12 @@ import (
 	"golang.org/x/oauth2"
 )
 
-// demo is the one package-level flag: go test -run TestDemo -demo.
-var demo = flag.Bool("demo", false, "serve the server on localhost:3001 against a fake Entra ID until interrupted")
+// The demo's flags are the only package-level state: go test -run TestDemo
+// -demo [-demo-entra-ttl 2m].
+var (
+	demo         = flag.Bool("demo", false, "serve the server on PUBLIC_URL (default localhost:3001) against a fake Entra ID until interrupted")
+	demoEntraTTL = flag.Duration("demo-entra-ttl", time.Hour, "with -demo: the lifetime of the fake Entra ID's access tokens, to watch the server renew them")
+)
 
 // ---- The walkthroughs ----
 
@@ -1447,6 +1451,65 @@ func TestRefreshEdges(t *testing.T) {
 	})
 }
 
+// TestShortAccessTokens runs with access tokens of one second, as a learner
+// would to watch refreshes happen: the setting is accepted with a note in the
+// log, a duplicate refresh never gets a token that has already expired, and
+// every refresh, ours and Entra's, shows in the log.
+func TestShortAccessTokens(t *testing.T) {
+	cfg, err := loadConfig(func(k string) string {
+		return map[string]string{"ENTRA_TENANT_ID": "t", "ENTRA_CLIENT_ID": "c", "ENTRA_CLIENT_SECRET": "s", "ACCESS_TOKEN_TTL": "1s"}[k]
+	})
+	if err != nil || cfg.accessTTL != time.Second {
+		t.Fatalf("loadConfig(ACCESS_TOKEN_TTL=1s) = %v, %v; want 1s", cfg.accessTTL, err)
+	}
+	for ttl, wantNote := range map[time.Duration]bool{time.Second: true, 9 * time.Minute: true, 10 * time.Minute: false, time.Hour: false} {
+		var logs bytes.Buffer
+		logConfigNotes(slog.New(slog.NewTextHandler(&logs, nil)), config{accessTTL: ttl})
+		if got := strings.Contains(logs.String(), "refresh often"); got != wantNote {
+			t.Errorf("ACCESS_TOKEN_TTL=%v: note at start = %v, want %v (log: %q)", ttl, got, wantNote, logs.String())
+		}
+	}
+
+	env := newTestEnv(t, func(c *config) { c.accessTTL = time.Second })
+	if got := env.srv.refreshGrace(); got != 500*time.Millisecond {
+		t.Errorf("refresh grace = %v, want half the access tokens' lifetime", got)
+	}
+	env.entra.set(func() { env.entra.expiresIn = 90 }) // Entra tokens for a minute and a half
+	first := env.signIn(t, signInOptions{})
+	var second tokenResponse
+	decodeJSON(t, env.refresh(t, first.RefreshToken, first.clientID), http.StatusOK, &second)
+	if !strings.Contains(env.logs.String(), `msg="tokens refreshed" client_id=`+first.clientID) || !strings.Contains(env.logs.String(), "generation=1") {
+		t.Errorf("no log line for the refresh:\n%s", env.logs)
+	}
+
+	env.clock.advance(400 * time.Millisecond) // within the grace window: a duplicate
+	var again tokenResponse
+	decodeJSON(t, env.refresh(t, first.RefreshToken, first.clientID), http.StatusOK, &again)
+	if again.AccessToken != second.AccessToken || again.ExpiresIn < 1 {
+		t.Errorf("duplicate refresh = %+v, want the same, unexpired tokens as %+v", again, second)
+	}
+	if _, err := env.srv.tokens.verify(again.AccessToken); err != nil {
+		t.Errorf("the duplicate's access token: %v, want it valid", err)
+	}
+
+	env.clock.advance(200 * time.Millisecond) // past the grace window: a replayed token
+	wantOAuthError(t, env.refresh(t, first.RefreshToken, first.clientID), 400, "invalid_grant")
+	if resp := env.refresh(t, second.RefreshToken, first.clientID); resp.StatusCode != http.StatusBadRequest {
+		t.Errorf("refresh after the replay = %d, want 400: the session has ended", resp.StatusCode)
+	}
+
+	// The server renews the Entra token when it is about to expire, and says so.
+	third := env.signIn(t, signInOptions{})
+	c := &mcpClient{env: env, token: third.AccessToken}
+	c.initialize(t, "2025-11-25")
+	env.clock.advance(31 * time.Second) // the Entra token expires within a minute
+	var next tokenResponse
+	decodeJSON(t, env.refresh(t, third.RefreshToken, third.clientID), http.StatusOK, &next)
+	if !strings.Contains(env.logs.String(), `msg="Entra token renewed"`) {
+		t.Errorf("no log line for the Entra renewal:\n%s", env.logs)
+	}
+}
+
 func TestRevoke(t *testing.T) {
 	env := newTestEnv(t)
 	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
@@ -1968,6 +2031,8 @@ func TestRunConfigErrors(t *testing.T) {
 		{"previous key without a key", map[string]string{"SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY"},
 		{"previous key equal to the key", map[string]string{"SESSION_KEY": strings.Repeat("ab", 32), "SESSION_KEY_PREVIOUS": strings.Repeat("ab", 32)}, "SESSION_KEY_PREVIOUS"},
 		{"bad TTL", map[string]string{"ACCESS_TOKEN_TTL": "forever"}, "ACCESS_TOKEN_TTL"},
+		{"TTL under a second", map[string]string{"ACCESS_TOKEN_TTL": "500ms"}, "ACCESS_TOKEN_TTL"},
+		{"TTL over a day", map[string]string{"ACCESS_TOKEN_TTL": "25h"}, "ACCESS_TOKEN_TTL"},
 		{"bad rate limit", map[string]string{"RATE_LIMIT": "lots"}, "RATE_LIMIT"},
 		{"allowed tenant that is a domain", map[string]string{"ALLOWED_TENANTS": "contoso.example"}, "ALLOWED_TENANTS"},
 		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
@@ -3176,26 +3241,88 @@ func BenchmarkAbandonedAuthorizations(b *testing.B) {
 
 // ---- The demo, the test environment and the fake Entra ID ----
 
-// TestDemo serves the real server on localhost:3001 against the fake Entra
-// ID until interrupted. Run it with: go test -run TestDemo -demo -timeout 0
+// TestDemo serves the real server against the fake Entra ID until
+// interrupted. Run it with: go test -run TestDemo -demo -timeout 0
+// Every setting comes from the environment, as for go run ., except the
+// ENTRA_* settings and GRAPH_URL, which name the fake.
 func TestDemo(t *testing.T) {
 	if !*demo {
 		t.Skip("run with -demo to try the server without an Entra tenant")
 	}
-	f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback", interactive: true, now: time.Now})
-	env := map[string]string{
+	f, getenv := newDemo(t, os.Getenv, time.Now)
+	f.set(func() { f.expiresIn = int(demoEntraTTL.Seconds()) })
+	publicURL := demoPublicURL(os.Getenv)
+	fmt.Printf(`
+entra-mcp demo: the real server on %[1]s, with a fake Entra ID at %[2]s (its tokens live %[5]s).
+Give your MCP client this URL:  %[1]s/mcp  (older, SSE-only clients: %[1]s/sse)
+For example: npx @modelcontextprotocol/inspector, then add the server (Streamable HTTP) and connect.
+You will sign in as the demo user %[3]s (%[4]s). Press Ctrl-C to stop.
+
+`, publicURL, f.URL, f.user.name, f.user.upn, *demoEntraTTL)
+	if err := run(t.Context(), []string{"entra-mcp"}, getenv, os.Stdout, os.Stderr); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// newDemo starts the demo's fake Entra ID, its redirect URI following
+// PUBLIC_URL, and returns it with the demo's environment: getenv's, except
+// that every ENTRA_* setting and GRAPH_URL belong to the fake.
+func newDemo(t testing.TB, getenv func(string) string, now func() time.Time) (*fakeEntra, func(string) string) {
+	f := newFakeEntra(t, fakeEntraOptions{redirectURI: demoPublicURL(getenv) + "/auth/callback", interactive: true, now: now})
+	fake := map[string]string{
 		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
 		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL,
 	}
-	fmt.Printf(`
-entra-mcp demo: the real server on http://localhost:3001, with a fake Entra ID at %s.
-Give your MCP client this URL:  http://localhost:3001/mcp  (older, SSE-only clients: http://localhost:3001/sse)
-For example: npx @modelcontextprotocol/inspector, then add the server (Streamable HTTP) and connect.
-You will sign in as the demo user %s (%s). Press Ctrl-C to stop.
+	return f, func(k string) string {
+		if strings.HasPrefix(k, "ENTRA_") || k == "GRAPH_URL" {
+			return fake[k]
+		}
+		return getenv(k)
+	}
+}
 
-`, f.URL, f.user.name, f.user.upn)
-	if err := run(t.Context(), []string{"entra-mcp"}, func(k string) string { return env[k] }, os.Stdout, os.Stderr); err != nil {
-		t.Fatal(err)
+// demoPublicURL is the demo server's PUBLIC_URL, as run reads it.
+func demoPublicURL(getenv func(string) string) string {
+	u, err := originURL("PUBLIC_URL", cmp.Or(strings.TrimSpace(getenv("PUBLIC_URL")), "http://localhost:3001"))
+	if err != nil {
+		return "http://localhost:3001" // run refuses it, and says why
+	}
+	return u
+}
+
+// TestDemoEnvironment checks the demo's settings: the environment's, but
+// for Entra ID and Graph, which are the fake's.
+func TestDemoEnvironment(t *testing.T) {
+	outer := map[string]string{
+		"ADDR": "127.0.0.1:4000", "PUBLIC_URL": "http://127.0.0.1:4000/", "STATE_FILE": "/tmp/demo-state",
+		"SESSION_KEY": strings.Repeat("ab", 32), "ACCESS_TOKEN_TTL": "30s", "RATE_LIMIT": "0", "ALLOWED_ORIGINS": "https://app.example",
+		"ENTRA_TENANT_ID": "real-tenant", "ENTRA_CLIENT_ID": "real-client", "ENTRA_CLIENT_SECRET": "real-secret",
+		"ENTRA_AUTHORITY": "https://login.microsoftonline.com", "GRAPH_URL": "https://graph.microsoft.com", "ENTRA_SOMETHING_NEW": "x",
+	}
+	f, getenv := newDemo(t, func(k string) string { return outer[k] }, time.Now)
+	for k, v := range outer {
+		want := v
+		switch {
+		case k == "ENTRA_TENANT_ID":
+			want = f.tenantID
+		case k == "ENTRA_CLIENT_ID":
+			want = f.clientID
+		case k == "ENTRA_CLIENT_SECRET":
+			want = f.clientSecret
+		case k == "ENTRA_AUTHORITY" || k == "GRAPH_URL":
+			want = f.URL
+		case strings.HasPrefix(k, "ENTRA_"):
+			want = ""
+		}
+		if got := getenv(k); got != want {
+			t.Errorf("demo %s = %q, want %q", k, got, want)
+		}
+	}
+	if want := "http://127.0.0.1:4000/auth/callback"; f.redirectURI != want {
+		t.Errorf("the fake's redirect URI = %q, want %q: it follows PUBLIC_URL", f.redirectURI, want)
+	}
+	if _, getenv := newDemo(t, func(string) string { return "" }, time.Now); getenv("PUBLIC_URL") != "" || demoPublicURL(getenv) != "http://localhost:3001" {
+		t.Errorf("demo without PUBLIC_URL serves at %q, want the default", demoPublicURL(getenv))
 	}
 }
 
