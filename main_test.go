@@ -3386,6 +3386,10 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 // as it stands: the restart of a process killed with -9.
 func (e *testEnv) start(t testing.TB) error {
 	srv := newServer(e.cfg, e.logger, e.ec, e.clock.now)
+	// No wall-clock limit that a debugger paused on a breakpoint could trip:
+	// a stream unread for 30 seconds would be closed. The tests of that limit
+	// set their own.
+	srv.streamStall = time.Hour
 	if err := srv.loadState(); err != nil {
 		return err
 	}
