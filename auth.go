@@ -60,10 +60,8 @@ func (s *server) handleResourceMetadata(path string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, doc) }
 }
 
-// handleServerMetadata serves RFC 8414 metadata. The issuer is PUBLIC_URL byte
-// for byte: clients check it against the URL they built (RFC 8414 §3.3), and
-// MCP 2025-11-25 clients refuse a server without S256 in
-// code_challenge_methods_supported.
+// handleServerMetadata serves RFC 8414 metadata. Clients check the issuer
+// against the URL they built (§3.3), and that S256 is listed (MCP 2025-11-25).
 func (s *server) handleServerMetadata(w http.ResponseWriter, r *http.Request) {
 	base := s.cfg.publicURL
 	writeJSON(w, http.StatusOK, serverMetadata{
@@ -84,14 +82,6 @@ func (s *server) handleServerMetadata(w http.ResponseWriter, r *http.Request) {
 
 // Step 3: registration.
 
-// client is a registered client.
-type client struct {
-	clientMetadata
-	ID         string
-	IssuedAt   int64
-	secretHash string // hashKey of the client secret; empty for public clients
-}
-
 // handleRegister registers a client (RFC 7591 §3). Registration is open, as MCP
 // clients expect; what a client may do is still limited by consent (step 4).
 func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
@@ -108,8 +98,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		resp.ClientSecret = secret
 		resp.ClientSecretExpiresAt = new(int64)
 	}
-	// Kept for an hour; for clientTTL once it completes a sign-in, so that a
-	// loop of registrations cannot fill the store for long.
+	// An hour, until it completes a sign-in: a loop of registrations fades.
 	if err := s.clients.put(c.ID, c, unusedClientTTL); err != nil {
 		writeOAuthError(w, unavailable())
 		return
@@ -318,14 +307,6 @@ func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, 
 
 // Step 7: the token endpoint.
 
-// authCode is one of our authorization codes. It carries the session created
-// at the callback; the session only goes live when the code is redeemed.
-type authCode struct {
-	req      *authRequest
-	session  *session
-	redeemed atomic.Bool
-}
-
 // handleToken is the token endpoint (OAuth 2.1 §3.2): it authenticates the
 // client, then redeems a code (§4.1.3) or a refresh token (§4.3). Errors are
 // RFC 6749 §5.2 JSON.
@@ -399,6 +380,22 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 // redirect URIs, the browser cookie, client authentication, Entra discovery
 // and its signing keys, the id_token checks, Entra error hints, and the error
 // responses and pages.
+
+// client is a registered client.
+type client struct {
+	clientMetadata
+	ID         string
+	IssuedAt   int64
+	secretHash string // hashKey of the client secret; empty for public clients
+}
+
+// authCode is one of our authorization codes. It carries the session created
+// at the callback; the session only goes live when the code is redeemed.
+type authCode struct {
+	req      *authRequest
+	session  *session
+	redeemed atomic.Bool
+}
 
 // redeemRefreshToken is the refresh_token grant (OAuth 2.1 §4.3): a refresh
 // token of this client's live session, rotated by [server.rotateRefresh].

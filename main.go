@@ -180,6 +180,11 @@ type server struct {
 	limiter     *rateLimiter // requests per client IP to the endpoints anyone can call
 }
 
+// ---------------------------------------------------------------------------
+// Behind the lesson: configuration, the outbound HTTP client, caps, CORS,
+// JSON responses and rate limits. The lesson above relies on what they
+// promise, not on how they work.
+
 // ServeHTTP answers CORS first, so that browser-based clients (MCP Inspector
 // in direct mode, web apps) can read every answer, 401s included, then routes.
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
@@ -188,11 +193,6 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	s.mux.ServeHTTP(w, r)
 }
-
-// ---------------------------------------------------------------------------
-// Behind the lesson: configuration, the outbound HTTP client, caps, CORS,
-// JSON responses and rate limits. The lesson above relies on what they
-// promise, not on how they work.
 
 // parseFlags parses the command line, which takes no flags but -h, which
 // prints the settings; help reports that it did.

@@ -29,16 +29,6 @@ import (
 //
 // Specs: JSON-RPC 2.0; MCP "Lifecycle" and "Tools" (2024-11-05 to 2025-11-25).
 
-// JSON-RPC error codes.
-const (
-	codeParseError      = -32700 // the body is not JSON
-	codeInvalidRequest  = -32600 // JSON, but not a JSON-RPC 2.0 request
-	codeMethodNotFound  = -32601 // no such method
-	codeInvalidParams   = -32602 // wrong params, or an unknown tool
-	codeInternalError   = -32603 // a bug here, not in the request
-	codeSessionNotFound = -32001 // unknown or ended MCP session (SDK convention)
-)
-
 // rpcMessage is any JSON-RPC 2.0 message: a request (method and id), a
 // notification (method, no id) or a response (result or error, and id).
 type rpcMessage struct {
@@ -63,16 +53,11 @@ type rpcError struct {
 	Message string `json:"message"`
 }
 
-func errorResponse(id json.RawMessage, code int, message string) *rpcResponse {
-	return &rpcResponse{JSONRPC: "2.0", ID: id, Error: &rpcError{Code: code, Message: message}}
-}
-
 // respond dispatches every message of a body for sess in the MCP session ms and
-// returns what to answer: nil when nothing asks for an answer (only
-// notifications and responses), one response, or for a batch an array. If
-// the session ended meanwhile (Entra refused to renew it), it returns
-// errSessionEnded instead: the transport answers 401, not a result, so that
-// the client signs in again (MCP 2025-03-26, "Session Binding Requirements").
+// returns what to answer: nil (only notifications and responses), one
+// response, or for a batch an array. A session that ended meanwhile gets
+// errSessionEnded, and its client 401 (MCP 2025-03-26 "Session Binding
+// Requirements"): Entra refused to renew it, so the user must sign in again.
 func (s *server) respond(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) (any, error) {
 	replies := b.invalid
 	for _, m := range b.messages {
@@ -208,6 +193,20 @@ func (s *server) graphMe(ctx context.Context, sess *session) (*userDetails, erro
 // ---------------------------------------------------------------------------
 // Behind the lesson: protocol versions, MCP sessions and their caps,
 // decoding bodies and batches, and result shapes.
+
+// JSON-RPC error codes.
+const (
+	codeParseError      = -32700 // the body is not JSON
+	codeInvalidRequest  = -32600 // JSON, but not a JSON-RPC 2.0 request
+	codeMethodNotFound  = -32601 // no such method
+	codeInvalidParams   = -32602 // wrong params, or an unknown tool
+	codeInternalError   = -32603 // a bug here, not in the request
+	codeSessionNotFound = -32001 // unknown or ended MCP session (SDK convention)
+)
+
+func errorResponse(id json.RawMessage, code int, message string) *rpcResponse {
+	return &rpcResponse{JSONRPC: "2.0", ID: id, Error: &rpcError{Code: code, Message: message}}
+}
 
 // initializeResult answers initialize.
 type initializeResult struct {

@@ -96,23 +96,6 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint s
 
 // Step 7: the server's own tokens.
 
-// tokenResponse is the successful token response (RFC 6749 §5.1).
-type tokenResponse struct {
-	AccessToken  string `json:"access_token"`
-	TokenType    string `json:"token_type"`
-	ExpiresIn    int64  `json:"expires_in"`
-	RefreshToken string `json:"refresh_token,omitempty"`
-	Scope        string `json:"scope"`
-}
-
-// startSession makes a signed-in session live and issues its first tokens.
-func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) {
-	sess.mu.Lock()
-	defer sess.mu.Unlock()
-	sess.rotatedAt = s.now()
-	return s.issueTokens(c, sess)
-}
-
 // issueTokens issues the tokens of the session's current generation: a
 // session token and, for clients registered for the refresh_token grant, a
 // refresh token (see [sessionCodec.refreshToken]), and keeps the session alive
@@ -231,10 +214,6 @@ func (c *sessionCodec) verify(token string) (sessionClaims, error) {
 
 // Step 10: the Entra token, kept fresh on the server.
 
-// errSessionEnded reports that Entra ID refused to renew a session's tokens,
-// so the session is over and its user must sign in again.
-var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
-
 // entraAccessToken returns the session's Entra access token, refreshing it
 // first if it expires within a minute, or if it is refused, the token Graph
 // just refused. Only one refresh runs per session: callers that arrive during
@@ -276,6 +255,27 @@ func (s *server) entraAccessToken(sess *session, refused string) (string, error)
 // Behind the lesson: refresh-token rotation, lifetimes, keys and their
 // rotation, the bounded stores every step keeps its state in, and the state
 // file that lets it all survive a restart.
+
+// tokenResponse is the successful token response (RFC 6749 §5.1).
+type tokenResponse struct {
+	AccessToken  string `json:"access_token"`
+	TokenType    string `json:"token_type"`
+	ExpiresIn    int64  `json:"expires_in"`
+	RefreshToken string `json:"refresh_token,omitempty"`
+	Scope        string `json:"scope"`
+}
+
+// startSession makes a signed-in session live and issues its first tokens.
+func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	sess.rotatedAt = s.now()
+	return s.issueTokens(c, sess)
+}
+
+// errSessionEnded reports that Entra ID refused to renew a session's tokens,
+// so the session is over and its user must sign in again.
+var errSessionEnded = errors.New("the Microsoft sign-in has ended; sign in again")
 
 // setEntraToken stores Entra tokens just received. Entra rotates refresh
 // tokens on every use, so the newest one is kept (golang.org/x/oauth2 carries

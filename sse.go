@@ -30,9 +30,6 @@ import (
 // body as application/json. initialize returns an Mcp-Session-Id that later
 // requests carry; DELETE /mcp ends the session. This server sends nothing on
 // its own initiative, so it offers no GET stream (405).
-//
-// Server-sent events are framed as in the WHATWG HTML standard, §9.2
-// "Server-sent events": "event:" and "data:" lines, then a blank line.
 
 // mcpRequest runs the checks every request to an MCP endpoint passes first,
 // and returns the caller's session, or nil once it has answered: the Origin
@@ -344,8 +341,10 @@ func (s *server) queueOnStream(w http.ResponseWriter, r *http.Request, ms *mcpSe
 	return false
 }
 
-// writeEvent writes one server-sent event. data is one line of JSON (or the
-// endpoint URL), so a single "data:" line carries it.
+// writeEvent writes one server-sent event, framed as in the WHATWG HTML
+// standard, §9.2 "Server-sent events": "event:" and "data:" lines, then a
+// blank line. data is one line of JSON (or the endpoint URL), so a single
+// "data:" line carries it.
 func writeEvent(w io.Writer, event string, data []byte) {
 	fmt.Fprintf(w, "event: %s\ndata: %s\n\n", event, data)
 }
