@@ -35,8 +35,7 @@ import (
 // RFC 7591 (registration), RFC 8414 and RFC 9728 (metadata), RFC 7009
 // (revocation), MCP 2025-06-18 "Authorization" and its security best practices.
 
-// serverScope is the one scope this server grants. Clients may ask for any
-// scope, or none: they all get this one.
+// serverScope is the one scope this server grants, whatever a client asks for.
 const serverScope = "mcp"
 
 // entraScopes are what the server asks Entra ID for: an id_token (openid,
@@ -46,9 +45,8 @@ var entraScopes = []string{"openid", "profile", "offline_access", "User.Read"}
 // Step 2: discovery.
 
 // handleResourceMetadata serves the metadata of the resource at path: "" for
-// the server as a whole, "/sse" or "/mcp" for one endpoint. Its "resource" is
-// exactly the URL a client connects to (RFC 9728 §3.3): strict clients (VS
-// Code, the Go SDK) compare the two byte for byte.
+// the whole server, or "/sse" or "/mcp". Its "resource" is exactly the URL a
+// client connects to: strict clients compare them byte for byte (RFC 9728 §3.3).
 func (s *server) handleResourceMetadata(path string) http.HandlerFunc {
 	doc := resourceMetadata{
 		Resource:               s.cfg.publicURL + path,
@@ -60,8 +58,9 @@ func (s *server) handleResourceMetadata(path string) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) { writeJSON(w, http.StatusOK, doc) }
 }
 
-// handleServerMetadata serves RFC 8414 metadata. Clients check the issuer
-// against the URL they built (§3.3), and that S256 is listed (MCP 2025-11-25).
+// handleServerMetadata serves RFC 8414 metadata. The issuer is PUBLIC_URL byte
+// for byte, as clients check it against the URL they built (§3.3); MCP
+// 2025-11-25 clients also check that S256 is listed.
 func (s *server) handleServerMetadata(w http.ResponseWriter, r *http.Request) {
 	base := s.cfg.publicURL
 	writeJSON(w, http.StatusOK, serverMetadata{
@@ -98,7 +97,8 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		resp.ClientSecret = secret
 		resp.ClientSecretExpiresAt = new(int64)
 	}
-	// An hour, until it completes a sign-in: a loop of registrations fades.
+	// Kept an hour until it completes a sign-in (then clientTTL), so that a
+	// loop of registrations cannot fill the store for long.
 	if err := s.clients.put(c.ID, c, unusedClientTTL); err != nil {
 		writeOAuthError(w, unavailable())
 		return
@@ -168,7 +168,6 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 		}
 		req.resource = resource
 	}
-
 	req.browser = s.browserCookie(w, r)
 	consentID := newSecret()
 	if err := s.consents.put(hashKey(consentID), req, consentTTL); err != nil {
@@ -311,7 +310,7 @@ func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, 
 // client, then redeems a code (§4.1.3) or a refresh token (§4.3). Errors are
 // RFC 6749 §5.2 JSON.
 func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
-	c, ok := s.clientRequest(w, r)
+	c, ok := s.authenticatedClient(w, r)
 	if !ok {
 		return
 	}
@@ -349,7 +348,7 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 		return nil, badRequest("invalid_grant", "the code is invalid or expired")
 	}
 	// Each code works once. A second use means it leaked: end the session
-	// the first use created (OAuth 2.1 §4.1.3).
+	// the first use created (OAuth 2.1 §4.1.3), which goes live only now.
 	if code.redeemed.Swap(true) {
 		s.log.Warn("authorization code used twice; ending its session", "client_id", c.ID)
 		s.endSession(code.session)
@@ -434,7 +433,7 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 // a session ends the whole session. Unknown tokens get 200 too (§2.2), so the
 // endpoint says nothing about which tokens exist.
 func (s *server) handleRevoke(w http.ResponseWriter, r *http.Request) {
-	c, ok := s.clientRequest(w, r)
+	c, ok := s.authenticatedClient(w, r)
 	if !ok {
 		return
 	}
@@ -534,7 +533,9 @@ var authMethods = []string{"client_secret_basic", "client_secret_post", "none"}
 func (c *client) allows(grantType string) bool { return slices.Contains(c.GrantTypes, grantType) }
 
 // readClientMetadata reads a registration request's body: client metadata as
-// a JSON object in UTF-8, validated by [checkClientMetadata].
+// a JSON object in UTF-8, validated, with defaults filled in, by
+// [checkClientMetadata] (no token_endpoint_auth_method: client_secret_basic,
+// so the client gets a secret).
 func readClientMetadata(w http.ResponseWriter, r *http.Request) (clientMetadata, error) {
 	var md clientMetadata
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
@@ -747,8 +748,8 @@ func (s *server) secureCookies() bool { return strings.HasPrefix(s.cfg.publicURL
 // coming back from Entra is the one that approved: otherwise an attacker could
 // approve consent for his own client and mail the resulting Entra link to a
 // victim, whom Entra signs in after no more than an account pick, naming only
-// this server's app (GHSA-rww4-4w9c-7733). Lax, not
-// Strict, because the callback is a top-level redirect from Entra's site.
+// this server's app (GHSA-rww4-4w9c-7733). Lax, not Strict, because the
+// callback is a top-level redirect from Entra's site.
 func (s *server) browserCookie(w http.ResponseWriter, r *http.Request) string {
 	id := ""
 	if c, err := r.Cookie(s.browserCookieName()); err == nil && len(c.Value) == len(newSecret()) {
@@ -780,9 +781,9 @@ func s256(verifier string) string {
 	return base64.RawURLEncoding.EncodeToString(sum[:])
 }
 
-// clientRequest reads the form of a token or revocation request and
+// authenticatedClient reads the form of a token or revocation request and
 // authenticates its client; on failure it writes the error and returns false.
-func (s *server) clientRequest(w http.ResponseWriter, r *http.Request) (*client, bool) {
+func (s *server) authenticatedClient(w http.ResponseWriter, r *http.Request) (*client, bool) {
 	r.Body = http.MaxBytesReader(w, r.Body, 64<<10)
 	if err := r.ParseForm(); err != nil {
 		writeOAuthError(w, readError(err))

@@ -28,12 +28,12 @@
 //  10. Tool: getUserDetails calls Microsoft Graph with the session's Entra
 //     token, which the server keeps fresh (mcp.go, session.go).
 //
-// Five things here are called "session". The signed-in session ([session]) is
-// one sign-in through one client, holding the Entra tokens; the session token
-// is our access token, which names it; an MCP session ([mcpSession]) is one
-// connection's protocol state, and a signed-in session may hold several; its
-// id travels as the Mcp-Session-Id header on Streamable HTTP, and as
-// ?sessionId= in the /message URL on HTTP+SSE.
+// "Session" names three things here. The signed-in session ([session]) is one
+// sign-in through one client, holding the Entra tokens; the session token, our
+// access token, names it. An MCP session ([mcpSession]) is one client's
+// protocol state on one transport, and a signed-in session may hold several:
+// its id is the Mcp-Session-Id header on Streamable HTTP, and ?sessionId= in
+// the /message URL on HTTP+SSE.
 //
 // Configuration comes from the environment; see the README.
 package main
@@ -97,7 +97,6 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return err
 	}
 	httpServer := newHTTPServer(cfg, srv, logger)
-
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
 		return fmt.Errorf("ADDR %q: %w", cfg.addr, err)
@@ -181,9 +180,9 @@ type server struct {
 }
 
 // ---------------------------------------------------------------------------
-// Behind the lesson: configuration, the outbound HTTP client, caps, CORS,
-// JSON responses and rate limits. The lesson above relies on what they
-// promise, not on how they work.
+// Behind the lesson: start-up and shutdown helpers, configuration, the
+// outbound HTTP client, caps, CORS, JSON responses and rate limits. The
+// lesson above relies on what they promise, not on how they work.
 
 // ServeHTTP answers CORS first, so that browser-based clients (MCP Inspector
 // in direct mode, web apps) can read every answer, 401s included, then routes.
@@ -287,7 +286,7 @@ Usage: go run .   (configured from the environment)
   SESSION_KEY_PREVIOUS default none (the SESSION_KEY being replaced; its tokens stay valid)
   STATE_FILE           default none (a file where clients and sessions survive restarts;
                        needs SESSION_KEY)
-  ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues)
+  ACCESS_TOKEN_TTL     default 1h (lifetime of the access tokens this server issues, 1s to 24h)
   REFRESH_TOKEN_TTL    default 336h (14 days; lifetime of refresh tokens and idle sessions)
   ALLOWED_TENANTS      default the tenant of ENTRA_TENANT_ID (tenant ids whose users may
                        sign in, comma-separated, or *; required for organizations/common)

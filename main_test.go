@@ -394,6 +394,62 @@ func TestChallengeRejectsBadTokens(t *testing.T) {
 	})
 }
 
+// TestTokenCodecIsStrict checks each refusal of the token codec on its own:
+// every bad token below is good but for one thing, so that no check can hide
+// behind another.
+func TestTokenCodecIsStrict(t *testing.T) {
+	now := func() time.Time { return time.Unix(1e9, 0) }
+	key := randomBytes(32)
+	c := newSessionCodec("https://mcp.example", now, key)
+	good := sessionClaims{Audience: "https://mcp.example", SessionID: "s", ClientID: "c", Expiry: 2e9}
+	long, expired := good, good
+	long.Scope = strings.Repeat("x", maxTokenLen)
+	expired.Expiry = 1e9
+	const alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+	// respell gives a MAC the same bytes in another spelling: its last
+	// character carries two unused bits, which a lax decoder ignores.
+	respell := func(mac string) string {
+		last := strings.IndexByte(alphabet, mac[len(mac)-1])
+		return mac[:len(mac)-1] + string(alphabet[last^1])
+	}
+	h, p, sig, _ := cut3(c.mint(good))
+	tests := []struct {
+		name, token string
+		want        error
+	}{
+		{"good", c.mint(good), nil},
+		{"another issuer, with the same key", newSessionCodec("https://evil.example", now, key).mint(good), errTokenIssuer},
+		{"expired", c.mint(expired), errTokenExpired},
+		{"signed, but longer than maxTokenLen", c.mint(long), errTokenMalformed},
+		{"a newline inside the MAC", h + "." + p + "." + sig[:9] + "\n" + sig[9:], errTokenMalformed},
+		{"the MAC spelled another way", h + "." + p + "." + respell(sig), errTokenMalformed},
+		{"four parts", h + "." + p + ".x." + sig, errTokenMalformed},
+		{"a MAC that does not match", h + "." + p + "." + sig[:5] + string(alphabet[(strings.IndexByte(alphabet, sig[5])+1)%64]) + sig[6:], errTokenSignature},
+	}
+	for _, tt := range tests {
+		if _, err := c.verify(tt.token); !errors.Is(err, tt.want) && !(err == nil && tt.want == nil) {
+			t.Errorf("verify(%s) = %v, want %v", tt.name, err, tt.want)
+		}
+	}
+
+	rt := c.refreshToken("SID", 7)
+	i := strings.LastIndexByte(rt, '.')
+	for _, tt := range []struct {
+		name, token string
+		ok          bool
+	}{
+		{"good", rt, true},
+		{"a newline inside the MAC", rt[:i+9] + "\n" + rt[i+9:], false},
+		{"the MAC spelled another way", rt[:i+1] + respell(rt[i+1:]), false},
+		{"signed, but longer than maxTokenLen", c.refreshToken(strings.Repeat("S", maxTokenLen), 7), false},
+		{"signed with another key", newSessionCodec("https://mcp.example", now, randomBytes(32)).refreshToken("SID", 7), false},
+	} {
+		if sid, gen, ok := c.parseRefreshToken(tt.token); ok != tt.ok || ok && (sid != "SID" || gen != 7) {
+			t.Errorf("parseRefreshToken(%s) = %q, %d, %v; want ok=%v", tt.name, sid, gen, ok, tt.ok)
+		}
+	}
+}
+
 func TestSessionTokenEncodingIsUnambiguous(t *testing.T) {
 	c := newSessionCodec("https://mcp.example", func() time.Time { return time.Unix(1e9, 0) }, make([]byte, 32))
 	token := c.mint(sessionClaims{Audience: "https://mcp.example", SessionID: "s", Expiry: 2e9})
@@ -1471,6 +1527,7 @@ func TestShortAccessTokens(t *testing.T) {
 	}
 
 	env := newTestEnv(t, func(c *config) { c.accessTTL = time.Second })
+	env.clock.advance(700 * time.Millisecond) // off the whole second: exp is in whole seconds
 	if got := env.srv.refreshGrace(); got != 500*time.Millisecond {
 		t.Errorf("refresh grace = %v, want half the access tokens' lifetime", got)
 	}
@@ -3249,6 +3306,9 @@ func TestDemo(t *testing.T) {
 	if !*demo {
 		t.Skip("run with -demo to try the server without an Entra tenant")
 	}
+	if *demoEntraTTL < time.Second {
+		t.Fatalf("-demo-entra-ttl %v: want at least 1s", *demoEntraTTL)
+	}
 	f, getenv := newDemo(t, os.Getenv, time.Now)
 	f.set(func() { f.expiresIn = int(demoEntraTTL.Seconds()) })
 	publicURL := demoPublicURL(os.Getenv)
@@ -3363,7 +3423,11 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 	}
 	logs := &lockedBuffer{}
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(t.Output(), logs), nil))
-	ec, err := discoverEntra(t.Context(), cfg, newHTTPClient(), clock.now())
+	// The client to Entra and Graph has no timeout here, unlike the server's:
+	// a debugger paused on a breakpoint must not make the next call fail.
+	httpClient := newHTTPClient()
+	httpClient.Timeout = 0
+	ec, err := discoverEntra(t.Context(), cfg, httpClient, clock.now())
 	if err != nil {
 		t.Fatal(err)
 	}

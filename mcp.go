@@ -20,12 +20,11 @@ import (
 // Steps 9 and 10: the MCP layer, JSON-RPC 2.0 written out by hand, shared by
 // both transports (sse.go).
 //
-// A transport reads a POST body, decodes it with [decodeBody] and hands it to
-// [server.respond], which dispatches each message: initialize (version
-// negotiation), ping, tools/list and tools/call. The one tool,
+// A transport hands a decoded POST body to [server.respond], which dispatches
+// each message: initialize, ping, tools/list, tools/call. The one tool,
 // getUserDetails, calls Microsoft Graph with the Entra token of the caller's
-// session (step 10): the token that arrived with the request is our own and
-// never goes anywhere else (MCP 2025-06-18 "Token Passthrough").
+// session (step 10): the request's own token never goes anywhere else (MCP
+// 2025-06-18 "Token Passthrough").
 //
 // Specs: JSON-RPC 2.0; MCP "Lifecycle" and "Tools" (2024-11-05 to 2025-11-25).
 
@@ -55,9 +54,9 @@ type rpcError struct {
 
 // respond dispatches every message of a body for sess in the MCP session ms and
 // returns what to answer: nil (only notifications and responses), one
-// response, or for a batch an array. A session that ended meanwhile gets
-// errSessionEnded, and its client 401 (MCP 2025-03-26 "Session Binding
-// Requirements"): Entra refused to renew it, so the user must sign in again.
+// response, or for a batch an array. A session that ended meanwhile (Entra
+// refused to renew it, or it was revoked) gets errSessionEnded, and its
+// client 401, to sign in again (MCP 2025-03-26 "Session Binding Requirements").
 func (s *server) respond(ctx context.Context, ms *mcpSession, sess *session, b *rpcBody) (any, error) {
 	replies := b.invalid
 	for _, m := range b.messages {

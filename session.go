@@ -62,12 +62,10 @@ type session struct {
 // Step 1: the challenge.
 
 // authenticate checks the bearer token of a request to an MCP endpoint and
-// returns its session. Otherwise it answers 401 with a challenge pointing at
-// the endpoint's protected-resource metadata (RFC 9728 §5.1), and returns nil.
-//
-// A token is good here if its MAC and expiry check out, its audience is this
-// server or this endpoint, and its session still exists. Nothing else is a
-// token: Entra tokens, whatever their shape, fail the MAC.
+// returns its session: one whose MAC and expiry check out, for this server or
+// this endpoint, of a session that still exists. Entra tokens, whatever their
+// shape, fail the MAC. Otherwise it answers 401 with a challenge pointing at
+// the endpoint's protected-resource metadata (RFC 9728 §5.1).
 func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint string) *session {
 	scheme, token, _ := strings.Cut(r.Header.Get("Authorization"), " ")
 	if !strings.EqualFold(scheme, "Bearer") {
@@ -96,6 +94,14 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint s
 
 // Step 7: the server's own tokens.
 
+// startSession makes a signed-in session live and issues its first tokens.
+func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) {
+	sess.mu.Lock()
+	defer sess.mu.Unlock()
+	sess.rotatedAt = s.now()
+	return s.issueTokens(c, sess)
+}
+
 // issueTokens issues the tokens of the session's current generation: a
 // session token and, for clients registered for the refresh_token grant, a
 // refresh token (see [sessionCodec.refreshToken]), and keeps the session alive
@@ -104,7 +110,8 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint s
 // first one got (see [server.rotateRefresh]). sess.mu is held.
 func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
 	issued := sess.rotatedAt
-	expiry := issued.Add(s.cfg.accessTTL)
+	// exp is in whole seconds, rounded up: a 1s lifetime must not become 0.
+	expiry := issued.Add(s.cfg.accessTTL + time.Second - 1).Truncate(time.Second)
 	resp := &tokenResponse{
 		AccessToken: s.tokens.mint(sessionClaims{
 			Audience:  sess.resource,
@@ -159,9 +166,8 @@ type sessionClaims struct {
 	TokenID   string `json:"jti"` // unique per token (RFC 9068 §2.2)
 }
 
-// sessionCodec mints and verifies session tokens and refresh tokens. It
-// signs with the current key and accepts the previous one too, so that
-// SESSION_KEY can be rotated without signing anyone out.
+// sessionCodec mints and verifies session tokens and refresh tokens: signed
+// with SESSION_KEY, and accepted under SESSION_KEY_PREVIOUS too, for rotation.
 type sessionCodec struct {
 	keys       []codecKey // the current key, then the previous one, if any
 	subjectKey []byte     // derives opaque subjects from Entra ids
@@ -185,8 +191,11 @@ func (c *sessionCodec) mint(claims sessionClaims) string {
 // returns its claims. The header names the key; the caller checks the
 // audience and the session.
 func (c *sessionCodec) verify(token string) (sessionClaims, error) {
+	if len(token) > maxTokenLen || !isTokenText(token) {
+		return sessionClaims{}, errTokenMalformed
+	}
 	parts := strings.Split(token, ".")
-	if len(token) > maxTokenLen || !isTokenText(token) || len(parts) != 3 {
+	if len(parts) != 3 {
 		return sessionClaims{}, errTokenMalformed
 	}
 	k := c.keyByHeader(parts[0])                                      // the header is fixed per key: no "alg" is ever read
@@ -215,14 +224,12 @@ func (c *sessionCodec) verify(token string) (sessionClaims, error) {
 // Step 10: the Entra token, kept fresh on the server.
 
 // entraAccessToken returns the session's Entra access token, refreshing it
-// first if it expires within a minute, or if it is refused, the token Graph
-// just refused. Only one refresh runs per session: callers that arrive during
-// it wait for its result, and a caller whose refused token has already been
-// replaced gets the replacement without another refresh.
-//
-// The refresh runs on a background context (golang.org/x/oauth2 keeps the
-// context it is given): a caller that gives up does not cancel it halfway, and
-// the HTTP client's timeout bounds it.
+// first if it expires within a minute or is refused, the token Graph just
+// refused. One refresh runs per session at a time, and callers that arrive
+// meanwhile get its result. It runs on a background context (golang.org/x/oauth2
+// keeps its context), so a caller that gives up cannot cancel it halfway. If
+// Entra refuses because the sign-in is over (the user was signed out or
+// disabled, Entra wants them again), the session ends: the client gets 401.
 func (s *server) entraAccessToken(sess *session, refused string) (string, error) {
 	sess.refreshing.Lock()
 	defer sess.refreshing.Unlock()
@@ -263,14 +270,6 @@ type tokenResponse struct {
 	ExpiresIn    int64  `json:"expires_in"`
 	RefreshToken string `json:"refresh_token,omitempty"`
 	Scope        string `json:"scope"`
-}
-
-// startSession makes a signed-in session live and issues its first tokens.
-func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) {
-	sess.mu.Lock()
-	defer sess.mu.Unlock()
-	sess.rotatedAt = s.now()
-	return s.issueTokens(c, sess)
 }
 
 // errSessionEnded reports that Entra ID refused to renew a session's tokens,

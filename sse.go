@@ -19,17 +19,14 @@ import (
 // token on every request (step 1 checks it) and hand JSON-RPC to the same
 // dispatcher (mcp.go); this file owns only the HTTP and the framing.
 //
-// HTTP+SSE (MCP 2024-11-05, "HTTP with SSE"), for older clients: the client
-// opens GET /sse (step 8). The stream's first event, "endpoint", names where
-// to POST: /message?sessionId=<id>. Each message POSTed there (step 9) gets
-// 202 Accepted, and its answer arrives on the stream as a "message" event.
+// HTTP+SSE (MCP 2024-11-05), for older clients: GET /sse opens a stream (step
+// 8) whose first event names where to POST: /message?sessionId=<id>. Each
+// message POSTed there (step 9) gets 202, and its answer comes on the stream.
 // The stream is the MCP session: when it closes, the session ends.
 //
-// Streamable HTTP (MCP 2025-03-26 to 2025-11-25, "Streamable HTTP"), for
-// current clients: every message is a POST to /mcp, answered in the response
-// body as application/json. initialize returns an Mcp-Session-Id that later
-// requests carry; DELETE /mcp ends the session. This server sends nothing on
-// its own initiative, so it offers no GET stream (405).
+// Streamable HTTP (MCP 2025-03-26 to 2025-11-25), for current clients: every
+// message is a POST to /mcp, answered in the response as application/json;
+// initialize returns an Mcp-Session-Id that later requests carry.
 
 // mcpRequest runs the checks every request to an MCP endpoint passes first,
 // and returns the caller's session, or nil once it has answered: the Origin
@@ -68,9 +65,8 @@ func (s *server) handleSSE(w http.ResponseWriter, r *http.Request) {
 	h.Set("X-Accel-Buffering", "no") // tell nginx and friends not to buffer the stream
 	w.WriteHeader(http.StatusOK)
 
-	// The endpoint event must come first. A path-absolute URL resolves
-	// against the /sse URL, which keeps it on the same origin, as clients
-	// require.
+	// The endpoint event comes first. A path-absolute URL keeps it on the
+	// origin of the /sse URL, as clients require.
 	writeEvent(w, "endpoint", []byte("/message?sessionId="+ms.id))
 	rc := http.NewResponseController(w)
 	keepAlive := time.NewTicker(s.keepAlive)
@@ -230,9 +226,9 @@ func (s *server) originAllowed(origin string) bool {
 }
 
 // findMCPSession returns the caller's MCP session named id, on one transport
-// (sse: the HTTP+SSE one), or answers 400 if the request named none, and 404 if it is
-// not the caller's: unknown, ended, another user's and the other transport's
-// sessions all look alike.
+// (sse: the HTTP+SSE one), or answers 400 if the request named none, and 404
+// if it is not the caller's: unknown, ended, another user's and the other
+// transport's sessions all look alike.
 func (s *server) findMCPSession(w http.ResponseWriter, id string, sess *session, sse bool) (*mcpSession, bool) {
 	if id == "" {
 		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "the session id is missing")
