@@ -361,7 +361,7 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	if !isPKCEValue(verifier) || !sameSecret(s256(verifier), req.challenge) {
 		return nil, badRequest("invalid_grant", "code_verifier does not match the code_challenge")
 	}
-	if !s.resourceAllowed(form, req.resource, false) {
+	if !s.resourceAllowed(form, req.resource) {
 		return nil, badRequest("invalid_target", "resource does not match the authorization request")
 	}
 	resp, err := s.startSession(c, code.session)
@@ -408,7 +408,13 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 	if !ok || sess.ended.Load() || sess.clientID != c.ID || !c.allows("refresh_token") {
 		return nil, badRequest("invalid_grant", "the refresh token is invalid or its session has ended; sign in again")
 	}
-	if !s.resourceAllowed(form, sess.resource, true) {
+	// A refresh may name the session's resource or, for a whole-server
+	// session, one of its endpoints; the tokens keep their audience.
+	allowed := []string{sess.resource}
+	if sess.resource == s.cfg.publicURL {
+		allowed = append(allowed, s.cfg.publicURL+"/sse", s.cfg.publicURL+"/mcp")
+	}
+	if !s.resourceAllowed(form, allowed...) {
 		return nil, badRequest("invalid_target", "resource must be the one the sign-in was for")
 	}
 	// Our session must not outlive the Entra sign-in it stands for: an expired
@@ -700,15 +706,14 @@ func (s *server) canonicalResource(raw string) (string, bool) {
 	return "", false
 }
 
-// resourceAllowed reports whether a token request's resource (RFC 8707), if
-// it names one, is want; with part, a part of want will do too (an endpoint
-// of a whole-server session): a refresh's tokens keep their audience.
-func (s *server) resourceAllowed(form url.Values, want string, part bool) bool {
+// resourceAllowed reports whether a token request names no resource
+// (RFC 8707), or one of allowed.
+func (s *server) resourceAllowed(form url.Values, allowed ...string) bool {
 	if !form.Has("resource") {
 		return true
 	}
 	got, ok := s.canonicalResource(form.Get("resource"))
-	return ok && (got == want || part && want == s.cfg.publicURL)
+	return ok && slices.Contains(allowed, got)
 }
 
 // isPKCEValue reports whether v is 43 to 128 characters of the PKCE alphabet
