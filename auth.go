@@ -347,13 +347,8 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	if req.clientID != c.ID {
 		return nil, badRequest("invalid_grant", "the code is invalid or expired")
 	}
-	// Each code works once. A second use means it leaked: end the session
-	// the first use created (OAuth 2.1 §4.1.3), which goes live only now.
-	if code.redeemed.Swap(true) {
-		s.log.Warn("authorization code used twice; ending its session", "client_id", c.ID)
-		s.endSession(code.session)
-		return nil, badRequest("invalid_grant", "the code was already used")
-	}
+	// A code without its verifier is worth nothing: it neither uses up the
+	// code nor spoils the sign-in.
 	if got := form.Get("redirect_uri"); (req.redirectGiven || got != "") && got != req.redirectURI {
 		return nil, badRequest("invalid_grant", "redirect_uri does not match the authorization request")
 	}
@@ -363,6 +358,13 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	}
 	if !s.resourceAllowed(form, req.resource) {
 		return nil, badRequest("invalid_target", "resource does not match the authorization request")
+	}
+	// Each code works once. A second good use means it leaked with its
+	// verifier: end the session the first use started (OAuth 2.1 §4.1.3).
+	if code.redeemed.Swap(true) {
+		s.log.Warn("authorization code used twice; ending its session", "client_id", c.ID)
+		s.endSession(code.session)
+		return nil, badRequest("invalid_grant", "the code was already used")
 	}
 	resp, err := s.startSession(c, code.session)
 	if err != nil {

@@ -931,6 +931,27 @@ func TestTokenErrors(t *testing.T) {
 		decodeJSON(t, env.postForm(t, "/token", form, nil), http.StatusOK, &tokens)
 	})
 
+	t.Run("a code presented without its verifier stays good for its owner", func(t *testing.T) {
+		form := code(t)
+		for _, edit := range []func(url.Values){
+			func(f url.Values) { f.Set("code_verifier", oauth2.GenerateVerifier()) },
+			func(f url.Values) { f.Del("code_verifier") },
+			func(f url.Values) { f.Set("redirect_uri", "http://127.0.0.1:7777/other") },
+			func(f url.Values) { f.Set("resource", env.url+"/mcp") },
+		} {
+			leaked := maps.Clone(form)
+			edit(leaked)
+			if resp := env.postForm(t, "/token", leaked, nil); resp.StatusCode != http.StatusBadRequest {
+				t.Errorf("POST /token with the leaked code = %d, want 400", resp.StatusCode)
+			}
+		}
+		var tokens tokenResponse
+		decodeJSON(t, env.postForm(t, "/token", form, nil), http.StatusOK, &tokens)
+		if resp := env.do(t, "GET", "/sse", nil, bearer(tokens.AccessToken)); resp.StatusCode != http.StatusOK {
+			t.Errorf("GET /sse with the owner's token = %d, want 200", resp.StatusCode)
+		}
+	})
+
 	t.Run("code used twice ends the session the first use created", func(t *testing.T) {
 		form := code(t)
 		var tokens tokenResponse
