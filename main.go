@@ -139,10 +139,10 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 	mux.HandleFunc("GET /authorize", s.limit("authorize", s.handleAuthorize))
 	mux.Handle("POST /authorize", http.NewCrossOriginProtection().Handler(s.limit("authorize", s.handleConsent)))
 	// Step 6: back from Entra ID.
-	mux.HandleFunc("GET /auth/callback", s.handleCallback)
+	mux.HandleFunc("GET /auth/callback", s.limit("callback", s.handleCallback))
 	// Step 7: our own tokens; and their revocation (RFC 7009).
 	mux.HandleFunc("POST /token", s.limit("token", s.handleToken))
-	mux.HandleFunc("POST /revoke", s.handleRevoke)
+	mux.HandleFunc("POST /revoke", s.limit("revoke", s.handleRevoke))
 	// Steps 8 to 10: MCP over Streamable HTTP (MCP 2025-03-26 and later)...
 	mux.HandleFunc("POST /mcp", s.handleMCPPost)
 	mux.HandleFunc("DELETE /mcp", s.handleMCPDelete)
@@ -291,7 +291,8 @@ Usage: go run .   (configured from the environment)
   ALLOWED_TENANTS      default the tenant of ENTRA_TENANT_ID (tenant ids whose users may
                        sign in, comma-separated, or *; required for organizations/common)
   RATE_LIMIT           default 120 (requests per minute per client IP and endpoint to
-                       /register, /authorize and /token; 0: no limit)
+                       /register, /authorize, /auth/callback, /token and /revoke;
+                       0: no limit)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp,
                        /sse and /message, besides PUBLIC_URL's and loopback ones)
 
@@ -564,7 +565,7 @@ func (s *server) limit(endpoint string, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if wait, ok := s.limiter.allow(endpoint + " " + clientAddress(r.RemoteAddr)); !ok {
 			w.Header().Set("Retry-After", strconv.Itoa(int(wait/time.Second)+1))
-			if endpoint == "authorize" {
+			if endpoint == "authorize" || endpoint == "callback" { // browsers: a page
 				s.errorPage(w, http.StatusTooManyRequests, "Too many requests", "Too many sign-in attempts from your address. Wait a minute, then try again.")
 				return
 			}

@@ -2441,7 +2441,7 @@ func TestRateLimits(t *testing.T) {
 	from := func(ip, method, target, body string) *httptest.ResponseRecorder {
 		r := httptest.NewRequest(method, target, strings.NewReader(body))
 		r.RemoteAddr = ip + ":1234"
-		r.Header.Set("Content-Type", map[string]string{"/register": "application/json", "/token": "application/x-www-form-urlencoded"}[target])
+		r.Header.Set("Content-Type", map[string]string{"/register": "application/json", "/token": "application/x-www-form-urlencoded", "/revoke": "application/x-www-form-urlencoded"}[target])
 		rec := httptest.NewRecorder()
 		env.srv.ServeHTTP(rec, r)
 		return rec
@@ -2457,6 +2457,8 @@ func TestRateLimits(t *testing.T) {
 		{"POST", "/register", register, "application/json", 0}, // spent on the 3 registrations above
 		{"GET", c.authorizeURL(nil), "", "text/html; charset=utf-8", 3},
 		{"POST", "/token", "grant_type=refresh_token&refresh_token=x&client_id=" + c.id, "application/json", 3},
+		{"POST", "/revoke", "token=x&client_id=" + c.id, "application/json", 3},
+		{"GET", "/auth/callback?state=x&code=y", "", "text/html; charset=utf-8", 3},
 	} {
 		for range tt.left {
 			from("127.0.0.1", tt.method, tt.target, tt.body)
