@@ -1897,7 +1897,11 @@ func TestIdleMCPSessionsExpire(t *testing.T) {
 }
 
 func TestStateFileSurvivesRestart(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "state")
+	dir := t.TempDir()
+	path := filepath.Join(dir, "state[1]") // a glob, if read as one, matches state1
+	for _, name := range []string{"state1.tmp5", "state[1].tmpx", "state[1].tmp"} {
+		os.WriteFile(filepath.Join(dir, name), []byte("not ours"), 0o600)
+	}
 	env := newTestEnv(t, func(c *config) { c.stateFile = path })
 	env.entra.set(func() { env.entra.expiresIn = 600 })
 	tokens := env.signIn(t, signInOptions{})
@@ -1914,6 +1918,11 @@ func TestStateFileSurvivesRestart(t *testing.T) {
 	}
 	if _, err := os.Stat(path + ".tmp123"); !errors.Is(err, fs.ErrNotExist) {
 		t.Errorf("a temporary file left by a killed write is still there")
+	}
+	for _, name := range []string{"state1.tmp5", "state[1].tmpx", "state[1].tmp"} {
+		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+			t.Errorf("%s, which the server did not write, was removed at start: %v", name, err)
+		}
 	}
 
 	t.Run("the file is private, and holds nothing readable", func(t *testing.T) {

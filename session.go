@@ -892,11 +892,7 @@ func (s *server) loadState() error {
 	if path == "" {
 		return nil
 	}
-	// A process killed while writing leaves its temporary file behind.
-	leftovers, _ := filepath.Glob(path + ".tmp*")
-	for _, f := range leftovers {
-		os.Remove(f)
-	}
+	removeLeftovers(path)
 	data, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil // the first start: the file comes with the first save
@@ -947,6 +943,20 @@ func (s *server) loadState() error {
 	}
 	s.log.Info("state loaded", "path", path, "clients", s.clients.len(), "sessions", s.sessions.len())
 	return nil
+}
+
+// removeLeftovers removes the temporary files that a process killed while
+// writing path left behind: exactly the names writeStateFile creates (its
+// name, ".tmp", and os.CreateTemp's digits), and nothing a glob in the name
+// could match.
+func removeLeftovers(path string) {
+	dir, prefix := filepath.Dir(path), filepath.Base(path)+".tmp"
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if rest, ok := strings.CutPrefix(e.Name(), prefix); ok && rest != "" && strings.Trim(rest, "0123456789") == "" {
+			os.Remove(filepath.Join(dir, e.Name()))
+		}
+	}
 }
 
 // newGCM returns AES-256-GCM under the state key of k.
