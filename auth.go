@@ -21,6 +21,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode"
 	"unicode/utf8"
 
 	"golang.org/x/oauth2"
@@ -516,9 +517,10 @@ type registration struct {
 func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest, consentID string) {
 	redirect, _ := url.Parse(req.redirectURI)
 	data := struct {
-		ClientName, ClientID, RedirectURI, RedirectHost, Scope, ConsentID string
-		Loopback                                                          bool
+		ClientName, ClientID, RedirectURI, RedirectHost, Scope, ConsentID, ServerHost string
+		Loopback                                                                      bool
 	}{
+		ServerHost:   strings.TrimPrefix(strings.TrimPrefix(s.cfg.publicURL, "https://"), "http://"),
 		ClientName:   c.ClientName,
 		ClientID:     c.ID,
 		RedirectURI:  req.redirectURI,
@@ -594,6 +596,9 @@ func checkClientMetadata(md *clientMetadata) error {
 	if !slices.Equal(md.ResponseTypes, []string{"code"}) {
 		return badRequest("invalid_client_metadata", `response_types must be ["code"]`)
 	}
+	if hasHiddenCharacters(md.ClientName) {
+		return badRequest("invalid_client_metadata", "client_name has control or invisible formatting characters")
+	}
 	if len(md.ClientName) > 200 || len(md.ClientURI) > 2000 || len(md.SoftwareID) > 200 || len(md.SoftwareVersion) > 200 {
 		return badRequest("invalid_client_metadata", "a metadata value is too long")
 	}
@@ -604,6 +609,14 @@ func checkClientMetadata(md *clientMetadata) error {
 // checkRedirectURI accepts the redirect URIs real MCP clients register: https,
 // http on a loopback host (RFC 8252 §7.3), and private-use schemes such as
 // cursor:// (RFC 8252 §7.1). Fragments are not allowed (RFC 6749 §3.1.2).
+//
+// What the consent page shows must be what the browser will do: a host must be
+// ASCII (a look-alike such as a Cyrillic "о" in microsoft.com is refused; the
+// punycode form is accepted and shown as such), and no control or invisible
+// formatting character, bidirectional overrides included, may hide anywhere.
+// Single-word schemes are mostly the operating system's own handlers
+// (ms-settings:, search-ms:, mailto:...): only those of known MCP clients
+// are accepted.
 func checkRedirectURI(raw string) error {
 	u, err := url.Parse(raw)
 	switch {
@@ -611,6 +624,10 @@ func checkRedirectURI(raw string) error {
 		return fmt.Errorf("redirect URI %q is not an absolute URI", raw)
 	case u.Fragment != "" || strings.Contains(raw, "#"):
 		return fmt.Errorf("redirect URI %q has a fragment", raw)
+	case hasHiddenCharacters(raw) || hasHiddenCharacters(u.Host):
+		return fmt.Errorf("redirect URI %q has control or invisible formatting characters", raw)
+	case !isASCII(u.Host):
+		return fmt.Errorf("redirect URI %q: the host must be ASCII; register its punycode (xn--) form", raw)
 	case u.Scheme == "https":
 		if u.Host == "" {
 			return fmt.Errorf("redirect URI %q has no host", raw)
@@ -619,10 +636,27 @@ func checkRedirectURI(raw string) error {
 		if !isLoopbackHost(u.Hostname()) {
 			return fmt.Errorf("redirect URI %q: plain http is allowed only for localhost, 127.0.0.1 and [::1]", raw)
 		}
-	case slices.Contains([]string{"javascript", "data", "file", "vbscript", "blob", "about", "ftp", "ws", "wss"}, u.Scheme):
-		return fmt.Errorf("redirect URI %q: scheme %s is not allowed", raw, u.Scheme)
+	case !strings.Contains(u.Scheme, ".") && !slices.Contains(clientSchemes, u.Scheme):
+		return fmt.Errorf("redirect URI %q: scheme %s is not allowed; use https, http on localhost, or a private-use scheme such as com.example.app (RFC 8252 §7.1)", raw, u.Scheme)
 	}
 	return nil
+}
+
+// clientSchemes are the single-word private-use schemes of MCP clients in use
+// (Cursor registers cursor://anysphere.cursor-mcp/oauth/callback). Other
+// private-use schemes must hold a dot, as RFC 8252 §7.1 asks (reverse DNS).
+var clientSchemes = []string{"cursor", "vscode", "vscode-insiders", "windsurf"}
+
+// hasHiddenCharacters reports whether s holds a control character or an
+// invisible formatting one (Unicode category Cf: zero-width characters,
+// bidirectional overrides and isolates), which can make text on the consent
+// page read otherwise than it is.
+func hasHiddenCharacters(s string) bool {
+	return strings.ContainsFunc(s, func(r rune) bool { return unicode.IsControl(r) || unicode.Is(unicode.Cf, r) })
+}
+
+func isASCII(s string) bool {
+	return !strings.ContainsFunc(s, func(r rune) bool { return r >= utf8.RuneSelf })
 }
 
 // matchRedirectURI returns the redirect URI a request may use: the one it
@@ -1296,7 +1330,7 @@ code{background:#f2f2f2;padding:0 .2rem;word-break:break-all}button{font-size:1r
 // escapes every value, client_name included.
 var consentPage = template.Must(template.New("consent").Parse(`<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Allow access?</title>` + pageStyle + `</head><body>
-<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else}}an unnamed client{{end}} to use this MCP server?</h1>
+<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else}}an unnamed client{{end}} to use the MCP server at {{.ServerHost}}?</h1>
 <p>The application {{if .ClientName}}calling itself <strong>{{.ClientName}}</strong>{{end}} (client id <code>{{.ClientID}}</code>)
 wants to use this server's tools as you, with the scope <code>{{.Scope}}</code>.
 The tools can read your Microsoft profile (name and email) through Microsoft Graph.</p>

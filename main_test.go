@@ -131,8 +131,9 @@ func TestWalkthrough(t *testing.T) {
 			"resource":              {env.url + "/mcp"},
 		}.Encode())
 		page := readBody(t, resp)
-		if resp.StatusCode != http.StatusOK || !strings.Contains(page, "Walkthrough client") || !strings.Contains(page, "127.0.0.1:7777") {
-			t.Fatalf("GET /authorize = %d, want 200 and a consent page naming the client and its redirect host:\n%s", resp.StatusCode, page)
+		if resp.StatusCode != http.StatusOK || !strings.Contains(page, "Walkthrough client") || !strings.Contains(page, "127.0.0.1:7777") ||
+			!strings.Contains(page, "the MCP server at "+strings.TrimPrefix(env.url, "http://")) {
+			t.Fatalf("GET /authorize = %d, want 200 and a consent page naming the client, its redirect host and this server:\n%s", resp.StatusCode, page)
 		}
 		if csp := resp.Header.Get("Content-Security-Policy"); resp.Header.Get("X-Frame-Options") != "DENY" ||
 			!strings.Contains(csp, "frame-ancestors 'none'") || !strings.Contains(csp, "default-src 'none'") {
@@ -526,9 +527,15 @@ func TestRegister(t *testing.T) {
 		}
 	})
 	t.Run("accepted redirect URIs", func(t *testing.T) {
-		for _, u := range []string{"cursor://anysphere.cursor-mcp/oauth/callback", "http://localhost:6274/oauth/callback", "http://[::1]:8080/cb", "https://claude.ai/api/mcp/auth_callback"} {
+		for _, u := range []string{"cursor://anysphere.cursor-mcp/oauth/callback", "http://localhost:6274/oauth/callback", "http://[::1]:8080/cb",
+			"https://claude.ai/api/mcp/auth_callback", "com.example.app:/oauth2redirect", "https://xn--micrsoft-6ug.com/cb"} {
 			env.register(t, `{"redirect_uris":["`+u+`"],"token_endpoint_auth_method":"none"}`)
 		}
+	})
+	t.Run("Cursor's registration, as Cursor sends it", func(t *testing.T) {
+		env.register(t, `{"redirect_uris":["cursor://anysphere.cursor-mcp/oauth/callback","https://www.cursor.com/agents/mcp/oauth/callback",`+
+			`"http://localhost:8787/callback"],"token_endpoint_auth_method":"none","grant_types":["authorization_code","refresh_token"],`+
+			`"response_types":["code"],"client_name":"Cursor"}`)
 	})
 
 	tests := []struct{ name, body, wantError string }{
@@ -537,6 +544,20 @@ func TestRegister(t *testing.T) {
 		{"no redirect URIs", `{"client_name":"x"}`, "invalid_redirect_uri"},
 		{"http, not loopback", `{"redirect_uris":["http://evil.example/cb"]}`, "invalid_redirect_uri"},
 		{"javascript", `{"redirect_uris":["javascript:alert(1)"]}`, "invalid_redirect_uri"},
+		{"an OS handler: ms-msdt", `{"redirect_uris":["ms-msdt:/id PCWDiagnostic"]}`, "invalid_redirect_uri"},
+		{"an OS handler: search-ms", `{"redirect_uris":["search-ms:query=x"]}`, "invalid_redirect_uri"},
+		{"an OS handler: ms-settings", `{"redirect_uris":["ms-settings:privacy"]}`, "invalid_redirect_uri"},
+		{"mailto", `{"redirect_uris":["mailto:victim@example.com"]}`, "invalid_redirect_uri"},
+		{"tel", `{"redirect_uris":["tel:+15555550100"]}`, "invalid_redirect_uri"},
+		{"view-source", `{"redirect_uris":["view-source:https://a.example/"]}`, "invalid_redirect_uri"},
+		{"jar", `{"redirect_uris":["jar:https://a.example/x.jar!/"]}`, "invalid_redirect_uri"},
+		{"a look-alike host (Cyrillic o)", `{"redirect_uris":["https://micr\u043esoft.com/cb"]}`, "invalid_redirect_uri"},
+		{"a look-alike host, percent-encoded", `{"redirect_uris":["https://micr%D0%BEsoft.com/cb"]}`, "invalid_redirect_uri"},
+		{"a look-alike private-use host", `{"redirect_uris":["com.example.app://micr\u043esoft.com/cb"]}`, "invalid_redirect_uri"},
+		{"a zero-width space", `{"redirect_uris":["https://a.example/\u200bcb"]}`, "invalid_redirect_uri"},
+		{"a bidi override", `{"redirect_uris":["https://a.example/\u202ebc"]}`, "invalid_redirect_uri"},
+		{"a bidi override in client_name", `{"redirect_uris":["https://a.example/cb"],"client_name":"Good \u202eenilno"}`, "invalid_client_metadata"},
+		{"a control character in client_name", `{"redirect_uris":["https://a.example/cb"],"client_name":"a\u0007b"}`, "invalid_client_metadata"},
 		{"fragment", `{"redirect_uris":["https://a.example/cb#x"]}`, "invalid_redirect_uri"},
 		{"relative", `{"redirect_uris":["/cb"]}`, "invalid_redirect_uri"},
 		{"unknown auth method", `{"redirect_uris":["https://a.example/cb"],"token_endpoint_auth_method":"private_key_jwt"}`, "invalid_client_metadata"},
