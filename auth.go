@@ -357,8 +357,9 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	if !isPKCEValue(verifier) || !sameSecret(s256(verifier), req.challenge) {
 		return nil, badRequest("invalid_grant", "code_verifier does not match the code_challenge")
 	}
-	if !s.resourceAllowed(form, req.resource) {
-		return nil, badRequest("invalid_target", "resource does not match the authorization request")
+	aud, ok := s.tokenAudience(form, req.resource)
+	if !ok {
+		return nil, badRequest("invalid_target", "resource must be the one the sign-in was for, or inside it")
 	}
 	// Each code works once. A second good use means it leaked with its
 	// verifier: end the session the first use started (OAuth 2.1 §4.1.3).
@@ -367,7 +368,7 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 		s.endSession(code.session)
 		return nil, badRequest("invalid_grant", "the code was already used")
 	}
-	resp, err := s.startSession(c, code.session)
+	resp, err := s.startSession(c, code.session, aud)
 	if err != nil {
 		code.redeemed.Store(false) // the server was full: the client may try again
 		return nil, unavailable()
@@ -411,14 +412,9 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 	if !ok || sess.ended.Load() || sess.clientID != c.ID || !c.allows("refresh_token") {
 		return nil, badRequest("invalid_grant", "the refresh token is invalid or its session has ended; sign in again")
 	}
-	// A refresh may name the session's resource or, for a whole-server
-	// session, one of its endpoints; the tokens keep their audience.
-	allowed := []string{sess.resource}
-	if sess.resource == s.cfg.publicURL {
-		allowed = append(allowed, s.cfg.publicURL+"/sse", s.cfg.publicURL+"/mcp")
-	}
-	if !s.resourceAllowed(form, allowed...) {
-		return nil, badRequest("invalid_target", "resource must be the one the sign-in was for")
+	aud, ok := s.tokenAudience(form, sess.resource)
+	if !ok {
+		return nil, badRequest("invalid_target", "resource must be the one the sign-in was for, or inside it")
 	}
 	// Our session must not outlive the Entra sign-in it stands for: an expired
 	// Entra token is renewed now, which fails if the user was signed out
@@ -426,7 +422,7 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 	if _, err := s.entraAccessToken(sess, ""); errors.Is(err, errSessionEnded) {
 		return nil, badRequest("invalid_grant", "the Microsoft sign-in has ended; sign in again")
 	}
-	resp, err := s.rotateRefresh(c, sess, gen)
+	resp, err := s.rotateRefresh(c, sess, gen, aud)
 	if errors.Is(err, errStoreFull) {
 		return nil, unavailable()
 	}
@@ -742,14 +738,16 @@ func (s *server) canonicalResource(raw string) (string, bool) {
 	return "", false
 }
 
-// resourceAllowed reports whether a token request names no resource
-// (RFC 8707), or one of allowed.
-func (s *server) resourceAllowed(form url.Values, allowed ...string) bool {
+// tokenAudience returns the audience of the access token a token request
+// asks for: the grant's, or the resource the request names, which must be
+// the grant's or inside it, an endpoint of a whole-server grant (RFC 8707
+// §2.2). The session, and its refresh token, keep the grant's audience.
+func (s *server) tokenAudience(form url.Values, granted string) (string, bool) {
 	if !form.Has("resource") {
-		return true
+		return granted, true
 	}
 	got, ok := s.canonicalResource(form.Get("resource"))
-	return ok && slices.Contains(allowed, got)
+	return got, ok && (got == granted || granted == s.cfg.publicURL)
 }
 
 // isPKCEValue reports whether v is 43 to 128 characters of the PKCE alphabet

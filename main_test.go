@@ -931,7 +931,7 @@ func TestTokenErrors(t *testing.T) {
 		{"another client's code", func(t *testing.T) url.Values { f := code(t); f.Set("client_id", other.id); return f }, 400, "invalid_grant"},
 		{"unknown code", func(t *testing.T) url.Values { f := code(t); f.Set("code", "forged"); return f }, 400, "invalid_grant"},
 		{"expired code", func(t *testing.T) url.Values { f := code(t); env.clock.advance(codeTTL); return f }, 400, "invalid_grant"},
-		{"another resource", func(t *testing.T) url.Values { f := code(t); f.Set("resource", env.url+"/mcp"); return f }, 400, "invalid_target"},
+		{"another server's resource", func(t *testing.T) url.Values { f := code(t); f.Set("resource", "https://evil.example"); return f }, 400, "invalid_target"},
 		{"unknown client", func(t *testing.T) url.Values { f := code(t); f.Set("client_id", "nope"); return f }, 401, "invalid_client"},
 		{"no grant_type", func(t *testing.T) url.Values { f := code(t); f.Del("grant_type"); return f }, 400, "invalid_request"},
 		{"password grant", func(t *testing.T) url.Values { f := code(t); f.Set("grant_type", "password"); return f }, 400, "unsupported_grant_type"},
@@ -958,7 +958,7 @@ func TestTokenErrors(t *testing.T) {
 			func(f url.Values) { f.Set("code_verifier", oauth2.GenerateVerifier()) },
 			func(f url.Values) { f.Del("code_verifier") },
 			func(f url.Values) { f.Set("redirect_uri", "http://127.0.0.1:7777/other") },
-			func(f url.Values) { f.Set("resource", env.url+"/mcp") },
+			func(f url.Values) { f.Set("resource", "https://evil.example") },
 		} {
 			leaked := maps.Clone(form)
 			edit(leaked)
@@ -1549,6 +1549,59 @@ func TestRefreshEdges(t *testing.T) {
 	})
 }
 
+// TestTokensForAPartOfTheGrant asks both grants for an access token for one
+// endpoint of a whole-server sign-in (RFC 8707 §2.2): each token is for
+// exactly what was asked, while the session and its refresh token keep the
+// whole grant; a resource outside the grant is refused by both.
+func TestTokensForAPartOfTheGrant(t *testing.T) {
+	env := newTestEnv(t)
+	works := func(t *testing.T, token string, want map[string]bool) {
+		t.Helper()
+		for path, ok := range want {
+			method := map[string]string{"/sse": "GET", "/mcp": "DELETE"}[path] // DELETE: 401 or 400, nothing is opened
+			resp := env.do(t, method, path, nil, bearer(token))
+			if got := resp.StatusCode != http.StatusUnauthorized; got != ok {
+				t.Errorf("%s %s with a token for %v = %d, want it accepted: %v", method, path, tokenClaims(t, token)["aud"], resp.StatusCode, ok)
+			}
+		}
+	}
+	c := env.newClient(t, `"token_endpoint_auth_method":"none"`) // signs in for the whole server
+	form := url.Values{"grant_type": {"authorization_code"}, "code": {env.codeFor(t, c)}, "redirect_uri": {c.redirectURI},
+		"client_id": {c.id}, "code_verifier": {c.verifier}, "resource": {env.url + "/mcp"}}
+	var tokens tokenResponse
+	decodeJSON(t, env.postForm(t, "/token", form, nil), http.StatusOK, &tokens)
+	works(t, tokens.AccessToken, map[string]bool{"/mcp": true, "/sse": false})
+
+	refresh := func(rt, resource string) tokenResponse {
+		f := url.Values{"grant_type": {"refresh_token"}, "refresh_token": {rt}, "client_id": {c.id}}
+		if resource != "" {
+			f.Set("resource", resource)
+		}
+		var next tokenResponse
+		decodeJSON(t, env.postForm(t, "/token", f, nil), http.StatusOK, &next)
+		return next
+	}
+	whole := refresh(tokens.RefreshToken, "")
+	works(t, whole.AccessToken, map[string]bool{"/mcp": true, "/sse": true})
+	sse := refresh(whole.RefreshToken, env.url+"/sse")
+	works(t, sse.AccessToken, map[string]bool{"/mcp": false, "/sse": true})
+	if again := refresh(whole.RefreshToken, env.url+"/sse"); again.AccessToken != sse.AccessToken {
+		t.Errorf("a duplicate refresh for the same resource got another token")
+	}
+	if other := refresh(whole.RefreshToken, env.url+"/mcp"); other.AccessToken == sse.AccessToken || tokenClaims(t, other.AccessToken)["aud"] != env.url+"/mcp" {
+		t.Errorf("a duplicate refresh for another resource got a token for %v, want one for /mcp", tokenClaims(t, other.AccessToken)["aud"])
+	}
+	works(t, refresh(sse.RefreshToken, "").AccessToken, map[string]bool{"/mcp": true, "/sse": true}) // the session kept the whole grant
+
+	mcpOnly := env.signIn(t, signInOptions{resource: env.url + "/mcp"})
+	c2 := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	c2.resource = env.url + "/mcp"
+	wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"authorization_code"}, "code": {env.codeFor(t, c2)},
+		"redirect_uri": {c2.redirectURI}, "client_id": {c2.id}, "code_verifier": {c2.verifier}, "resource": {env.url + "/sse"}}, nil), 400, "invalid_target")
+	wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {mcpOnly.RefreshToken},
+		"client_id": {mcpOnly.clientID}, "resource": {env.url}}, nil), 400, "invalid_target")
+}
+
 // TestShortAccessTokens runs with access tokens of one second, as a learner
 // would to watch refreshes happen: the setting is accepted with a note in the
 // log, a duplicate refresh never gets a token that has already expired, and
@@ -1660,7 +1713,7 @@ func TestEndedSessionStaysEnded(t *testing.T) {
 	// A token request that loses the race with a revocation puts the
 	// session back after endSession; its tokens must still not work.
 	env.srv.endSession(sess)
-	late, _ := env.srv.startSession(client, sess)
+	late, _ := env.srv.startSession(client, sess, sess.resource)
 	if resp := env.do(t, "GET", "/sse", nil, bearer(late.AccessToken)); resp.StatusCode != http.StatusUnauthorized {
 		t.Errorf("GET /sse with a token of an ended session = %d, want 401", resp.StatusCode)
 	}

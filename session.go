@@ -95,11 +95,11 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint s
 // Step 7: the server's own tokens.
 
 // startSession makes a signed-in session live and issues its first tokens.
-func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) {
+func (s *server) startSession(c *client, sess *session, aud string) (*tokenResponse, error) {
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
 	sess.rotatedAt = s.now()
-	return s.issueTokens(c, sess)
+	return s.issueTokens(c, sess, aud)
 }
 
 // issueTokens issues the tokens of the session's current generation: a
@@ -107,14 +107,15 @@ func (s *server) startSession(c *client, sess *session) (*tokenResponse, error) 
 // refresh token (see [sessionCodec.refreshToken]), and keeps the session alive
 // as long as that refresh token lives. A generation's tokens are the same
 // bytes however often they are issued, so a duplicate refresh gets what the
-// first one got (see [server.rotateRefresh]). sess.mu is held.
-func (s *server) issueTokens(c *client, sess *session) (*tokenResponse, error) {
+// first one got (see [server.rotateRefresh]). The access token is for aud:
+// the session's resource, or a part of it. sess.mu is held.
+func (s *server) issueTokens(c *client, sess *session, aud string) (*tokenResponse, error) {
 	issued := sess.rotatedAt
 	// exp is in whole seconds, rounded up: a 1s lifetime must not become 0.
 	expiry := issued.Add(s.cfg.accessTTL + time.Second - 1).Truncate(time.Second)
 	resp := &tokenResponse{
 		AccessToken: s.tokens.mint(sessionClaims{
-			Audience:  sess.resource,
+			Audience:  aud,
 			Subject:   sess.subject,
 			SessionID: sess.id,
 			ClientID:  sess.clientID,
@@ -399,7 +400,7 @@ const errDescSessionEnded = "the session has ended; sign in again"
 //   - anything older: the token was replaced long ago, so someone kept a
 //     copy. The whole session ends, for the thief and the client alike
 //     (RFC 9700 §4.14.2).
-func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResponse, error) {
+func (s *server) rotateRefresh(c *client, sess *session, gen uint64, aud string) (*tokenResponse, error) {
 	var resp *tokenResponse
 	var err error
 	reused := false
@@ -410,9 +411,9 @@ func (s *server) rotateRefresh(c *client, sess *session, gen uint64) (*tokenResp
 	case gen >= sess.refreshGen:
 		sess.refreshGen = gen + 1
 		sess.rotatedAt = now
-		resp, err = s.issueTokens(c, sess)
+		resp, err = s.issueTokens(c, sess, aud)
 	case gen+1 == sess.refreshGen && now.Sub(sess.rotatedAt) < s.refreshGrace():
-		resp, err = s.issueTokens(c, sess)
+		resp, err = s.issueTokens(c, sess, aud)
 	default:
 		reused = true
 	}
