@@ -49,6 +49,7 @@ import (
 	"regexp"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -2680,14 +2681,52 @@ func capAt[V any](m *ttlMap[V], n int) {
 	m.max = n
 }
 
+// TestSignInsPerUser signs one user in once more than their share: the
+// sign-in refreshed longest ago ends, and another user's is untouched.
+func TestSignInsPerUser(t *testing.T) {
+	env := newTestEnv(t)
+	adele := env.entra.user
+	env.entra.set(func() {
+		env.entra.user = fakeUser{oid: fakeGUID(), name: "Alex Wilber", upn: "alex.wilber@contoso.example"}
+	})
+	other := env.signIn(t, signInOptions{})
+	env.entra.set(func() { env.entra.user = adele })
+	first := env.signIn(t, signInOptions{})
+	env.clock.advance(time.Second)
+	second := env.signIn(t, signInOptions{})
+	env.clock.advance(time.Second)
+	var refreshed tokenResponse // first, in use, refreshes: second is now the oldest
+	decodeJSON(t, env.refresh(t, first.RefreshToken, first.clientID), http.StatusOK, &refreshed)
+	for range maxSessionsPerUser - 2 {
+		env.clock.advance(time.Second)
+		env.signIn(t, signInOptions{})
+	}
+	last := env.signIn(t, signInOptions{}) // one more than the share
+	for name, tt := range map[string]struct {
+		token string
+		want  int
+	}{"the oldest": {second.AccessToken, 401}, "the refreshed": {refreshed.AccessToken, 200}, "the newest": {last.AccessToken, 200}, "another user's": {other.AccessToken, 200}} {
+		if resp := env.do(t, "GET", "/sse", nil, bearer(tt.token)); resp.StatusCode != tt.want {
+			t.Errorf("GET /sse with %s sign-in's token = %d, want %d", name, resp.StatusCode, tt.want)
+		}
+	}
+}
+
+// TestMCPSessionsPerUser fills one user's share of MCP sessions over two
+// sign-ins: the user's oldest makes room, and another user is untouched.
 func TestMCPSessionsPerUser(t *testing.T) {
 	env := newTestEnv(t)
+	adele := env.entra.user
+	env.entra.set(func() {
+		env.entra.user = fakeUser{oid: fakeGUID(), name: "Alex Wilber", upn: "alex.wilber@contoso.example"}
+	})
 	other := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
 	other.initialize(t, "2025-11-25")
-	token := env.signIn(t, signInOptions{}).AccessToken
+	env.entra.set(func() { env.entra.user = adele })
+	tokens := []string{env.signIn(t, signInOptions{}).AccessToken, env.signIn(t, signInOptions{}).AccessToken}
 	var mine []*mcpClient
-	for range maxMCPSessionsPerUser + 1 {
-		c := &mcpClient{env: env, token: token}
+	for i := range maxMCPSessionsPerUser + 1 {
+		c := &mcpClient{env: env, token: tokens[i%2]}
 		c.initialize(t, "2025-11-25")
 		env.clock.advance(time.Second)
 		mine = append(mine, c)
@@ -3162,7 +3201,7 @@ func (e *testEnv) sessionTokens(n int) []string {
 	capAt(e.srv.mcp, e.srv.mcp.len()+n)
 	tokens := make([]string, n)
 	for i := range tokens {
-		sess := &session{id: newSecret(), subject: "bench", clientID: "bench", scope: "mcp", resource: e.url,
+		sess := &session{id: newSecret(), subject: "bench-" + strconv.Itoa(i), clientID: "bench", scope: "mcp", resource: e.url,
 			entraToken: &oauth2.Token{AccessToken: "x"}, entraExpiry: e.clock.now().Add(time.Hour)}
 		e.srv.sessions.put(sess.id, sess, time.Hour)
 		tokens[i] = e.srv.tokens.mint(sessionClaims{Audience: e.url, SessionID: sess.id, ClientID: "bench", Scope: "mcp",

@@ -290,6 +290,7 @@ var serverInfo = struct {
 type mcpSession struct {
 	id      string    // random; the transport's session id
 	owner   string    // id of the signed-in session that opened it
+	user    string    // its user's subject: the cap per user counts it
 	stream  *stream   // HTTP+SSE: the stream its answers go to; nil on Streamable HTTP
 	created time.Time // when it was added
 
@@ -304,8 +305,9 @@ func (ms *mcpSession) version() string {
 	return ms.protocolVersion
 }
 
-// maxMCPSessionsPerUser bounds the MCP sessions of one signed-in session.
-const maxMCPSessionsPerUser = 32
+// maxMCPSessionsPerUser bounds the MCP sessions of one user, over all their
+// sign-ins: generous, since clients that restart leave idle sessions behind.
+const maxMCPSessionsPerUser = 100
 
 // addMCPSession registers ms for the signed-in session owner. A Streamable
 // HTTP session expires after mcpIdleTTL unused; an HTTP+SSE one lives as long
@@ -315,12 +317,14 @@ const maxMCPSessionsPerUser = 32
 // ended before it removes its MCP sessions, and this checks the mark after
 // the put, so one of the two always sees the other.
 func (s *server) addMCPSession(ms *mcpSession, owner *session) error {
-	// One signed-in session may hold only so many: past that, its oldest
-	// makes room, so that one client cannot fill the store for everyone.
+	// One user may hold only so many, however many times they sign in: past
+	// that, their oldest makes room, so that one user cannot fill the store
+	// for everyone.
+	ms.user = owner.subject
 	var oldest *mcpSession
 	n := 0
 	s.mcp.each(func(o *mcpSession, _ time.Time) {
-		if o.owner == owner.id {
+		if o.user == ms.user {
 			n++
 			if oldest == nil || o.created.Before(oldest.created) {
 				oldest = o

@@ -96,6 +96,7 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint s
 
 // startSession makes a signed-in session live and issues its first tokens.
 func (s *server) startSession(c *client, sess *session, aud string) (*tokenResponse, error) {
+	s.makeRoomForUser(sess.subject) // past maxSessionsPerUser, the user's oldest sign-in ends
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
 	sess.rotatedAt = s.now()
@@ -360,6 +361,34 @@ func (s *server) entraRenewalFailed(sess *session, err error) error {
 		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
 	}
 	return errors.New("your Microsoft sign-in could not be renewed just now; try again later")
+}
+
+// maxSessionsPerUser bounds the signed-in sessions of one user, so that one
+// account signing in again and again cannot fill the store for everyone.
+const maxSessionsPerUser = 100
+
+// makeRoomForUser ends the sign-in of subject's user that was refreshed
+// longest ago, if the user holds maxSessionsPerUser of them: a client that is
+// in use refreshes, and keeps its sign-in. No session's lock may be held.
+func (s *server) makeRoomForUser(subject string) {
+	var oldest *session
+	var oldestAt time.Time
+	n := 0
+	s.sessions.each(func(sess *session, _ time.Time) {
+		if sess.subject != subject || sess.ended.Load() {
+			return
+		}
+		sess.mu.Lock()
+		at := sess.rotatedAt
+		sess.mu.Unlock()
+		if n++; oldest == nil || at.Before(oldestAt) {
+			oldest, oldestAt = sess, at
+		}
+	})
+	if n >= maxSessionsPerUser {
+		s.log.Info("the user holds too many sign-ins; ending the oldest", "subject", subject, "client_id", oldest.clientID)
+		s.endSession(oldest)
+	}
 }
 
 // writeChallenge answers 401 with the challenge of RFC 9728 §5.1, which
