@@ -551,8 +551,15 @@ func readClientMetadata(w http.ResponseWriter, r *http.Request) (clientMetadata,
 	if !utf8.Valid(body) || json.Unmarshal(body, &md) != nil {
 		return md, badRequest("invalid_client_metadata", "the body must be a JSON object of client metadata, in UTF-8")
 	}
+	if err := checkMemberNames(body, map[string][]string{"": clientMetadataNames}); err != nil {
+		return md, badRequest("invalid_client_metadata", err.Error())
+	}
 	return md, checkClientMetadata(&md)
 }
+
+// clientMetadataNames are the member names of [clientMetadata].
+var clientMetadataNames = []string{"redirect_uris", "token_endpoint_auth_method", "grant_types", "response_types",
+	"client_name", "client_uri", "scope", "software_id", "software_version"}
 
 // checkClientMetadata validates md and fills in the defaults this server
 // registers (RFC 7591 §2 lets the server replace requested values, as long as

@@ -557,6 +557,68 @@ func (s *server) cors(w http.ResponseWriter, r *http.Request) bool {
 	return true
 }
 
+// checkMemberNames refuses JSON that a lenient reader could read otherwise
+// than encoding/json does: a member name given twice in one object, at any
+// depth (encoding/json keeps the last, a gateway filtering requests may read
+// the first), and, in the objects whose members this server decodes, a name
+// that matches one of them only when case is ignored ("Method" for
+// "method", which encoding/json would accept). decoded lists those names by
+// the object's path: "" for the top level (and each member of a top-level
+// array), "params" for the object under the top level's "params".
+func checkMemberNames(data []byte, decoded map[string][]string) error {
+	type frame struct {
+		object bool
+		path   string
+		seen   map[string]bool
+		key    string // the member name whose value comes next; "" when a name comes next
+	}
+	var stack []*frame
+	valuePath := func() string { // the path of the value about to start
+		if len(stack) == 0 {
+			return ""
+		}
+		top := stack[len(stack)-1]
+		if !top.object {
+			return top.path
+		}
+		return strings.TrimPrefix(top.path+"."+top.key, ".")
+	}
+	dec := json.NewDecoder(bytes.NewReader(data))
+	for {
+		tok, err := dec.Token()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if name, ok := tok.(string); ok && len(stack) > 0 && stack[len(stack)-1].object && stack[len(stack)-1].key == "" {
+			top := stack[len(stack)-1]
+			if top.seen[name] {
+				return fmt.Errorf("the member %q appears twice", name)
+			}
+			top.seen[name] = true
+			for _, want := range decoded[top.path] {
+				if name != want && strings.EqualFold(name, want) {
+					return fmt.Errorf("the member %q must be spelled %q", name, want)
+				}
+			}
+			top.key = name
+			continue
+		}
+		switch tok {
+		case json.Delim('{'), json.Delim('['):
+			stack = append(stack, &frame{object: tok == json.Delim('{'), path: valuePath(), seen: map[string]bool{}})
+			continue
+		case json.Delim('}'), json.Delim(']'):
+			stack = stack[:len(stack)-1]
+		}
+		if len(stack) > 0 { // a value has ended: in an object, a name comes next
+			stack[len(stack)-1].key = ""
+		}
+	}
+}
+
 // limit wraps the handler of an endpoint anyone can call with the rate limit
 // of its client's IP address, so that a loop cannot fill the stores behind it
 // or flood Entra with sign-ins. Past the limit: 429 with Retry-After, and an

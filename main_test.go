@@ -564,6 +564,8 @@ func TestRegister(t *testing.T) {
 		{"unknown auth method", `{"redirect_uris":["https://a.example/cb"],"token_endpoint_auth_method":"private_key_jwt"}`, "invalid_client_metadata"},
 		{"implicit grant", `{"redirect_uris":["https://a.example/cb"],"grant_types":["implicit"]}`, "invalid_client_metadata"},
 		{"token response type", `{"redirect_uris":["https://a.example/cb"],"response_types":["token"]}`, "invalid_client_metadata"},
+		{"a member twice", `{"redirect_uris":["https://a.example/cb"],"redirect_uris":["https://b.example/cb"]}`, "invalid_client_metadata"},
+		{"a member in another case", `{"redirect_uris":["https://a.example/cb"],"Token_Endpoint_Auth_Method":"none"}`, "invalid_client_metadata"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1308,6 +1310,13 @@ func TestJSONRPC(t *testing.T) {
 		{"object id", `{"jsonrpc":"2.0","id":{},"method":"ping"}`, codeInvalidRequest, "null"},
 		{"no method", `{"jsonrpc":"2.0","id":"a"}`, codeInvalidRequest, `"a"`},
 		{"batch", `[{"jsonrpc":"2.0","id":1,"method":"ping"}]`, codeInvalidRequest, "null"},
+		// encoding/json would take the last of two names, and names in any
+		// case: a gateway reading the first "method" would be fooled.
+		{"a member twice", `{"jsonrpc":"2.0","id":1,"method":"ping","method":"tools/list"}`, codeInvalidRequest, "null"},
+		{"a member in another case", `{"jsonrpc":"2.0","id":1,"Method":"tools/list"}`, codeInvalidRequest, "null"},
+		{"a params member in another case", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"getUserDetails"}}`, codeInvalidRequest, "null"},
+		{"a member twice, deep in the arguments", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails","arguments":{"a":[{"b":1,"b":2}]}}}`, codeInvalidRequest, "null"},
+		{"a member twice in a batch", `[{"jsonrpc":"2.0","id":1,"method":"ping","id":2}]`, codeInvalidRequest, "null"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var r struct {
@@ -1343,6 +1352,7 @@ func TestJSONRPC(t *testing.T) {
 		{"unknown method", "resources/list", `{}`, codeMethodNotFound, ``},
 		{"unknown tool", "tools/call", `{"name":"deleteEverything"}`, codeInvalidParams, ``},
 		{"tools/call without params", "tools/call", ``, codeInvalidParams, ``},
+		{"tool arguments are the tool's: any case", "tools/call", `{"name":"getUserDetails","arguments":{"Name":1,"name":2}}`, 0, `Adele Vance`},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			resp := conn.request(t, tt.method, tt.params)

@@ -377,6 +377,13 @@ type rpcBody struct {
 	batch    bool
 }
 
+// rpcMemberNames are the member names this server decodes from JSON-RPC
+// messages, by path (see [checkMemberNames]); tool arguments are the tool's.
+var rpcMemberNames = map[string][]string{
+	"":       {"jsonrpc", "id", "method", "params", "result", "error"},
+	"params": {"protocolVersion", "name", "arguments"},
+}
+
 // decodeBody parses a POST body. A body that is neither a message nor a
 // batch of them gets the error response to send back instead, with HTTP 400.
 func decodeBody(body []byte) (*rpcBody, *rpcResponse) {
@@ -385,6 +392,9 @@ func decodeBody(body []byte) (*rpcBody, *rpcResponse) {
 	// 10,000 levels.
 	if !utf8.Valid(body) || !json.Valid(body) {
 		return nil, errorResponse(nil, codeParseError, "parse error: the body is not valid JSON in UTF-8")
+	}
+	if err := checkMemberNames(body, rpcMemberNames); err != nil {
+		return nil, errorResponse(nil, codeInvalidRequest, "invalid request: "+err.Error())
 	}
 	if !bytes.HasPrefix(bytes.TrimSpace(body), []byte("[")) {
 		m, errResp := decodeMessage(body)
