@@ -102,6 +102,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 		return fmt.Errorf("ADDR %q: %w", cfg.addr, err)
 	}
 	logger.Info("listening; give your MCP client this URL", "url", cfg.publicURL+"/mcp", "legacy_sse_url", cfg.publicURL+"/sse", "addr", ln.Addr().String())
+	ln = limitConnections(ln, cfg.connLimit) // per client address: one cannot take every descriptor
 	return serveUntilDone(ctx, httpServer, ln, logger)
 }
 
@@ -123,6 +124,7 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		mcp:         newTTLMap[*mcpSession](now, maxSessions),
 		limiter:     newRateLimiter(now, cfg.rateLimit),
 		keepAlive:   15 * time.Second,
+		bodyTimeout: time.Minute,
 		streamStall: 30 * time.Second,
 		closing:     make(chan struct{}),
 	}
@@ -173,6 +175,7 @@ type server struct {
 	mcp         *ttlMap[*mcpSession] // steps 8 and 9: MCP sessions of both transports, by id
 	keepAlive   time.Duration        // interval of SSE keep-alive comments
 	streamStall time.Duration        // how long an SSE stream may go unread before it is closed
+	bodyTimeout time.Duration        // how long a request body may take to arrive
 	closing     chan struct{}        // closed when the server shuts down
 	closeOnce   sync.Once
 	state       stateWriter  // writes of the state file
@@ -187,10 +190,84 @@ type server struct {
 // ServeHTTP answers CORS first, so that browser-based clients (MCP Inspector
 // in direct mode, web apps) can read every answer, 401s included, then routes.
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.limitBodyTime(w, r)
 	if s.cors(w, r) {
 		return
 	}
 	s.mux.ServeHTTP(w, r)
+}
+
+// limitBodyTime gives a request's body bodyTimeout to arrive: a client that
+// trickles a large body, a byte now and then, is cut off, rather than hold
+// a connection for as long as it likes; so is one whose body is left unread
+// (net/http reads what remains after the handler returns). Once the body has
+// been read, net/http clears the deadline itself, as it starts watching for
+// the client going away, so a handler may then take as long as it needs
+// (TestSlowBodies holds it to that). Requests without a body, an SSE
+// stream's GET among them, get no deadline.
+func (s *server) limitBodyTime(w http.ResponseWriter, r *http.Request) {
+	if r.Body != nil && r.Body != http.NoBody {
+		http.NewResponseController(w).SetReadDeadline(time.Now().Add(s.bodyTimeout))
+	}
+}
+
+// limitConnections returns ln holding at most perAddress connections open
+// from one client address (counted as the rate limits count them); past
+// that, a new connection gets 503 and is closed at once. 0: no limit.
+func limitConnections(ln net.Listener, perAddress int) net.Listener {
+	if perAddress == 0 {
+		return ln
+	}
+	return &connLimiter{Listener: ln, perAddress: perAddress, open: make(map[string]int)}
+}
+
+type connLimiter struct {
+	net.Listener
+	perAddress int
+	mu         sync.Mutex
+	open       map[string]int // connections open, by client address
+}
+
+func (l *connLimiter) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		addr := clientAddress(c.RemoteAddr().String())
+		l.mu.Lock()
+		full := l.open[addr] >= l.perAddress
+		if !full {
+			l.open[addr]++
+		}
+		l.mu.Unlock()
+		if !full {
+			return &countedConn{Conn: c, release: func() { l.release(addr) }}, nil
+		}
+		c.SetWriteDeadline(time.Now().Add(time.Second))
+		io.WriteString(c, "HTTP/1.1 503 Service Unavailable\r\nRetry-After: 10\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+		c.Close()
+	}
+}
+
+func (l *connLimiter) release(addr string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.open[addr]--; l.open[addr] <= 0 {
+		delete(l.open, addr)
+	}
+}
+
+// countedConn gives its place back when it closes.
+type countedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
 }
 
 // parseFlags parses the command line, which takes no flags but -h, which
@@ -268,6 +345,7 @@ type config struct {
 	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
 	stateFile      string        // where clients and sessions survive restarts; "" keeps them in memory
 	rateLimit      int           // requests per minute per client IP and endpoint; 0: no limit
+	connLimit      int           // connections open at once per client address; 0: no limit
 	allowedTenants []string      // tenants whose users may sign in; empty: the configured one
 }
 
@@ -293,6 +371,8 @@ Usage: go run .   (configured from the environment)
   RATE_LIMIT           default 120 (requests per minute per client IP and endpoint to
                        /register, /authorize, /auth/callback, /token and /revoke;
                        0: no limit)
+  CONNECTION_LIMIT     default 256 (connections one client address may hold open at once;
+                       behind a proxy, all users share one address; 0: no limit)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp,
                        /sse and /message, besides PUBLIC_URL's and loopback ones)
 
@@ -388,6 +468,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 	limit := env("RATE_LIMIT", "120")
 	if cfg.rateLimit, err = strconv.Atoi(limit); err != nil || cfg.rateLimit < 0 {
 		return config{}, fmt.Errorf("RATE_LIMIT %q: want requests per minute per client IP and endpoint, such as 120, or 0 for no limit", limit)
+	}
+	conns := env("CONNECTION_LIMIT", "256")
+	if cfg.connLimit, err = strconv.Atoi(conns); err != nil || cfg.connLimit < 0 {
+		return config{}, fmt.Errorf("CONNECTION_LIMIT %q: want how many connections one client address may hold open at once, such as 256, or 0 for no limit", conns)
 	}
 	for o := range strings.SplitSeq(env("ALLOWED_ORIGINS", ""), ",") {
 		if o = strings.TrimSpace(o); o == "" {
@@ -638,14 +722,18 @@ func (s *server) limit(endpoint string, h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-// clientAddress is the address a rate limit counts: the client's IPv4
-// address, or its IPv6 /64, which one user or machine usually holds whole.
+// clientAddress is the address a limit counts: the client's IPv4 address, or
+// its IPv6 /64, which one user or machine usually holds whole; all loopback
+// addresses are one.
 func clientAddress(remoteAddr string) string {
 	ap, err := netip.ParseAddrPort(remoteAddr)
 	if err != nil {
 		return remoteAddr
 	}
 	addr := ap.Addr().Unmap().WithZone("")
+	if addr.IsLoopback() {
+		return "loopback" // 127.0.0.0/8 and ::1: one machine, this one
+	}
 	if addr.Is6() {
 		prefix, _ := addr.Prefix(64)
 		return prefix.String()

@@ -53,6 +53,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -2206,6 +2207,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"TTL under a second", map[string]string{"ACCESS_TOKEN_TTL": "500ms"}, "ACCESS_TOKEN_TTL"},
 		{"TTL over a day", map[string]string{"ACCESS_TOKEN_TTL": "25h"}, "ACCESS_TOKEN_TTL"},
 		{"bad rate limit", map[string]string{"RATE_LIMIT": "lots"}, "RATE_LIMIT"},
+		{"bad connection limit", map[string]string{"CONNECTION_LIMIT": "-1"}, "CONNECTION_LIMIT"},
 		{"allowed tenant that is a domain", map[string]string{"ALLOWED_TENANTS": "contoso.example"}, "ALLOWED_TENANTS"},
 		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
@@ -2574,11 +2576,108 @@ func TestRateLimits(t *testing.T) {
 	}
 }
 
+// TestSlowBodies trickles request bodies, a byte at a time, as a client
+// holding connections open would: each is cut once the body deadline passes.
+// A tool call that takes longer than the deadline, its body long read, is not.
+func TestSlowBodies(t *testing.T) {
+	env := newTestEnv(t)
+	env.srv.bodyTimeout = 200 * time.Millisecond
+	addr := strings.TrimPrefix(env.url, "http://")
+	for _, target := range []string{"POST /register", "POST /token", "POST /revoke", "POST /authorize", "POST /mcp", "POST /message?sessionId=x"} {
+		t.Run(target, func(t *testing.T) {
+			conn, err := net.Dial("tcp", addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close()
+			fmt.Fprintf(conn, "%s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{", target, addr)
+			// Should the server wait for ever, the test fails, not hangs.
+			conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+			if _, err := io.Copy(io.Discard, conn); err != nil && !errors.Is(err, syscall.ECONNRESET) {
+				t.Errorf("%s with a trickling body: %v, want the server to close the connection", target, err)
+			}
+		})
+	}
+
+	t.Run("a tool call slower than the deadline", func(t *testing.T) {
+		c := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+		c.initialize(t, "2025-11-25")
+		arrived, hold := make(chan struct{}), make(chan struct{})
+		env.entra.set(func() { env.entra.graphArrived, env.entra.graphHold = arrived, hold })
+		answer := make(chan string, 1)
+		go func() {
+			answer <- postRaw(t.Context(), env.url+"/mcp", c.headers(nil), `{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"getUserDetails"}}`)
+		}()
+		<-arrived
+		<-time.After(3 * env.srv.bodyTimeout) // what the test waits for is time itself: the deadline, passing
+		close(hold)
+		if got := <-answer; !strings.HasPrefix(got, "200 ") || !strings.Contains(got, "Adele Vance") {
+			t.Errorf("tools/call slower than the body deadline = %s, want its result", got)
+		}
+	})
+}
+
+// TestConnectionLimit holds one address's share of connections: the next is
+// refused with 503, those open are still served, and a closed one frees its
+// place.
+func TestConnectionLimit(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	hs := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "served") })}
+	served := make(chan struct{})
+	go func() { hs.Serve(limitConnections(ln, 2)); close(served) }()
+	defer func() { hs.Close(); <-served }()
+	get := func(conn net.Conn, close bool) string {
+		t.Helper()
+		h := ""
+		if close {
+			h = "Connection: close\r\n"
+		}
+		fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: x\r\n%s\r\n", h)
+		conn.SetReadDeadline(time.Now().Add(30 * time.Second))
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		if err != nil {
+			return err.Error()
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		if close {
+			io.Copy(io.Discard, conn) // until the server has closed it, and given its place back
+		}
+		return fmt.Sprintf("%d %s", resp.StatusCode, body)
+	}
+	dial := func() net.Conn {
+		conn, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { conn.Close() })
+		return conn
+	}
+	first, second := dial(), dial()
+	if got := get(first, false); got != "200 served" {
+		t.Fatalf("first connection: %s", got)
+	}
+	if got := get(dial(), false); !strings.HasPrefix(got, "503") {
+		t.Errorf("a third connection from the same address = %s, want 503", got)
+	}
+	if got := get(second, true); got != "200 served" {
+		t.Errorf("an open connection past the limit = %s, want it served", got)
+	}
+	if got := get(dial(), false); got != "200 served" {
+		t.Errorf("a new connection once one closed = %s, want it served", got)
+	}
+}
+
 func TestRateLimiterAddresses(t *testing.T) {
 	for _, tt := range []struct{ a, b string }{
 		{"[2001:db8:1:2::1]:1000", "[2001:db8:1:2:ffff::9]:2000"}, // one /64
 		{"[::ffff:192.0.2.1]:1", "192.0.2.1:2"},                   // IPv4, mapped or not
 		{"[fe80::1%eth0]:1", "[fe80::1]:2"},                       // zones do not count
+		{"127.0.0.1:1", "127.9.9.9:2"},                            // loopback is one machine, this one
+		{"[::1]:1", "127.0.0.1:2"},
 	} {
 		if clientAddress(tt.a) != clientAddress(tt.b) {
 			t.Errorf("%s and %s count apart: %s, %s", tt.a, tt.b, clientAddress(tt.a), clientAddress(tt.b))
@@ -4155,6 +4254,8 @@ type fakeEntra struct {
 	authorizeError  string               // knob: the next sign-ins fail with this error
 	idTokenEdit     func(map[string]any) // knob: tamper with issued id_tokens
 	graphStatus     int                  // knob: Graph fails with this status
+	graphArrived    chan struct{}        // knob, with graphHold: told when a call reaches Graph...
+	graphHold       chan struct{}        // ...which answers only once this is closed
 	expiresIn       int                  // knob: lifetime of access tokens in seconds (default 3600)
 	refreshRevoked  bool                 // knob: refresh tokens fail as after "revoke sessions" (AADSTS50173)
 	keepRT          bool                 // knob: refresh responses carry no new refresh token
@@ -4608,6 +4709,13 @@ func (f *fakeEntra) sign(claims map[string]any) string {
 // me is Microsoft Graph's GET /v1.0/me: only access tokens this fake issued,
 // unexpired, with User.Read.
 func (f *fakeEntra) me(w http.ResponseWriter, r *http.Request) {
+	f.mu.Lock()
+	arrived, hold := f.graphArrived, f.graphHold
+	f.mu.Unlock()
+	if hold != nil { // knob: a slow Graph, held until the test lets go
+		arrived <- struct{}{}
+		<-hold
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	graphError := func(status int, code, msg string) {
