@@ -170,11 +170,7 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 		req.resource = resource
 	}
 	req.browser = s.browserCookie(w, r)
-	consentID := newSecret()
-	if err := s.consents.put(hashKey(consentID), req, consentTTL); err != nil {
-		s.busyPage(w)
-		return
-	}
+	consentID := s.keepConsent(r, req) // charged to the client's address, never refused
 	s.showConsent(w, c, req, consentID)
 }
 
@@ -223,10 +219,7 @@ type entraFlow struct {
 func (s *server) startSignIn(w http.ResponseWriter, r *http.Request, req *authRequest) {
 	state := newSecret()
 	flow := &entraFlow{req: req, verifier: oauth2.GenerateVerifier(), nonce: newSecret()}
-	if err := s.flows.put(hashKey(state), flow, flowTTL); err != nil {
-		s.busyPage(w)
-		return
-	}
+	s.flows.putCharged(clientAddress(r.RemoteAddr), hashKey(state), flow, flowTTL, pendingPerAddress)
 	authURL := s.entra.oauth.AuthCodeURL(state,
 		oauth2.S256ChallengeOption(flow.verifier),
 		oauth2.SetAuthURLParam("nonce", flow.nonce),
@@ -721,6 +714,24 @@ func (s *server) authorizeQuery(w http.ResponseWriter, r *http.Request) (url.Val
 		}
 	}
 	return q, true
+}
+
+// pendingPerAddress is how many consents, and as many sign-ins at Entra, one
+// client address may have pending: past that, its own oldest makes room.
+const pendingPerAddress = 30
+
+// keepConsent stores a validated request under a new consent id, and returns
+// the id. It is charged to the client's address (see [ttlMap.putCharged]), so
+// that nobody can fill the store for everyone. A browser that starts the
+// same client's sign-in again (a reload, a client that retries) replaces its
+// earlier consent rather than add one.
+func (s *server) keepConsent(r *http.Request, req *authRequest) string {
+	if s.sameBrowser(r, req.browser) { // a browser new here has nothing to replace
+		s.consents.deleteFunc(func(old *authRequest) bool { return old.browser == req.browser && old.clientID == req.clientID })
+	}
+	consentID := newSecret()
+	s.consents.putCharged(clientAddress(r.RemoteAddr), hashKey(consentID), req, consentTTL, pendingPerAddress)
+	return consentID
 }
 
 // maxAuthorizeQuery bounds an authorization request's query: room for long
@@ -1293,12 +1304,6 @@ func (s *server) redirectToClient(w http.ResponseWriter, r *http.Request, req *a
 	}
 	w.Header().Set("Cache-Control", "no-store")
 	http.Redirect(w, r, u.String(), status)
-}
-
-// busyPage tells the user that the server's stores are full.
-func (s *server) busyPage(w http.ResponseWriter) {
-	w.Header().Set("Retry-After", "60")
-	s.errorPage(w, http.StatusServiceUnavailable, "Server busy", "This server is handling too many sign-ins right now. Try again in a minute.")
 }
 
 // requestErrorPage shows an invalid authorization request, with its OAuth

@@ -2706,40 +2706,62 @@ func TestRateLimiterAddresses(t *testing.T) {
 func TestBoundedState(t *testing.T) {
 	env := newTestEnv(t)
 	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
-	authorize := func() *httptest.ResponseRecorder {
+	// authorize opens a consent page from addr, in a new browser each time,
+	// and returns its consent id.
+	authorize := func(addr string) string {
 		rec := httptest.NewRecorder()
-		env.srv.ServeHTTP(rec, httptest.NewRequest("GET", c.authorizeURL(nil), nil))
-		return rec
+		r := httptest.NewRequest("GET", c.authorizeURL(nil), nil)
+		r.RemoteAddr = addr + ":1234"
+		env.srv.ServeHTTP(rec, r)
+		if rec.Code != http.StatusOK {
+			t.Fatalf("GET /authorize from %s = %d, want 200", addr, rec.Code)
+		}
+		return consentIDFrom(t, rec.Body.String())
 	}
+	pending := func(id string) bool { _, ok := env.srv.consents.get(hashKey(id)); return ok }
 
-	t.Run("abandoned authorizations stop at the cap", func(t *testing.T) {
-		capAt(env.srv.consents, 100)
-		for i := range 150 {
-			rec := authorize()
-			if want := cmp.Or(min(i/100, 1)*503, 200); rec.Code != want {
-				t.Fatalf("GET /authorize #%d = %d, want %d", i+1, rec.Code, want)
-			}
+	t.Run("abandoned authorizations keep one address to its share, and lock nobody out", func(t *testing.T) {
+		var ids []string
+		for range pendingPerAddress + 10 {
+			ids = append(ids, authorize("192.0.2.1"))
 		}
-		if rec := authorize(); rec.Header().Get("Retry-After") == "" {
-			t.Errorf("503 without Retry-After")
+		if n := env.srv.consents.len(); n != pendingPerAddress {
+			t.Errorf("%d pending consents kept from one address, want its share, %d", n, pendingPerAddress)
 		}
-		if n := env.srv.consents.len(); n != 100 {
-			t.Errorf("%d pending consents kept, want the cap, 100", n)
+		if pending(ids[9]) || !pending(ids[10]) || !pending(ids[len(ids)-1]) {
+			t.Errorf("the address's oldest consents did not make room for its newest")
 		}
+		other := authorize("192.0.2.2")
+		capAt(env.srv.consents, env.srv.consents.len()) // full: the address holding the most makes room
+		third := authorize("198.51.100.7")
+		if !pending(other) || !pending(third) || pending(ids[10]) || !pending(ids[11]) {
+			t.Errorf("a full store dropped the wrong consent")
+		}
+		capAt(env.srv.consents, maxPending)
 		env.clock.advance(consentTTL) // they expire...
-		if rec := authorize(); rec.Code != http.StatusOK || env.srv.consents.len() != 1 {
-			t.Errorf("GET /authorize after they expired = %d with %d kept, want 200 with 1", rec.Code, env.srv.consents.len())
+		if id := authorize("192.0.2.1"); !pending(id) || pending(ids[len(ids)-1]) {
+			t.Errorf("after the consent lifetime: the old consent pending %v, a new one %v; want only the new", pending(ids[len(ids)-1]), pending(id))
 		}
 	})
-	t.Run("sign-ins at Entra stop at the cap", func(t *testing.T) {
+	t.Run("a browser starting the same client's sign-in again replaces its consent", func(t *testing.T) {
 		b := newBrowser(t)
-		id := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
-		capAt(env.srv.flows, 0)
-		resp := b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}})
-		if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" || resp.Header.Get("Location") != "" {
-			t.Errorf("approving past the cap = %d, want a 503 page with Retry-After", resp.StatusCode)
+		first := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
+		second := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
+		if pending(first) || !pending(second) {
+			t.Errorf("after a second authorization from one browser: first pending %v, second %v; want only the second", pending(first), pending(second))
 		}
-		capAt(env.srv.flows, maxPending)
+	})
+	t.Run("sign-ins at Entra keep one address to its share", func(t *testing.T) {
+		for range pendingPerAddress + 5 {
+			b := newBrowser(t)
+			id := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
+			if resp := b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}}); resp.StatusCode != http.StatusSeeOther {
+				t.Fatalf("approving = %d, want 303 to Entra", resp.StatusCode)
+			}
+		}
+		if n := env.srv.flows.len(); n != pendingPerAddress {
+			t.Errorf("%d sign-ins pending at Entra from one address, want its share, %d", n, pendingPerAddress)
+		}
 	})
 	t.Run("codes stop at the cap, and the client hears of it", func(t *testing.T) {
 		b := newBrowser(t)
@@ -3537,8 +3559,12 @@ func BenchmarkAbandonedAuthorizations(b *testing.B) {
 	var before, after runtime.MemStats
 	runtime.GC()
 	runtime.ReadMemStats(&before)
-	for b.Loop() {
-		env.srv.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", path, nil))
+	i := 0
+	for b.Loop() { // from ever new addresses, as a botnet would
+		r := httptest.NewRequest("GET", path, nil)
+		r.RemoteAddr = fmt.Sprintf("10.%d.%d.%d:1234", i>>16&255, i>>8&255, i&255)
+		env.srv.ServeHTTP(httptest.NewRecorder(), r)
+		i++
 	}
 	runtime.GC()
 	runtime.ReadMemStats(&after)

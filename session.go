@@ -619,18 +619,25 @@ type ttlMap[V any] struct {
 	max       int
 	entries   map[string]ttlEntry[V]
 	lastSweep time.Time
+
+	// For entries charged to an owner (see putCharged): their keys by owner,
+	// oldest first, and the owners by how many they hold, so that a full
+	// map finds one holding the most without a scan.
+	charged map[string][]string
+	holders []map[string]bool
 }
 
 type ttlEntry[V any] struct {
 	value   V
 	expires time.Time // zero: never
+	owner   string    // whom the entry is charged to (see putCharged); "" for none
 }
 
 // errStoreFull reports that a ttlMap holds as many live entries as it may.
 var errStoreFull = errors.New("the server is holding as much state as it may; try again later")
 
 func newTTLMap[V any](now func() time.Time, max int) *ttlMap[V] {
-	return &ttlMap[V]{now: now, max: max, entries: make(map[string]ttlEntry[V])}
+	return &ttlMap[V]{now: now, max: max, entries: make(map[string]ttlEntry[V]), charged: make(map[string][]string)}
 }
 
 // put stores v under key for ttl; a ttl of 0 keeps it until deleted. A new
@@ -646,28 +653,113 @@ func (m *ttlMap[V]) put(key string, v V, ttl time.Duration) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if _, exists := m.entries[key]; !exists && len(m.entries) >= m.max {
-		if now.Sub(m.lastSweep) >= time.Second {
-			m.lastSweep = now
-			for k, e := range m.entries {
-				if e.expired(now) {
-					delete(m.entries, k)
-				}
-			}
-		}
+		m.sweep(now)
 		if len(m.entries) >= m.max {
 			return errStoreFull
 		}
 	}
-	m.entries[key] = ttlEntry[V]{v, expires}
+	m.set(key, ttlEntry[V]{value: v, expires: expires})
 	return nil
+}
+
+// putCharged stores v under key for ttl, charged to owner (a client
+// address), who may hold quota entries: past that, owner's own oldest makes
+// room. A full map makes room too, by dropping the oldest entry of whoever
+// holds the most. It never refuses: one client cannot lock the others out
+// by filling the map, nor lock itself out by starting over and over.
+func (m *ttlMap[V]) putCharged(owner, key string, v V, ttl time.Duration, quota int) {
+	now := m.now()
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.remove(key)
+	if len(m.charged[owner]) >= quota {
+		m.remove(m.charged[owner][0])
+	}
+	if len(m.entries) >= m.max {
+		m.sweep(now)
+	}
+	if len(m.entries) >= m.max {
+		if most := m.holdingMost(); most != "" {
+			m.remove(m.charged[most][0])
+		}
+	}
+	m.set(key, ttlEntry[V]{value: v, expires: now.Add(ttl), owner: owner})
+}
+
+// holdingMost returns an owner holding the most entries, or ""; m.mu is held.
+func (m *ttlMap[V]) holdingMost() string {
+	for n := len(m.holders) - 1; n > 0; n-- {
+		for owner := range m.holders[n] {
+			return owner
+		}
+	}
+	return ""
+}
+
+// recount moves owner among the holders, from the count it had to the one
+// it has now; m.mu is held.
+func (m *ttlMap[V]) recount(owner string, had int) {
+	if had < len(m.holders) {
+		delete(m.holders[had], owner)
+	}
+	n := len(m.charged[owner])
+	for len(m.holders) <= n {
+		m.holders = append(m.holders, make(map[string]bool))
+	}
+	if n > 0 {
+		m.holders[n][owner] = true
+	}
+}
+
+// sweep removes every expired entry, at most once a second, so that a full
+// map is not swept on every request; m.mu is held.
+func (m *ttlMap[V]) sweep(now time.Time) {
+	if now.Sub(m.lastSweep) < time.Second {
+		return
+	}
+	m.lastSweep = now
+	for k, e := range m.entries {
+		if e.expired(now) {
+			m.remove(k)
+		}
+	}
+}
+
+// set and remove change entries, and keep the count of what each owner
+// holds; m.mu is held.
+func (m *ttlMap[V]) set(key string, e ttlEntry[V]) {
+	m.remove(key)
+	m.entries[key] = e
+	if e.owner != "" {
+		m.charged[e.owner] = append(m.charged[e.owner], key)
+		m.recount(e.owner, len(m.charged[e.owner])-1)
+	}
+}
+
+func (m *ttlMap[V]) remove(key string) {
+	e, ok := m.entries[key]
+	if !ok {
+		return
+	}
+	delete(m.entries, key)
+	if e.owner != "" {
+		keys := m.charged[e.owner]
+		m.charged[e.owner] = slices.DeleteFunc(keys, func(k string) bool { return k == key })
+		if len(m.charged[e.owner]) == 0 {
+			delete(m.charged, e.owner)
+		}
+		m.recount(e.owner, len(keys))
+	}
 }
 
 // touch gives the live entry under key another ttl, if there is one.
 func (m *ttlMap[V]) touch(key string, ttl time.Duration) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if v, ok := m.live(key); ok {
-		m.entries[key] = ttlEntry[V]{v, m.now().Add(ttl)}
+	if _, ok := m.live(key); ok {
+		e := m.entries[key]
+		e.expires = m.now().Add(ttl)
+		m.entries[key] = e
 	}
 }
 
@@ -684,14 +776,14 @@ func (m *ttlMap[V]) take(key string) (V, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	v, ok := m.live(key)
-	delete(m.entries, key)
+	m.remove(key)
 	return v, ok
 }
 
 func (m *ttlMap[V]) delete(key string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	delete(m.entries, key)
+	m.remove(key)
 }
 
 // deleteFunc deletes every entry for which del returns true.
@@ -700,7 +792,7 @@ func (m *ttlMap[V]) deleteFunc(del func(V) bool) {
 	defer m.mu.Unlock()
 	for k, e := range m.entries {
 		if del(e.value) {
-			delete(m.entries, k)
+			m.remove(k)
 		}
 	}
 }
@@ -734,7 +826,7 @@ func (m *ttlMap[V]) len() int {
 func (m *ttlMap[V]) live(key string) (V, bool) {
 	e, ok := m.entries[key]
 	if ok && e.expired(m.now()) {
-		delete(m.entries, key)
+		m.remove(key)
 		ok = false
 	}
 	if !ok {
