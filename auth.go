@@ -537,7 +537,7 @@ func (c *client) allows(grantType string) bool { return slices.Contains(c.GrantT
 // so the client gets a secret).
 func readClientMetadata(w http.ResponseWriter, r *http.Request) (clientMetadata, error) {
 	var md clientMetadata
-	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 64<<10))
+	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRegistration))
 	if err != nil {
 		return md, readError(err)
 	}
@@ -550,6 +550,10 @@ func readClientMetadata(w http.ResponseWriter, r *http.Request) (clientMetadata,
 	return md, checkClientMetadata(&md)
 }
 
+// maxRegistration bounds a registration's body: real clients send well under
+// 2 KB, and every registration is kept, in memory and in the state file.
+const maxRegistration = 8 << 10
+
 // clientMetadataNames are the member names of [clientMetadata].
 var clientMetadataNames = []string{"redirect_uris", "token_endpoint_auth_method", "grant_types", "response_types",
 	"client_name", "client_uri", "scope", "software_id", "software_version"}
@@ -558,6 +562,9 @@ var clientMetadataNames = []string{"redirect_uris", "token_endpoint_auth_method"
 // registers (RFC 7591 §2 lets the server replace requested values, as long as
 // it returns what it registered).
 func checkClientMetadata(md *clientMetadata) error {
+	// Lists are kept without repeats: a list of one value a thousand times
+	// is a thousand times the memory, for nothing.
+	md.RedirectURIs, md.GrantTypes, md.ResponseTypes = withoutRepeats(md.RedirectURIs), withoutRepeats(md.GrantTypes), withoutRepeats(md.ResponseTypes)
 	if len(md.RedirectURIs) == 0 || len(md.RedirectURIs) > 10 {
 		return badRequest("invalid_redirect_uri", "redirect_uris must list 1 to 10 URIs")
 	}
@@ -600,6 +607,17 @@ func checkClientMetadata(md *clientMetadata) error {
 	}
 	md.Scope = serverScope // whatever was asked for, this is what there is
 	return nil
+}
+
+// withoutRepeats returns list with each value once, in the order first seen.
+func withoutRepeats(list []string) []string {
+	var out []string
+	for _, v := range list {
+		if !slices.Contains(out, v) {
+			out = append(out, v)
+		}
+	}
+	return out
 }
 
 // checkRedirectURI accepts the redirect URIs real MCP clients register: https,

@@ -534,6 +534,15 @@ func TestRegister(t *testing.T) {
 			env.register(t, `{"redirect_uris":["`+u+`"],"token_endpoint_auth_method":"none"}`)
 		}
 	})
+	t.Run("lists are kept without repeats, and a body is at most 8 KB", func(t *testing.T) {
+		grants := `"authorization_code"` + strings.Repeat(`,"refresh_token"`, 400)
+		reg := env.register(t, `{"redirect_uris":["http://127.0.0.1/cb","http://127.0.0.1/cb"],"grant_types":[`+grants+`],"response_types":["code","code"],"token_endpoint_auth_method":"none"}`)
+		if fmt.Sprint(reg["redirect_uris"], reg["grant_types"], reg["response_types"]) != "[http://127.0.0.1/cb] [authorization_code refresh_token] [code]" {
+			t.Errorf("registered %v %v %v, want each value once", reg["redirect_uris"], reg["grant_types"], reg["response_types"])
+		}
+		big := `{"redirect_uris":["http://127.0.0.1/cb"],"client_name":"` + strings.Repeat("x", maxRegistration) + `"}`
+		wantOAuthError(t, env.do(t, "POST", "/register", strings.NewReader(big), http.Header{"Content-Type": {"application/json"}}), http.StatusRequestEntityTooLarge, "invalid_request")
+	})
 	t.Run("Cursor's registration, as Cursor sends it", func(t *testing.T) {
 		env.register(t, `{"redirect_uris":["cursor://anysphere.cursor-mcp/oauth/callback","https://www.cursor.com/agents/mcp/oauth/callback",`+
 			`"http://localhost:8787/callback"],"token_endpoint_auth_method":"none","grant_types":["authorization_code","refresh_token"],`+
@@ -566,6 +575,8 @@ func TestRegister(t *testing.T) {
 		{"implicit grant", `{"redirect_uris":["https://a.example/cb"],"grant_types":["implicit"]}`, "invalid_client_metadata"},
 		{"token response type", `{"redirect_uris":["https://a.example/cb"],"response_types":["token"]}`, "invalid_client_metadata"},
 		{"a member twice", `{"redirect_uris":["https://a.example/cb"],"redirect_uris":["https://b.example/cb"]}`, "invalid_client_metadata"},
+		{"too many redirect URIs, once each", `{"redirect_uris":["https://a.example/1","https://a.example/2","https://a.example/3","https://a.example/4",` +
+			`"https://a.example/5","https://a.example/6","https://a.example/7","https://a.example/8","https://a.example/9","https://a.example/10","https://a.example/11"]}`, "invalid_redirect_uri"},
 		{"a member in another case", `{"redirect_uris":["https://a.example/cb"],"Token_Endpoint_Auth_Method":"none"}`, "invalid_client_metadata"},
 	}
 	for _, tt := range tests {
