@@ -104,7 +104,7 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		writeOAuthError(w, unavailable())
 		return
 	}
-	s.saveState()
+	s.registrationsChanged() // saved in the background, within seconds
 	s.log.Info("client registered", "client_id", c.ID, "client_name", md.ClientName, "auth_method", md.TokenEndpointAuthMethod)
 	writeJSON(w, http.StatusCreated, resp)
 }
@@ -366,7 +366,7 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 		code.redeemed.Store(false) // the server was full: the client may try again
 		return nil, unavailable()
 	}
-	s.clients.touch(c.ID, clientTTL) // a client that completed a sign-in is kept
+	s.keepClient(c) // a client that completed a sign-in is kept
 	s.saveState()
 	return resp, nil
 }
@@ -421,7 +421,7 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 	}
 	if err == nil {
 		s.log.Info("tokens refreshed", "client_id", c.ID, "subject", sess.subject, "generation", gen+1)
-		s.clients.touch(c.ID, clientTTL)
+		s.keepClient(c)
 		s.saveState() // the new generation must survive a restart
 	}
 	return resp, err

@@ -58,6 +58,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -96,6 +97,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 	if err := srv.loadState(); err != nil {
 		return err
 	}
+	stopSaving := srv.startSavingClients(ctx) // registrations are saved in the background...
+	defer stopSaving()                        // ...and the last of them before run returns
 	httpServer := newHTTPServer(cfg, srv, logger)
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
@@ -127,6 +130,8 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		bodyTimeout: time.Minute,
 		streamStall: 30 * time.Second,
 		closing:     make(chan struct{}),
+
+		clientsChanged: make(chan struct{}, 1),
 	}
 
 	mux := http.NewServeMux()
@@ -178,8 +183,12 @@ type server struct {
 	bodyTimeout time.Duration        // how long a request body may take to arrive
 	closing     chan struct{}        // closed when the server shuts down
 	closeOnce   sync.Once
-	state       stateWriter  // writes of the state file
-	limiter     *rateLimiter // requests per client IP to the endpoints anyone can call
+	state       stateWriter // writes of the state file's sessions
+
+	clientsChanged chan struct{} // tells the background saver of the registrations
+	clientsDirty   atomic.Bool   // the registrations changed since their last write
+	clientsSaving  sync.Mutex    // held while they are written
+	limiter        *rateLimiter  // requests per client IP to the endpoints anyone can call
 }
 
 // ---------------------------------------------------------------------------

@@ -2118,6 +2118,64 @@ func TestStateFileForgetsEndedSessions(t *testing.T) {
 	}
 }
 
+// TestStateFileKeepsRegistrationsApart checks that saving a session never
+// rewrites the registrations, which have a file of their own; that run's
+// background saver writes them, the last ones at shutdown; and that a file
+// of version 1, which held both, is read and split.
+func TestStateFileKeepsRegistrationsApart(t *testing.T) {
+	key := randomBytes(32)
+	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state"); c.sessionKeys = [][]byte{key} })
+	for range 20 {
+		env.newClient(t, `"token_endpoint_auth_method":"none"`)
+	}
+	env.srv.saveClients()
+	clientsBefore, err := os.ReadFile(clientsFile(env.cfg.stateFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	signedIn := env.signIn(t, signInOptions{}) // saves the sessions, and registers a client
+	decodeJSON(t, env.refresh(t, signedIn.RefreshToken, signedIn.clientID), http.StatusOK, &tokenResponse{})
+	if clientsNow, _ := os.ReadFile(clientsFile(env.cfg.stateFile)); !bytes.Equal(clientsNow, clientsBefore) {
+		t.Errorf("saving sessions rewrote the registrations")
+	}
+	sessions, version, _, err := readStateFile(env.cfg.stateFile, env.srv.tokens.keys, partSessions)
+	if err != nil || version != 2 || len(sessions.Sessions) != 1 || len(sessions.Clients) != 0 {
+		t.Fatalf("the sessions' file: version %d, %d sessions and %d clients, %v; want version 2 with the session alone", version, len(sessions.Sessions), len(sessions.Clients), err)
+	}
+
+	t.Run("a version 1 file, holding both, is read and split", func(t *testing.T) {
+		st := savedState{Sessions: sessions.Sessions}
+		env.srv.clients.each(func(c *client, expires time.Time) {
+			st.Clients = append(st.Clients, savedClient{Metadata: c.clientMetadata, ID: c.ID, IssuedAt: c.IssuedAt, Expires: expires})
+		})
+		plain, _ := json.Marshal(st)
+		k := env.srv.tokens.keys[0]
+		nonce := randomBytes(12)
+		v1, _ := json.Marshal(stateEnvelope{Format: stateFormat, Version: 1, Kid: k.stateID(), Nonce: nonce, Sealed: newGCM(k).Seal(nil, nonce, plain, []byte(partBoth))})
+		path := filepath.Join(t.TempDir(), "state")
+		os.WriteFile(path, v1, 0o600)
+		cfg := env.cfg
+		cfg.stateFile = path
+		srv := newServer(cfg, env.logger, env.ec, env.clock.now)
+		if err := srv.loadState(); err != nil || srv.clients.len() != len(st.Clients) || srv.sessions.len() != 1 {
+			t.Fatalf("loading a version 1 file: %v, %d clients and %d sessions; want %d and 1", err, srv.clients.len(), srv.sessions.len(), len(st.Clients))
+		}
+		clients, version, _, err := readStateFile(clientsFile(path), srv.tokens.keys, partClients)
+		if err != nil || version != 2 || len(clients.Clients) != len(st.Clients) {
+			t.Errorf("after loading a version 1 file, the registrations' file holds %d clients (version %d, %v), want %d", len(clients.Clients), version, err, len(st.Clients))
+		}
+	})
+
+	t.Run("a damaged registrations file stops the start", func(t *testing.T) {
+		data, _ := os.ReadFile(clientsFile(env.cfg.stateFile))
+		data[len(data)/2] ^= 1
+		os.WriteFile(clientsFile(env.cfg.stateFile), data, 0o600)
+		if err := newServer(env.cfg, env.logger, env.ec, env.clock.now).loadState(); err == nil || !strings.Contains(err.Error(), ".clients") {
+			t.Errorf("loading a damaged registrations file = %v, want an error naming it", err)
+		}
+	})
+}
+
 func TestStateFileKeepsRegistrations(t *testing.T) {
 	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state") })
 	c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
@@ -2159,7 +2217,7 @@ func TestStateFileErrors(t *testing.T) {
 	}{
 		{"not a state file", []byte("garbage"), [][]byte{key}, "not an entra-mcp state file"},
 		{"another format", []byte(`{"format":"something else"}`), [][]byte{key}, "not an entra-mcp state file"},
-		{"a newer version", []byte(`{"format":"entra-mcp state","version":2}`), [][]byte{key}, "version 2"},
+		{"a newer version", []byte(`{"format":"entra-mcp state","version":3}`), [][]byte{key}, "version 3"},
 		{"another SESSION_KEY", good, [][]byte{otherKey}, "another SESSION_KEY"},
 		{"damaged", tampered, [][]byte{key}, "damaged"},
 		{"the old key as SESSION_KEY_PREVIOUS", good, [][]byte{otherKey, key}, ""},
@@ -2274,9 +2332,11 @@ func TestRunServesAndShutsDown(t *testing.T) {
 	ln.Close()
 	publicURL := "http://" + addr
 	f := newFakeEntra(t, fakeEntraOptions{redirectURI: publicURL + "/auth/callback"})
+	stateFile := filepath.Join(t.TempDir(), "state")
 	env := map[string]string{
 		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
 		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL, "ADDR": addr, "PUBLIC_URL": publicURL,
+		"STATE_FILE": stateFile, "SESSION_KEY": strings.Repeat("ab", 32),
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	logs, logWriter := io.Pipe()
@@ -2308,7 +2368,8 @@ func TestRunServesAndShutsDown(t *testing.T) {
 
 	// A client signs in through the real server and holds a stream open.
 	client := &testEnv{url: publicURL, entra: f}
-	conn := client.connect(t, client.signIn(t, signInOptions{}).AccessToken)
+	signedIn := client.signIn(t, signInOptions{})
+	conn := client.connect(t, signedIn.AccessToken)
 	var result toolResult
 	conn.call(t, "tools/call", `{"name":"getUserDetails"}`, &result)
 	if result.IsError {
@@ -2322,6 +2383,12 @@ func TestRunServesAndShutsDown(t *testing.T) {
 	}
 	if err := <-done; err != nil {
 		t.Errorf("run() after cancel = %v, want nil", err)
+	}
+	// The registration reached its file, by the time run returned at the latest.
+	key, _ := parseSessionKey("SESSION_KEY", env["SESSION_KEY"])
+	clients, _, _, err := readStateFile(clientsFile(stateFile), newSessionCodec(publicURL, time.Now, key).keys, partClients)
+	if err != nil || len(clients.Clients) != 1 || clients.Clients[0].ID != signedIn.clientID {
+		t.Errorf("registrations saved by run: %+v, %v; want the one client", clients.Clients, err)
 	}
 }
 
@@ -3554,6 +3621,48 @@ func waitForLine(r io.Reader, want string) bool {
 	return false
 }
 
+// BenchmarkStateFile measures the state files with 10,000 registrations and
+// 1,000 signed-in sessions (Entra tokens of a realistic size): what a save of
+// the sessions costs, which a token request that changes one waits for, and
+// what the background save of the registrations costs, which nobody waits for;
+// and the size of each file.
+func BenchmarkStateFile(b *testing.B) {
+	env := newTestEnv(b, func(c *config) { c.stateFile = filepath.Join(b.TempDir(), "state") })
+	env.srv.log = slog.New(slog.DiscardHandler)
+	md := clientMetadata{RedirectURIs: []string{"http://127.0.0.1:33418/", "https://vscode.dev/redirect"}, TokenEndpointAuthMethod: "none",
+		GrantTypes: []string{"authorization_code", "refresh_token"}, ResponseTypes: []string{"code"}, ClientName: "Visual Studio Code", Scope: "mcp"}
+	for range maxClients {
+		id := newSecret()
+		env.srv.clients.put(id, &client{clientMetadata: md, ID: id, IssuedAt: 1}, clientTTL)
+	}
+	for i := range 1_000 {
+		sess := &session{id: newSecret(), subject: "bench-" + strconv.Itoa(i), clientID: "bench", scope: "mcp", resource: env.url,
+			entraToken:  &oauth2.Token{AccessToken: strings.Repeat("a", 2000), RefreshToken: strings.Repeat("r", 1500)},
+			entraExpiry: env.clock.now().Add(time.Hour)}
+		env.srv.sessions.put(sess.id, sess, time.Hour)
+	}
+	size := func(path string) float64 {
+		info, err := os.Stat(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		return float64(info.Size()) / (1 << 20)
+	}
+	b.Run("sessions", func(b *testing.B) {
+		for b.Loop() {
+			env.srv.saveState()
+		}
+		b.ReportMetric(size(env.cfg.stateFile), "file-MiB")
+	})
+	b.Run("registrations", func(b *testing.B) {
+		for b.Loop() {
+			env.srv.registrationsChanged()
+			env.srv.saveClients()
+		}
+		b.ReportMetric(size(clientsFile(env.cfg.stateFile)), "file-MiB")
+	})
+}
+
 // BenchmarkAbandonedAuthorizations sends authorization requests that are
 // never completed, as a loop or an attacker would, and reports what the
 // server keeps: at most maxPending consents, however many arrive. Run it with
@@ -3739,6 +3848,11 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 // file, if any, and serves it in place of the one before, which is dropped
 // as it stands: the restart of a process killed with -9.
 func (e *testEnv) start(t testing.TB) error {
+	if e.srv != nil {
+		// run's background saver writes registrations within seconds of a
+		// change; the process is killed later than that.
+		e.srv.saveClients()
+	}
 	srv := newServer(e.cfg, e.logger, e.ec, e.clock.now)
 	// No wall-clock limit that a debugger paused on a breakpoint could trip:
 	// a stream unread for 30 seconds would be closed. The tests of that limit

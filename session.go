@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/aes"
 	"crypto/cipher"
 	"crypto/hkdf"
@@ -842,14 +843,17 @@ func (e ttlEntry[V]) expired(now time.Time) bool {
 
 // The state file: restarts lose nothing (when STATE_FILE is set).
 //
-// The registered clients and the signed-in sessions, Entra tokens included,
-// are written to STATE_FILE after every change a restart must not lose, before
-// the response goes out: even kill -9 just after loses nothing. The file is
-// JSON sealed with AES-256-GCM under a key derived from SESSION_KEY, written
-// to a temporary file (mode 0600) and renamed over the old one, so that it is
-// always whole. What is not kept: consents, sign-ins in progress and codes
-// (minutes long; the user starts again), and MCP sessions (clients start a new
-// one when they get 404).
+// The signed-in sessions, Entra tokens included, are written to STATE_FILE
+// after every change a restart must not lose, before the response goes out:
+// even kill -9 just after loses nothing. The registered clients go to a file
+// of their own beside it, STATE_FILE.clients, in the background, a few
+// seconds after they change: a token request never waits for other clients'
+// registrations to be written, and a flood of registrations costs no one
+// else anything. Each file is JSON sealed with AES-256-GCM under a key
+// derived from SESSION_KEY, written to a temporary file (mode 0600) and
+// renamed over the old one, so that it is always whole. What is not kept:
+// consents, sign-ins in progress and codes (minutes long; the user starts
+// again), and MCP sessions (clients start a new one when they get 404).
 
 // savedState is what STATE_FILE holds, once opened.
 type savedState struct {
@@ -894,6 +898,21 @@ type stateEnvelope struct {
 
 const stateFormat = "entra-mcp state"
 
+// The parts of the state, sealed apart: each names itself in the seal, so
+// that neither file can pass for the other. Version 1 files hold both.
+const (
+	partBoth     = stateFormat // version 1
+	partSessions = stateFormat + " sessions"
+	partClients  = stateFormat + " clients"
+)
+
+// clientsFile is where the registrations of STATE_FILE path are kept.
+func clientsFile(path string) string { return path + ".clients" }
+
+// clientSaveDelay is how long the background saver lets changes to the
+// registrations gather before it writes them.
+const clientSaveDelay = 2 * time.Second
+
 // stateWriter lets concurrent saves share writes (a group commit): each
 // change waits for a write that began after it, and one write covers every
 // change made before it began. Under load the file is written about as often
@@ -931,7 +950,7 @@ func (s *server) saveState() {
 		w.writing = true
 		covered := w.changes // every change announced so far is in the snapshot below
 		w.mu.Unlock()
-		if err := writeStateFile(s.cfg.stateFile, s.tokens.keys[0], s.snapshot()); err != nil {
+		if err := writeStateFile(s.cfg.stateFile, s.tokens.keys[0], partSessions, savedState{Sessions: s.snapshotSessions()}); err != nil {
 			s.log.Error("save state; a restart now would lose recent changes", "path", s.cfg.stateFile, "err", err)
 		}
 		w.mu.Lock()
@@ -941,12 +960,70 @@ func (s *server) saveState() {
 	}
 }
 
-// snapshot copies the clients and live sessions.
-func (s *server) snapshot() savedState {
+// keepClient keeps a client that completed a sign-in for clientTTL.
+func (s *server) keepClient(c *client) {
+	s.clients.touch(c.ID, clientTTL)
+	s.registrationsChanged()
+}
+
+// registrationsChanged notes that the registrations have changed: the
+// background saver writes them within seconds (saveClientsInBackground).
+func (s *server) registrationsChanged() {
+	if s.cfg.stateFile == "" {
+		return
+	}
+	s.clientsDirty.Store(true)
+	select {
+	case s.clientsChanged <- struct{}{}:
+	default: // a save is due already
+	}
+}
+
+// startSavingClients starts the background saver of the registrations, and
+// returns the function that stops it, once the last changes are on disk.
+func (s *server) startSavingClients(ctx context.Context) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			select {
+			case <-s.clientsChanged:
+			case <-ctx.Done():
+				s.saveClients()
+				return
+			}
+			select { // let the changes of the next seconds join this one
+			case <-time.After(clientSaveDelay):
+			case <-ctx.Done():
+			}
+			s.saveClients()
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// saveClients writes the registrations to their file, if they changed since
+// the last write. A failed write is logged, and tried again with the next.
+func (s *server) saveClients() {
+	s.clientsSaving.Lock()
+	defer s.clientsSaving.Unlock()
+	if s.cfg.stateFile == "" || !s.clientsDirty.Swap(false) {
+		return
+	}
 	var st savedState
 	s.clients.each(func(c *client, expires time.Time) {
 		st.Clients = append(st.Clients, savedClient{Metadata: c.clientMetadata, ID: c.ID, IssuedAt: c.IssuedAt, SecretHash: []byte(c.secretHash), Expires: expires})
 	})
+	if err := writeStateFile(clientsFile(s.cfg.stateFile), s.tokens.keys[0], partClients, st); err != nil {
+		s.clientsDirty.Store(true)
+		s.log.Error("save the registrations; a restart now would lose the newest", "path", clientsFile(s.cfg.stateFile), "err", err)
+	}
+}
+
+// snapshotSessions copies the live sessions.
+func (s *server) snapshotSessions() []savedSession {
+	var st savedState
 	s.sessions.each(func(sess *session, expires time.Time) {
 		if sess.ended.Load() {
 			return // a token request racing with endSession may have put it back
@@ -961,20 +1038,20 @@ func (s *server) snapshot() savedState {
 			RefreshGen: sess.refreshGen, RotatedAt: sess.rotatedAt, Expires: expires,
 		})
 	})
-	return st
+	return st.Sessions
 }
 
-// writeStateFile seals st with key and replaces the file at path with it,
-// atomically.
-func writeStateFile(path string, key codecKey, st savedState) error {
+// writeStateFile seals st, one part of the state, with key and replaces the
+// file at path with it, atomically.
+func writeStateFile(path string, key codecKey, part string, st savedState) error {
 	plain, err := json.Marshal(st)
 	if err != nil {
 		return err
 	}
 	gcm := newGCM(key)
 	nonce := randomBytes(gcm.NonceSize())
-	data, err := json.Marshal(stateEnvelope{Format: stateFormat, Version: 1, Kid: key.stateID(), Nonce: nonce,
-		Sealed: gcm.Seal(nil, nonce, plain, []byte(stateFormat))})
+	data, err := json.Marshal(stateEnvelope{Format: stateFormat, Version: 2, Kid: key.stateID(), Nonce: nonce,
+		Sealed: gcm.Seal(nil, nonce, plain, []byte(part))})
 	if err != nil {
 		return err
 	}
@@ -1006,37 +1083,33 @@ func writeStateFile(path string, key codecKey, st savedState) error {
 	return nil
 }
 
-// loadState reads STATE_FILE, if set and present, into the server. A file
-// that cannot be read, opened or understood stops the server with an error
-// that says what to do: it is never silently replaced.
+// loadState reads STATE_FILE and its registrations, if set and present, into
+// the server. A file that cannot be read, opened or understood stops the
+// server with an error that says what to do: it is never silently replaced.
 func (s *server) loadState() error {
 	path := s.cfg.stateFile
 	if path == "" {
 		return nil
 	}
 	removeLeftovers(path)
-	data, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil // the first start: the file comes with the first save
-	}
+	removeLeftovers(clientsFile(path))
+	st, version, _, err := readStateFile(path, s.tokens.keys, partSessions)
 	if err != nil {
-		return fmt.Errorf("STATE_FILE: %w", err)
+		return err
 	}
-	var env stateEnvelope
-	if err := json.Unmarshal(data, &env); err != nil || env.Format != stateFormat {
-		return fmt.Errorf("STATE_FILE %s is not an entra-mcp state file: point STATE_FILE elsewhere, or move the file away", path)
-	}
-	if env.Version != 1 {
-		return fmt.Errorf("STATE_FILE %s has format version %d, which this entra-mcp cannot read", path, env.Version)
-	}
-	i := slices.IndexFunc(s.tokens.keys, func(k codecKey) bool { return k.stateID() == env.Kid })
-	if i < 0 {
-		return fmt.Errorf("STATE_FILE %s was written with another SESSION_KEY: set that key as SESSION_KEY or SESSION_KEY_PREVIOUS, or move the file away to start afresh (every client then signs in again)", path)
-	}
-	plain, err := newGCM(s.tokens.keys[i]).Open(nil, env.Nonce, env.Sealed, []byte(stateFormat))
-	var st savedState
-	if err != nil || json.Unmarshal(plain, &st) != nil {
-		return fmt.Errorf("STATE_FILE %s is damaged (it fails its integrity check): restore a copy, or move it away to start afresh", path)
+	// The registrations are written again at once if they were in a version
+	// 1 file, which the next save of the sessions leaves them out of, or
+	// sealed with SESSION_KEY_PREVIOUS, which may go before they change.
+	resave := version == 1
+	if version != 1 {
+		clients, clientsVersion, key, err := readStateFile(clientsFile(path), s.tokens.keys, partClients)
+		if err != nil {
+			return err
+		}
+		if version == 0 && clientsVersion == 0 {
+			return nil // the first start: the files come with the first saves
+		}
+		st.Clients, resave = clients.Clients, key > 0
 	}
 
 	// What expired while the server was down is left out; nothing else is.
@@ -1063,8 +1136,45 @@ func (s *server) loadState() error {
 			return fmt.Errorf("STATE_FILE %s holds more sessions than this server keeps: %w", path, err)
 		}
 	}
+	if resave {
+		s.clientsDirty.Store(true)
+		s.saveClients()
+	}
 	s.log.Info("state loaded", "path", path, "clients", s.clients.len(), "sessions", s.sessions.len())
 	return nil
+}
+
+// readStateFile reads and opens the file at path, which holds part of the
+// state, and returns what it holds, its version (0 if there is no file yet)
+// and the index in keys of the key that sealed it. A version 1 file, which
+// holds both parts, is read as the sessions' part.
+func readStateFile(path string, keys []codecKey, part string) (st savedState, version, key int, err error) {
+	data, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return st, 0, 0, nil // the first start: the file comes with the first save
+	}
+	if err != nil {
+		return st, 0, 0, fmt.Errorf("STATE_FILE: %w", err)
+	}
+	var env stateEnvelope
+	if err := json.Unmarshal(data, &env); err != nil || env.Format != stateFormat {
+		return st, 0, 0, fmt.Errorf("STATE_FILE %s is not an entra-mcp state file: point STATE_FILE elsewhere, or move the file away", path)
+	}
+	switch {
+	case env.Version == 1 && part == partSessions:
+		part = partBoth
+	case env.Version != 2:
+		return st, 0, 0, fmt.Errorf("STATE_FILE %s has format version %d, which this entra-mcp cannot read", path, env.Version)
+	}
+	key = slices.IndexFunc(keys, func(k codecKey) bool { return k.stateID() == env.Kid })
+	if key < 0 {
+		return st, 0, 0, fmt.Errorf("STATE_FILE %s was written with another SESSION_KEY: set that key as SESSION_KEY or SESSION_KEY_PREVIOUS, or move the file away to start afresh (every client then signs in again)", path)
+	}
+	plain, err := newGCM(keys[key]).Open(nil, env.Nonce, env.Sealed, []byte(part))
+	if err != nil || json.Unmarshal(plain, &st) != nil {
+		return st, 0, 0, fmt.Errorf("STATE_FILE %s is damaged (it fails its integrity check): restore a copy, or move it away to start afresh", path)
+	}
+	return st, env.Version, key, nil
 }
 
 // removeLeftovers removes the temporary files that a process killed while
