@@ -518,8 +518,13 @@ func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest,
 		ConsentID:    consentID,
 		Loopback:     isLoopbackHost(redirect.Hostname()),
 	}
-	if data.RedirectHost == "" {
-		data.RedirectHost = redirect.Scheme + ":" // a private-use scheme, e.g. cursor:
+	if redirect.Scheme != "https" && redirect.Scheme != "http" {
+		// A private-use scheme names the application, whatever host follows
+		// it: com.evil.app://login.microsoftonline.com goes to com.evil.app.
+		data.RedirectHost = redirect.Scheme + ":"
+		if redirect.Host != "" {
+			data.RedirectHost += "//" + redirect.Host
+		}
 	}
 	s.writePage(w, http.StatusOK, consentPage, data)
 }
@@ -642,8 +647,10 @@ func checkRedirectURI(raw string) error {
 		return fmt.Errorf("redirect URI %q has control or invisible formatting characters", raw)
 	case !isASCII(u.Host):
 		return fmt.Errorf("redirect URI %q: the host must be ASCII; register its punycode (xn--) form", raw)
+	case u.User != nil || strings.Contains(u.Host, "%"):
+		return fmt.Errorf("redirect URI %q: user info and %% in the host hide where it leads", raw)
 	case u.Scheme == "https":
-		if u.Host == "" {
+		if u.Hostname() == "" {
 			return fmt.Errorf("redirect URI %q has no host", raw)
 		}
 	case u.Scheme == "http":

@@ -188,7 +188,9 @@ type server struct {
 	clientsChanged chan struct{} // tells the background saver of the registrations
 	clientsDirty   atomic.Bool   // the registrations changed since their last write
 	clientsSaving  sync.Mutex    // held while they are written
-	limiter        *rateLimiter  // requests per client IP to the endpoints anyone can call
+
+	userShares sync.Mutex   // held while a user's share of sign-ins or MCP sessions is counted and taken
+	limiter    *rateLimiter // requests per client IP to the endpoints anyone can call
 }
 
 // ---------------------------------------------------------------------------
@@ -663,7 +665,8 @@ func checkMemberNames(data []byte, decoded map[string][]string) error {
 		object bool
 		path   string
 		seen   map[string]bool
-		key    string // the member name whose value comes next; "" when a name comes next
+		key    string // the last member name: its value comes next, if value
+		value  bool
 	}
 	var stack []*frame
 	valuePath := func() string { // the path of the value about to start
@@ -685,7 +688,7 @@ func checkMemberNames(data []byte, decoded map[string][]string) error {
 		if err != nil {
 			return err
 		}
-		if name, ok := tok.(string); ok && len(stack) > 0 && stack[len(stack)-1].object && stack[len(stack)-1].key == "" {
+		if name, ok := tok.(string); ok && len(stack) > 0 && stack[len(stack)-1].object && !stack[len(stack)-1].value {
 			top := stack[len(stack)-1]
 			if top.seen[name] {
 				return fmt.Errorf("the member %q appears twice", name)
@@ -696,7 +699,7 @@ func checkMemberNames(data []byte, decoded map[string][]string) error {
 					return fmt.Errorf("the member %q must be spelled %q", name, want)
 				}
 			}
-			top.key = name
+			top.key, top.value = name, true
 			continue
 		}
 		switch tok {
@@ -707,7 +710,7 @@ func checkMemberNames(data []byte, decoded map[string][]string) error {
 			stack = stack[:len(stack)-1]
 		}
 		if len(stack) > 0 { // a value has ended: in an object, a name comes next
-			stack[len(stack)-1].key = ""
+			stack[len(stack)-1].value = false
 		}
 	}
 }

@@ -55,6 +55,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"testing"
+	"testing/synctest"
 	"time"
 
 	"golang.org/x/oauth2"
@@ -543,6 +544,14 @@ func TestRegister(t *testing.T) {
 		big := `{"redirect_uris":["http://127.0.0.1/cb"],"client_name":"` + strings.Repeat("x", maxRegistration) + `"}`
 		wantOAuthError(t, env.do(t, "POST", "/register", strings.NewReader(big), http.Header{"Content-Type": {"application/json"}}), http.StatusRequestEntityTooLarge, "invalid_request")
 	})
+	t.Run("the consent page names a private-use scheme's application, not the host after it", func(t *testing.T) {
+		reg := env.register(t, `{"redirect_uris":["com.evil.app://login.microsoftonline.com/cb"],"token_endpoint_auth_method":"none"}`)
+		c := &testClient{id: reg["client_id"].(string), redirectURI: "com.evil.app://login.microsoftonline.com/cb", verifier: oauth2.GenerateVerifier()}
+		page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil)))
+		if !strings.Contains(page, "<strong>com.evil.app://login.microsoftonline.com</strong>") {
+			t.Errorf("consent page for com.evil.app://login.microsoftonline.com/cb does not name com.evil.app:\n%s", page)
+		}
+	})
 	t.Run("Cursor's registration, as Cursor sends it", func(t *testing.T) {
 		env.register(t, `{"redirect_uris":["cursor://anysphere.cursor-mcp/oauth/callback","https://www.cursor.com/agents/mcp/oauth/callback",`+
 			`"http://localhost:8787/callback"],"token_endpoint_auth_method":"none","grant_types":["authorization_code","refresh_token"],`+
@@ -566,6 +575,10 @@ func TestRegister(t *testing.T) {
 		{"a look-alike host, percent-encoded", `{"redirect_uris":["https://micr%D0%BEsoft.com/cb"]}`, "invalid_redirect_uri"},
 		{"a look-alike private-use host", `{"redirect_uris":["com.example.app://micr\u043esoft.com/cb"]}`, "invalid_redirect_uri"},
 		{"a zero-width space", `{"redirect_uris":["https://a.example/\u200bcb"]}`, "invalid_redirect_uri"},
+		{"user info before the host", `{"redirect_uris":["https://login.microsoftonline.com@evil.example/cb"]}`, "invalid_redirect_uri"},
+		{"no host but a port", `{"redirect_uris":["https://:443/cb"]}`, "invalid_redirect_uri"},
+		{"a percent sign in the host", `{"redirect_uris":["https://evil%25.example/cb"]}`, "invalid_redirect_uri"},
+		{"an IPv6 zone in the host", `{"redirect_uris":["https://[fe80::1%25evil.example]/cb"]}`, "invalid_redirect_uri"},
 		{"a bidi override", `{"redirect_uris":["https://a.example/\u202ebc"]}`, "invalid_redirect_uri"},
 		{"a bidi override in client_name", `{"redirect_uris":["https://a.example/cb"],"client_name":"Good \u202eenilno"}`, "invalid_client_metadata"},
 		{"a control character in client_name", `{"redirect_uris":["https://a.example/cb"],"client_name":"a\u0007b"}`, "invalid_client_metadata"},
@@ -578,6 +591,7 @@ func TestRegister(t *testing.T) {
 		{"too many redirect URIs, once each", `{"redirect_uris":["https://a.example/1","https://a.example/2","https://a.example/3","https://a.example/4",` +
 			`"https://a.example/5","https://a.example/6","https://a.example/7","https://a.example/8","https://a.example/9","https://a.example/10","https://a.example/11"]}`, "invalid_redirect_uri"},
 		{"a member in another case", `{"redirect_uris":["https://a.example/cb"],"Token_Endpoint_Auth_Method":"none"}`, "invalid_client_metadata"},
+		{"a member twice, after an empty name", `{"":"z","redirect_uris":["https://evil.example/cb"],"redirect_uris":["https://good.example/cb"]}`, "invalid_client_metadata"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1329,6 +1343,9 @@ func TestJSONRPC(t *testing.T) {
 		{"a params member in another case", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"NAME":"getUserDetails"}}`, codeInvalidRequest, "null"},
 		{"a member twice, deep in the arguments", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails","arguments":{"a":[{"b":1,"b":2}]}}}`, codeInvalidRequest, "null"},
 		{"a member twice in a batch", `[{"jsonrpc":"2.0","id":1,"method":"ping","id":2}]`, codeInvalidRequest, "null"},
+		{"a member twice, after an empty name", `{"jsonrpc":"2.0","id":1,"":"z","method":"ping","method":"tools/list"}`, codeInvalidRequest, "null"},
+		{"a member twice, one name escaped", `{"jsonrpc":"2.0","id":1,"method":"ping","\u006dethod":"tools/list"}`, codeInvalidRequest, "null"},
+		{"a member in another case, by Unicode folding (long s)", `{"jsonrpc":"2.0","id":1,"method":"ping","param\u017f":{}}`, codeInvalidRequest, "null"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var r struct {
@@ -2125,6 +2142,7 @@ func TestStateFileForgetsEndedSessions(t *testing.T) {
 func TestStateFileKeepsRegistrationsApart(t *testing.T) {
 	key := randomBytes(32)
 	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state"); c.sessionKeys = [][]byte{key} })
+	md := clientMetadata{RedirectURIs: []string{"http://127.0.0.1/cb"}, TokenEndpointAuthMethod: "none", GrantTypes: []string{"authorization_code"}, ResponseTypes: []string{"code"}}
 	for range 20 {
 		env.newClient(t, `"token_endpoint_auth_method":"none"`)
 	}
@@ -2164,6 +2182,45 @@ func TestStateFileKeepsRegistrationsApart(t *testing.T) {
 		if err != nil || version != 2 || len(clients.Clients) != len(st.Clients) {
 			t.Errorf("after loading a version 1 file, the registrations' file holds %d clients (version %d, %v), want %d", len(clients.Clients), version, err, len(st.Clients))
 		}
+		if _, version, _, err := readStateFile(path, srv.tokens.keys, partSessions); err != nil || version != 2 {
+			t.Errorf("after loading a version 1 file, it is version %d (%v), want 2", version, err)
+		}
+		srv.clients.put("registered-after", &client{clientMetadata: md, ID: "registered-after"}, time.Hour)
+		srv.registrationsChanged()
+		srv.saveClients()
+		again := newServer(cfg, env.logger, env.ec, env.clock.now)
+		if err := again.loadState(); err != nil || again.clients.len() != len(st.Clients)+1 {
+			t.Errorf("a restart after a registration: %v, %d clients; want %d", err, again.clients.len(), len(st.Clients)+1)
+		}
+	})
+
+	t.Run("the two files cannot pass for each other", func(t *testing.T) {
+		dir := t.TempDir()
+		path := filepath.Join(dir, "state")
+		sessionsFile, _ := os.ReadFile(env.cfg.stateFile)
+		os.WriteFile(path, sessionsFile, 0o600)
+		os.WriteFile(clientsFile(path), sessionsFile, 0o600) // the sessions, where the registrations belong
+		cfg := env.cfg
+		cfg.stateFile = path
+		if err := newServer(cfg, env.logger, env.ec, env.clock.now).loadState(); err == nil || !strings.Contains(err.Error(), "damaged") {
+			t.Errorf("loading the sessions' file as the registrations' = %v, want it refused", err)
+		}
+	})
+
+	t.Run("registrations made while the server shuts down are saved too", func(t *testing.T) {
+		synctest.Test(t, func(t *testing.T) {
+			ctx, cancel := context.WithCancel(context.Background())
+			stop := env.srv.startSavingClients(ctx)
+			cancel()
+			synctest.Wait() // the saver has seen the shutdown begin, saved, and returned
+			env.srv.clients.put("registered-late", &client{clientMetadata: md, ID: "registered-late"}, time.Hour)
+			env.srv.registrationsChanged() // a request in flight completes
+			stop()
+		})
+		clients, _, _, err := readStateFile(clientsFile(env.cfg.stateFile), env.srv.tokens.keys, partClients)
+		if err != nil || !slices.ContainsFunc(clients.Clients, func(c savedClient) bool { return c.ID == "registered-late" }) {
+			t.Errorf("a registration made during shutdown was not saved (%v)", err)
+		}
 	})
 
 	t.Run("a damaged registrations file stops the start", func(t *testing.T) {
@@ -2186,6 +2243,14 @@ func TestStateFileKeepsRegistrations(t *testing.T) {
 	}
 	if got := authorize(); got != http.StatusOK {
 		t.Errorf("GET /authorize after a restart = %d, want 200: the registration was kept", got)
+	}
+	used := env.signIn(t, signInOptions{}) // completes a sign-in: kept for clientTTL, not an hour
+	env.clock.advance(2 * unusedClientTTL)
+	if err := env.start(t); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := env.srv.clients.get(used.clientID); !ok {
+		t.Errorf("a client that completed a sign-in was forgotten after %v and a restart", 2*unusedClientTTL)
 	}
 	env.clock.advance(clientTTL) // unused for so long, it expires...
 	if err := env.start(t); err != nil {
@@ -2918,6 +2983,27 @@ func TestSignInsPerUser(t *testing.T) {
 		if resp := env.do(t, "GET", "/sse", nil, bearer(tt.token)); resp.StatusCode != tt.want {
 			t.Errorf("GET /sse with %s sign-in's token = %d, want %d", name, resp.StatusCode, tt.want)
 		}
+	}
+}
+
+// TestMCPSessionsPerUserAtOnce opens many MCP sessions for one user at the
+// same time: the share holds however they race.
+func TestMCPSessionsPerUserAtOnce(t *testing.T) {
+	env := newTestEnv(t)
+	sess, _ := env.srv.sessions.get(tokenClaims(t, env.signIn(t, signInOptions{}).AccessToken)["sid"].(string))
+	var wg sync.WaitGroup
+	for range 4 * maxMCPSessionsPerUser {
+		wg.Go(func() { env.srv.addMCPSession(&mcpSession{id: newSecret(), owner: sess.id}, sess) })
+	}
+	wg.Wait()
+	n := 0
+	env.srv.mcp.each(func(ms *mcpSession, _ time.Time) {
+		if ms.user == sess.subject {
+			n++
+		}
+	})
+	if n != maxMCPSessionsPerUser {
+		t.Errorf("%d MCP sessions for one user after %d at once, want the share, %d", n, 4*maxMCPSessionsPerUser, maxMCPSessionsPerUser)
 	}
 }
 

@@ -372,23 +372,25 @@ const maxSessionsPerUser = 100
 // longest ago, if the user holds maxSessionsPerUser of them: a client that is
 // in use refreshes, and keeps its sign-in. No session's lock may be held.
 func (s *server) makeRoomForUser(subject string) {
-	var oldest *session
-	var oldestAt time.Time
-	n := 0
+	s.userShares.Lock() // so that sign-ins at once cannot each take the last place
+	defer s.userShares.Unlock()
+	type signIn struct {
+		sess *session
+		at   time.Time
+	}
+	var mine []signIn
 	s.sessions.each(func(sess *session, _ time.Time) {
 		if sess.subject != subject || sess.ended.Load() {
 			return
 		}
 		sess.mu.Lock()
-		at := sess.rotatedAt
-		sess.mu.Unlock()
-		if n++; oldest == nil || at.Before(oldestAt) {
-			oldest, oldestAt = sess, at
-		}
+		defer sess.mu.Unlock()
+		mine = append(mine, signIn{sess, sess.rotatedAt})
 	})
-	if n >= maxSessionsPerUser {
-		s.log.Info("the user holds too many sign-ins; ending the oldest", "subject", subject, "client_id", oldest.clientID)
-		s.endSession(oldest)
+	slices.SortFunc(mine, func(a, b signIn) int { return a.at.Compare(b.at) })
+	for ; len(mine) >= maxSessionsPerUser; mine = mine[1:] {
+		s.log.Info("the user holds too many sign-ins; ending the oldest", "subject", subject, "client_id", mine[0].sess.clientID)
+		s.endSession(mine[0].sess)
 	}
 }
 
@@ -1000,25 +1002,32 @@ func (s *server) startSavingClients(ctx context.Context) (stop func()) {
 			s.saveClients()
 		}
 	}()
-	return func() { cancel(); <-done }
+	return func() {
+		cancel()
+		<-done
+		s.saveClients() // what requests that finished during shutdown changed
+	}
 }
 
 // saveClients writes the registrations to their file, if they changed since
-// the last write. A failed write is logged, and tried again with the next.
-func (s *server) saveClients() {
+// the last write. A failed write is logged, returned, and tried again with the
+// next.
+func (s *server) saveClients() error {
 	s.clientsSaving.Lock()
 	defer s.clientsSaving.Unlock()
 	if s.cfg.stateFile == "" || !s.clientsDirty.Swap(false) {
-		return
+		return nil
 	}
 	var st savedState
 	s.clients.each(func(c *client, expires time.Time) {
 		st.Clients = append(st.Clients, savedClient{Metadata: c.clientMetadata, ID: c.ID, IssuedAt: c.IssuedAt, SecretHash: []byte(c.secretHash), Expires: expires})
 	})
-	if err := writeStateFile(clientsFile(s.cfg.stateFile), s.tokens.keys[0], partClients, st); err != nil {
+	err := writeStateFile(clientsFile(s.cfg.stateFile), s.tokens.keys[0], partClients, st)
+	if err != nil {
 		s.clientsDirty.Store(true)
 		s.log.Error("save the registrations; a restart now would lose the newest", "path", clientsFile(s.cfg.stateFile), "err", err)
 	}
+	return err
 }
 
 // snapshotSessions copies the live sessions.
@@ -1138,7 +1147,12 @@ func (s *server) loadState() error {
 	}
 	if resave {
 		s.clientsDirty.Store(true)
-		s.saveClients()
+		if err := s.saveClients(); err != nil {
+			return fmt.Errorf("STATE_FILE: write the registrations to %s: %w", clientsFile(path), err)
+		}
+	}
+	if version == 1 {
+		s.saveState() // version 2 from now on: the registrations are read from their own file
 	}
 	s.log.Info("state loaded", "path", path, "clients", s.clients.len(), "sessions", s.sessions.len())
 	return nil
