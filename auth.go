@@ -669,11 +669,15 @@ func checkRedirectURI(raw string) error {
 var clientSchemes = []string{"cursor", "vscode", "vscode-insiders", "windsurf"}
 
 // hasHiddenCharacters reports whether s holds a control character or an
-// invisible formatting one (Unicode category Cf: zero-width characters,
-// bidirectional overrides and isolates), which can make text on the consent
-// page read otherwise than it is.
+// invisible one, which can make text on the consent page read otherwise than
+// it is: formatting characters (Unicode category Cf: zero-width characters,
+// bidirectional overrides and isolates), line and paragraph separators,
+// variation selectors, and the blank fillers of Hangul and Braille.
 func hasHiddenCharacters(s string) bool {
-	return strings.ContainsFunc(s, func(r rune) bool { return unicode.IsControl(r) || unicode.Is(unicode.Cf, r) })
+	return strings.ContainsFunc(s, func(r rune) bool {
+		return unicode.IsControl(r) || unicode.In(r, unicode.Cf, unicode.Zl, unicode.Zp, unicode.Variation_Selector) ||
+			slices.Contains([]rune{0x034F, 0x115F, 0x1160, 0x2800, 0x3164, 0xFFA0}, r)
+	})
 }
 
 func isASCII(s string) bool {

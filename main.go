@@ -281,6 +281,15 @@ func (c *countedConn) Close() error {
 	return c.Conn.Close()
 }
 
+// CloseWrite lets net/http half-close the connection, as it does on a TCP
+// connection, before it closes one whose request it refused.
+func (c *countedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
+}
+
 // parseFlags parses the command line, which takes no flags but -h, which
 // prints the settings; help reports that it did.
 func parseFlags(args []string, stdout io.Writer) (help bool, err error) {

@@ -582,6 +582,7 @@ func TestRegister(t *testing.T) {
 		{"a bidi override", `{"redirect_uris":["https://a.example/\u202ebc"]}`, "invalid_redirect_uri"},
 		{"a bidi override in client_name", `{"redirect_uris":["https://a.example/cb"],"client_name":"Good \u202eenilno"}`, "invalid_client_metadata"},
 		{"a control character in client_name", `{"redirect_uris":["https://a.example/cb"],"client_name":"a\u0007b"}`, "invalid_client_metadata"},
+		{"a blank filler in client_name", `{"redirect_uris":["https://a.example/cb"],"client_name":"Good\u3164App"}`, "invalid_client_metadata"},
 		{"fragment", `{"redirect_uris":["https://a.example/cb#x"]}`, "invalid_redirect_uri"},
 		{"relative", `{"redirect_uris":["/cb"]}`, "invalid_redirect_uri"},
 		{"unknown auth method", `{"redirect_uris":["https://a.example/cb"],"token_endpoint_auth_method":"private_key_jwt"}`, "invalid_client_metadata"},
@@ -2191,6 +2192,25 @@ func TestStateFileKeepsRegistrationsApart(t *testing.T) {
 		again := newServer(cfg, env.logger, env.ec, env.clock.now)
 		if err := again.loadState(); err != nil || again.clients.len() != len(st.Clients)+1 {
 			t.Errorf("a restart after a registration: %v, %d clients; want %d", err, again.clients.len(), len(st.Clients)+1)
+		}
+	})
+
+	t.Run("a saved registration that today's rules refuse is dropped", func(t *testing.T) {
+		path := filepath.Join(t.TempDir(), "state")
+		old := md
+		old.RedirectURIs = []string{"ms-settings:privacy"}
+		st := savedState{Clients: []savedClient{{Metadata: md, ID: "good", Expires: env.clock.now().Add(time.Hour)}, {Metadata: old, ID: "old", Expires: env.clock.now().Add(time.Hour)}}}
+		if err := writeStateFile(clientsFile(path), env.srv.tokens.keys[0], partClients, st); err != nil {
+			t.Fatal(err)
+		}
+		cfg := env.cfg
+		cfg.stateFile = path
+		srv := newServer(cfg, env.logger, env.ec, env.clock.now)
+		if err := srv.loadState(); err != nil || srv.clients.len() != 1 {
+			t.Fatalf("loadState = %v with %d clients, want the good one alone", err, srv.clients.len())
+		}
+		if _, ok := srv.clients.get("good"); !ok {
+			t.Errorf("the good registration was dropped")
 		}
 	})
 

@@ -1127,6 +1127,10 @@ func (s *server) loadState() error {
 		if !c.Expires.After(now) {
 			continue
 		}
+		if err := checkClientMetadata(&c.Metadata); err != nil { // registered under older, laxer rules
+			s.log.Warn("a saved registration breaks today's rules; dropping it", "client_id", c.ID, "err", err)
+			continue
+		}
 		err := s.clients.put(c.ID, &client{clientMetadata: c.Metadata, ID: c.ID, IssuedAt: c.IssuedAt, secretHash: string(c.SecretHash)}, c.Expires.Sub(now))
 		if err != nil {
 			return fmt.Errorf("STATE_FILE %s holds more clients than this server keeps: %w", path, err)
@@ -1144,6 +1148,9 @@ func (s *server) loadState() error {
 		if err != nil {
 			return fmt.Errorf("STATE_FILE %s holds more sessions than this server keeps: %w", path, err)
 		}
+		// The client of a live session is kept: its own, later, save may have
+		// been lost to a crash.
+		s.clients.touch(ss.ClientID, clientTTL)
 	}
 	if resave {
 		s.clientsDirty.Store(true)
