@@ -219,7 +219,7 @@ type entraFlow struct {
 func (s *server) startSignIn(w http.ResponseWriter, r *http.Request, req *authRequest) {
 	state := newSecret()
 	flow := &entraFlow{req: req, verifier: oauth2.GenerateVerifier(), nonce: newSecret()}
-	s.flows.putCharged(clientAddress(r.RemoteAddr), hashKey(state), flow, flowTTL, pendingPerAddress)
+	s.keepFlow(r, state, flow) // charged to the client's address, never refused
 	authURL := s.entra.oauth.AuthCodeURL(state,
 		oauth2.S256ChallengeOption(flow.verifier),
 		oauth2.SetAuthURLParam("nonce", flow.nonce),
@@ -304,7 +304,7 @@ func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, 
 // client, then redeems a code (§4.1.3) or a refresh token (§4.3). Errors are
 // RFC 6749 §5.2 JSON.
 func (s *server) handleToken(w http.ResponseWriter, r *http.Request) {
-	c, ok := s.authenticatedClient(w, r)
+	c, ok := s.authenticatedClient(w, r) // reads the form, and checks who sent it
 	if !ok {
 		return
 	}
@@ -350,9 +350,9 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	if !isPKCEValue(verifier) || !sameSecret(s256(verifier), req.challenge) {
 		return nil, badRequest("invalid_grant", "code_verifier does not match the code_challenge")
 	}
-	aud, ok := s.tokenAudience(form, req.resource)
-	if !ok {
-		return nil, badRequest("invalid_target", "resource must be the one the sign-in was for, or inside it")
+	aud, err := s.tokenAudience(form, req.resource)
+	if err != nil {
+		return nil, err
 	}
 	// Each code works once. A second good use means it leaked with its
 	// verifier: end the session the first use started (OAuth 2.1 §4.1.3).
@@ -405,15 +405,15 @@ func (s *server) redeemRefreshToken(c *client, form url.Values) (*tokenResponse,
 	if !ok || sess.ended.Load() || sess.clientID != c.ID || !c.allows("refresh_token") {
 		return nil, badRequest("invalid_grant", "the refresh token is invalid or its session has ended; sign in again")
 	}
-	aud, ok := s.tokenAudience(form, sess.resource)
-	if !ok {
-		return nil, badRequest("invalid_target", "resource must be the one the sign-in was for, or inside it")
+	aud, err := s.tokenAudience(form, sess.resource)
+	if err != nil {
+		return nil, err
 	}
 	// Our session must not outlive the Entra sign-in it stands for: an expired
 	// Entra token is renewed now, which fails if the user was signed out
 	// there. If Entra cannot be reached, the refresh goes ahead.
 	if _, err := s.entraAccessToken(sess, ""); errors.Is(err, errSessionEnded) {
-		return nil, badRequest("invalid_grant", "the Microsoft sign-in has ended; sign in again")
+		return nil, badRequest("invalid_grant", errSessionEnded.Error())
 	}
 	resp, err := s.rotateRefresh(c, sess, gen, aud)
 	if errors.Is(err, errStoreFull) {
@@ -543,8 +543,11 @@ func (c *client) allows(grantType string) bool { return slices.Contains(c.GrantT
 func readClientMetadata(w http.ResponseWriter, r *http.Request) (clientMetadata, error) {
 	var md clientMetadata
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxRegistration))
-	if err != nil {
+	if errors.As(err, new(*http.MaxBytesError)) {
 		return md, readError(err)
+	}
+	if err != nil {
+		return md, badRequest("invalid_client_metadata", "the body could not be read")
 	}
 	if !utf8.Valid(body) || json.Unmarshal(body, &md) != nil {
 		return md, badRequest("invalid_client_metadata", "the body must be a JSON object of client metadata, in UTF-8")
@@ -643,7 +646,7 @@ func checkRedirectURI(raw string) error {
 		return fmt.Errorf("redirect URI %q is not an absolute URI", raw)
 	case u.Fragment != "" || strings.Contains(raw, "#"):
 		return fmt.Errorf("redirect URI %q has a fragment", raw)
-	case hasHiddenCharacters(raw) || hasHiddenCharacters(u.Host):
+	case hasHiddenCharacters(raw):
 		return fmt.Errorf("redirect URI %q has control or invisible formatting characters", raw)
 	case !isASCII(u.Host):
 		return fmt.Errorf("redirect URI %q: the host must be ASCII; register its punycode (xn--) form", raw)
@@ -753,14 +756,20 @@ const pendingPerAddress = 30
 // the id. It is charged to the client's address (see [ttlMap.putCharged]), so
 // that nobody can fill the store for everyone. A browser that starts the
 // same client's sign-in again (a reload, a client that retries) replaces its
-// earlier consent rather than add one.
+// earlier consent rather than add one (from the same address: a browser that
+// moved leaves its old consent to expire).
 func (s *server) keepConsent(r *http.Request, req *authRequest) string {
-	if s.sameBrowser(r, req.browser) { // a browser new here has nothing to replace
-		s.consents.deleteFunc(func(old *authRequest) bool { return old.browser == req.browser && old.clientID == req.clientID })
-	}
+	address := clientAddress(r.RemoteAddr)
+	s.consents.deleteCharged(address, func(old *authRequest) bool { return old.browser == req.browser && old.clientID == req.clientID })
 	consentID := newSecret()
-	s.consents.putCharged(clientAddress(r.RemoteAddr), hashKey(consentID), req, consentTTL, pendingPerAddress)
+	s.consents.putCharged(address, hashKey(consentID), req, consentTTL, pendingPerAddress)
 	return consentID
+}
+
+// keepFlow stores a sign-in at Entra under our state, charged to the
+// client's address like a consent (see [server.keepConsent]).
+func (s *server) keepFlow(r *http.Request, state string, flow *entraFlow) {
+	s.flows.putCharged(clientAddress(r.RemoteAddr), hashKey(state), flow, flowTTL, pendingPerAddress)
 }
 
 // maxAuthorizeQuery bounds an authorization request's query: room for long
@@ -789,12 +798,14 @@ func (s *server) canonicalResource(raw string) (string, bool) {
 // asks for: the grant's, or the resource the request names, which must be
 // the grant's or inside it, an endpoint of a whole-server grant (RFC 8707
 // §2.2). The session, and its refresh token, keep the grant's audience.
-func (s *server) tokenAudience(form url.Values, granted string) (string, bool) {
+func (s *server) tokenAudience(form url.Values, granted string) (string, error) {
 	if !form.Has("resource") {
-		return granted, true
+		return granted, nil
 	}
-	got, ok := s.canonicalResource(form.Get("resource"))
-	return got, ok && (got == granted || granted == s.cfg.publicURL)
+	if got, ok := s.canonicalResource(form.Get("resource")); ok && (got == granted || granted == s.cfg.publicURL) {
+		return got, nil
+	}
+	return "", badRequest("invalid_target", "resource must be the one the sign-in was for, or inside it")
 }
 
 // isPKCEValue reports whether v is 43 to 128 characters of the PKCE alphabet

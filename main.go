@@ -58,7 +58,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -127,11 +126,9 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		mcp:         newTTLMap[*mcpSession](now, maxSessions),
 		limiter:     newRateLimiter(now, cfg.rateLimit),
 		keepAlive:   15 * time.Second,
-		bodyTimeout: time.Minute,
 		streamStall: 30 * time.Second,
 		closing:     make(chan struct{}),
-
-		clientsChanged: make(chan struct{}, 1),
+		saver:       registrationSaver{changed: make(chan struct{}, 1)},
 	}
 
 	mux := http.NewServeMux()
@@ -180,17 +177,12 @@ type server struct {
 	mcp         *ttlMap[*mcpSession] // steps 8 and 9: MCP sessions of both transports, by id
 	keepAlive   time.Duration        // interval of SSE keep-alive comments
 	streamStall time.Duration        // how long an SSE stream may go unread before it is closed
-	bodyTimeout time.Duration        // how long a request body may take to arrive
 	closing     chan struct{}        // closed when the server shuts down
 	closeOnce   sync.Once
-	state       stateWriter // writes of the state file's sessions
-
-	clientsChanged chan struct{} // tells the background saver of the registrations
-	clientsDirty   atomic.Bool   // the registrations changed since their last write
-	clientsSaving  sync.Mutex    // held while they are written
-
-	userShares sync.Mutex   // held while a user's share of sign-ins or MCP sessions is counted and taken
-	limiter    *rateLimiter // requests per client IP to the endpoints anyone can call
+	state       stateWriter       // writes of the state file's sessions
+	saver       registrationSaver // writes of the registrations, in the background
+	userShares  sync.Mutex        // held while a user's share of sign-ins or MCP sessions is counted and taken
+	limiter     *rateLimiter      // requests per client IP to the endpoints anyone can call
 }
 
 // ---------------------------------------------------------------------------
@@ -201,25 +193,10 @@ type server struct {
 // ServeHTTP answers CORS first, so that browser-based clients (MCP Inspector
 // in direct mode, web apps) can read every answer, 401s included, then routes.
 func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.limitBodyTime(w, r)
 	if s.cors(w, r) {
 		return
 	}
 	s.mux.ServeHTTP(w, r)
-}
-
-// limitBodyTime gives a request's body bodyTimeout to arrive: a client that
-// trickles a large body, a byte now and then, is cut off, rather than hold
-// a connection for as long as it likes; so is one whose body is left unread
-// (net/http reads what remains after the handler returns). Once the body has
-// been read, net/http clears the deadline itself, as it starts watching for
-// the client going away, so a handler may then take as long as it needs
-// (TestSlowBodies holds it to that). Requests without a body, an SSE
-// stream's GET among them, get no deadline.
-func (s *server) limitBodyTime(w http.ResponseWriter, r *http.Request) {
-	if r.Body != nil && r.Body != http.NoBody {
-		http.NewResponseController(w).SetReadDeadline(time.Now().Add(s.bodyTimeout))
-	}
 }
 
 // limitConnections returns ln holding at most perAddress connections open
@@ -306,11 +283,21 @@ func parseFlags(args []string, stdout io.Writer) (help bool, err error) {
 // newHTTPServer returns the http.Server for srv, with its limits, and with
 // srv's streams closed at shutdown: Shutdown waits for active connections,
 // and open SSE streams never end on their own.
+//
+// ReadTimeout gives a request, its body included, a minute to arrive: a
+// client that trickles a large body, a byte now and then, is cut off rather
+// than hold a connection for as long as it likes, and so is one whose body
+// the handler left unread (net/http reads what remains). Once the body has
+// been read, net/http lifts the deadline as it starts watching for the
+// client going away, so a tool call may then take as long as it needs, and
+// an SSE stream, which has no body, lives on (TestSlowBodies holds it to
+// that).
 func newHTTPServer(cfg config, srv *server, logger *slog.Logger) *http.Server {
 	httpServer := &http.Server{
 		Addr:              cfg.addr,
 		Handler:           srv,
 		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       time.Minute,
 		MaxHeaderBytes:    64 << 10, // the request line and headers; 431 past it
 		IdleTimeout:       2 * time.Minute,
 		// No WriteTimeout: it would cut off long-lived SSE streams.
@@ -595,7 +582,9 @@ func newHTTPClient() *http.Client {
 	return &http.Client{Timeout: 30 * time.Second, Transport: transport}
 }
 
-// Caps on the state the server keeps (see ttlMap): past them it answers 503.
+// Caps on the state the server keeps (see ttlMap): past them it answers 503,
+// but for consents and sign-ins at Entra, where the client address holding
+// the most makes room (see ttlMap.putCharged).
 const (
 	maxClients  = 10_000 // registered clients
 	maxPending  = 10_000 // consents, sign-ins at Entra, and codes: each
@@ -727,7 +716,8 @@ func checkMemberNames(data []byte, decoded map[string][]string) error {
 // limit wraps the handler of an endpoint anyone can call with the rate limit
 // of its client's IP address, so that a loop cannot fill the stores behind it
 // or flood Entra with sign-ins. Past the limit: 429 with Retry-After, and an
-// OAuth JSON error (a page at /authorize, which browsers show).
+// OAuth JSON error (a page at /authorize and /auth/callback, which browsers
+// show).
 func (s *server) limit(endpoint string, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if wait, ok := s.limiter.allow(endpoint + " " + clientAddress(r.RemoteAddr)); !ok {

@@ -320,20 +320,22 @@ func (s *server) addMCPSession(ms *mcpSession, owner *session) error {
 	// One user may hold only so many, however many times they sign in: past
 	// that, their oldest makes room, so that one user cannot fill the store
 	// for everyone.
-	s.userShares.Lock() // so that requests at once cannot each take the last place
+	s.userShares.Lock() // counted and taken at once: requests at once cannot each take the last place
 	defer s.userShares.Unlock()
 	ms.user = owner.subject
-	var mine []*mcpSession
+	var oldest *mcpSession
+	n := 0
 	s.mcp.each(func(o *mcpSession, _ time.Time) {
 		if o.user == ms.user {
-			mine = append(mine, o)
+			if n++; oldest == nil || o.created.Before(oldest.created) {
+				oldest = o
+			}
 		}
 	})
-	slices.SortFunc(mine, func(a, b *mcpSession) int { return a.created.Compare(b.created) })
-	for ; len(mine) >= maxMCPSessionsPerUser; mine = mine[1:] {
-		s.mcp.delete(mine[0].id)
-		if mine[0].stream != nil {
-			mine[0].stream.end()
+	if n >= maxMCPSessionsPerUser {
+		s.mcp.delete(oldest.id)
+		if oldest.stream != nil {
+			oldest.stream.end()
 		}
 	}
 	ms.created = s.now()

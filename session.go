@@ -97,6 +97,8 @@ func (s *server) authenticate(w http.ResponseWriter, r *http.Request, endpoint s
 
 // startSession makes a signed-in session live and issues its first tokens.
 func (s *server) startSession(c *client, sess *session, aud string) (*tokenResponse, error) {
+	s.userShares.Lock() // the user's share is counted and taken at once
+	defer s.userShares.Unlock()
 	s.makeRoomForUser(sess.subject) // past maxSessionsPerUser, the user's oldest sign-in ends
 	sess.mu.Lock()
 	defer sess.mu.Unlock()
@@ -124,7 +126,7 @@ func (s *server) issueTokens(c *client, sess *session, aud string) (*tokenRespon
 			Scope:     sess.scope,
 			IssuedAt:  issued.Unix(),
 			Expiry:    expiry.Unix(),
-			TokenID:   s.tokens.tokenID(sess.id, sess.refreshGen),
+			TokenID:   s.tokens.tokenID(sess.id, sess.refreshGen, aud),
 		}),
 		TokenType: "Bearer",
 		ExpiresIn: int64(expiry.Sub(s.now()).Round(time.Second) / time.Second),
@@ -227,8 +229,8 @@ func (c *sessionCodec) verify(token string) (sessionClaims, error) {
 // Step 10: the Entra token, kept fresh on the server.
 
 // entraAccessToken returns the session's Entra access token, refreshing it
-// first if it expires within a minute or is refused, the token Graph just
-// refused. One refresh runs per session at a time, and callers that arrive
+// first if it expires within a minute or is the token Graph just refused
+// (refused). One refresh runs per session at a time, and callers that arrive
 // meanwhile get its result. It runs on a background context (golang.org/x/oauth2
 // keeps its context), so a caller that gives up cannot cancel it halfway. If
 // Entra refuses because the sign-in is over (the user was signed out or
@@ -350,17 +352,17 @@ func (s *server) endSession(sess *session) {
 // wants the user again), the session ends, and the client's next request gets
 // 401 so that it signs in again; other failures leave it for the next try.
 func (s *server) entraRenewalFailed(sess *session, err error) error {
+	attrs := []any{"subject", sess.subject, "err", err}
 	var rerr *oauth2.RetrieveError
-	switch {
-	case errors.As(err, &rerr) && slices.Contains(entraSignInOver, rerr.ErrorCode):
-		s.log.Warn("Entra refused to renew the sign-in; ending the session", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
-		s.endSession(sess)
-		return errSessionEnded
-	case errors.As(err, &rerr):
-		s.log.Warn("Entra token refresh failed", append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...)...)
-	default:
-		s.log.Warn("Entra token refresh failed", "subject", sess.subject, "err", err)
+	if errors.As(err, &rerr) {
+		attrs = append([]any{"subject", sess.subject}, retrieveErrorAttrs(rerr)...) // Entra's codes and ids, not its text
+		if slices.Contains(entraSignInOver, rerr.ErrorCode) {
+			s.log.Warn("Entra refused to renew the sign-in; ending the session", attrs...)
+			s.endSession(sess)
+			return errSessionEnded
+		}
 	}
+	s.log.Warn("Entra token refresh failed", attrs...)
 	return errors.New("your Microsoft sign-in could not be renewed just now; try again later")
 }
 
@@ -370,27 +372,26 @@ const maxSessionsPerUser = 100
 
 // makeRoomForUser ends the sign-in of subject's user that was refreshed
 // longest ago, if the user holds maxSessionsPerUser of them: a client that is
-// in use refreshes, and keeps its sign-in. No session's lock may be held.
+// in use refreshes, and keeps its sign-in. s.userShares is held, until the
+// new sign-in is stored; no session's lock is.
 func (s *server) makeRoomForUser(subject string) {
-	s.userShares.Lock() // so that sign-ins at once cannot each take the last place
-	defer s.userShares.Unlock()
-	type signIn struct {
-		sess *session
-		at   time.Time
-	}
-	var mine []signIn
+	var oldest *session
+	var oldestAt time.Time
+	n := 0
 	s.sessions.each(func(sess *session, _ time.Time) {
 		if sess.subject != subject || sess.ended.Load() {
 			return
 		}
 		sess.mu.Lock()
-		defer sess.mu.Unlock()
-		mine = append(mine, signIn{sess, sess.rotatedAt})
+		at := sess.rotatedAt
+		sess.mu.Unlock()
+		if n++; oldest == nil || at.Before(oldestAt) {
+			oldest, oldestAt = sess, at
+		}
 	})
-	slices.SortFunc(mine, func(a, b signIn) int { return a.at.Compare(b.at) })
-	for ; len(mine) >= maxSessionsPerUser; mine = mine[1:] {
-		s.log.Info("the user holds too many sign-ins; ending the oldest", "subject", subject, "client_id", mine[0].sess.clientID)
-		s.endSession(mine[0].sess)
+	if n >= maxSessionsPerUser {
+		s.log.Info("the user holds too many sign-ins; ending the oldest", "subject", subject, "client_id", oldest.clientID)
+		s.endSession(oldest)
 	}
 }
 
@@ -567,9 +568,11 @@ func macSum(key []byte, data string) []byte {
 }
 
 // tokenID derives the jti of the session token of generation gen of session
-// sid, so that issuing a generation's tokens again gives the same bytes.
-func (c *sessionCodec) tokenID(sid string, gen uint64) string {
-	mac := macSum(c.keys[0].refresh, "jti."+sid+"."+strconv.FormatUint(gen, 10))
+// sid for audience aud, so that issuing a generation's tokens again gives the
+// same bytes, and tokens for two audiences never share a jti. Neither sid nor
+// gen holds a dot, so the input reads one way only.
+func (c *sessionCodec) tokenID(sid string, gen uint64, aud string) string {
+	mac := macSum(c.keys[0].refresh, "jti."+sid+"."+strconv.FormatUint(gen, 10)+"."+aud)
 	return base64.RawURLEncoding.EncodeToString(mac[:16])
 }
 
@@ -615,7 +618,8 @@ func sameSecret(a, b string) bool {
 // goroutine sweeps in the background, and memory stays bounded by max
 // whatever clients do. A map full of live entries refuses new ones
 // (errStoreFull) and the server answers 503: better a busy server than one
-// that runs out of memory.
+// that runs out of memory. Entries charged to a client (putCharged) are
+// never refused: the client holding the most makes room instead.
 type ttlMap[V any] struct {
 	mu        sync.Mutex
 	now       func() time.Time
@@ -755,15 +759,18 @@ func (m *ttlMap[V]) remove(key string) {
 	}
 }
 
-// touch gives the live entry under key another ttl, if there is one.
-func (m *ttlMap[V]) touch(key string, ttl time.Duration) {
+// touch gives the live entry under key another ttl, if there is one, and
+// says how long it had left.
+func (m *ttlMap[V]) touch(key string, ttl time.Duration) (left time.Duration, ok bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if _, ok := m.live(key); ok {
-		e := m.entries[key]
-		e.expires = m.now().Add(ttl)
-		m.entries[key] = e
+	if _, ok := m.live(key); !ok {
+		return 0, false
 	}
+	e := m.entries[key]
+	left, e.expires = e.expires.Sub(m.now()), m.now().Add(ttl)
+	m.entries[key] = e
+	return left, true
 }
 
 // get returns the live entry under key.
@@ -787,6 +794,18 @@ func (m *ttlMap[V]) delete(key string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.remove(key)
+}
+
+// deleteCharged deletes the entries charged to owner for which del returns
+// true: a look at a few entries, not at the whole map.
+func (m *ttlMap[V]) deleteCharged(owner string, del func(V) bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, k := range slices.Clone(m.charged[owner]) {
+		if del(m.entries[k].value) {
+			m.remove(k)
+		}
+	}
 }
 
 // deleteFunc deletes every entry for which del returns true.
@@ -857,7 +876,8 @@ func (e ttlEntry[V]) expired(now time.Time) bool {
 // consents, sign-ins in progress and codes (minutes long; the user starts
 // again), and MCP sessions (clients start a new one when they get 404).
 
-// savedState is what STATE_FILE holds, once opened.
+// savedState is what a state file holds, once opened: the sessions in
+// STATE_FILE, the clients in STATE_FILE.clients (both, in a version 1 file).
 type savedState struct {
 	Clients  []savedClient  `json:"clients"`
 	Sessions []savedSession `json:"sessions"`
@@ -962,21 +982,32 @@ func (s *server) saveState() {
 	}
 }
 
-// keepClient keeps a client that completed a sign-in for clientTTL.
+// registrationSaver lets the registrations be written in the background,
+// a few seconds after they change (see startSavingClients).
+type registrationSaver struct {
+	changed chan struct{} // tells the saver
+	dirty   atomic.Bool   // the registrations changed since their last write
+	writing sync.Mutex    // held while they are written
+}
+
+// keepClient keeps a client that completed a sign-in for clientTTL. The
+// registrations are written again only when the client's lifetime had worn
+// down to half: every refresh need not rewrite them all.
 func (s *server) keepClient(c *client) {
-	s.clients.touch(c.ID, clientTTL)
-	s.registrationsChanged()
+	if left, ok := s.clients.touch(c.ID, clientTTL); ok && left < clientTTL/2 {
+		s.registrationsChanged()
+	}
 }
 
 // registrationsChanged notes that the registrations have changed: the
-// background saver writes them within seconds (saveClientsInBackground).
+// background saver writes them within seconds (startSavingClients).
 func (s *server) registrationsChanged() {
 	if s.cfg.stateFile == "" {
 		return
 	}
-	s.clientsDirty.Store(true)
+	s.saver.dirty.Store(true)
 	select {
-	case s.clientsChanged <- struct{}{}:
+	case s.saver.changed <- struct{}{}:
 	default: // a save is due already
 	}
 }
@@ -990,14 +1021,14 @@ func (s *server) startSavingClients(ctx context.Context) (stop func()) {
 		defer close(done)
 		for {
 			select {
-			case <-s.clientsChanged:
+			case <-s.saver.changed:
 			case <-ctx.Done():
-				s.saveClients()
 				return
 			}
 			select { // let the changes of the next seconds join this one
 			case <-time.After(clientSaveDelay):
 			case <-ctx.Done():
+				return
 			}
 			s.saveClients()
 		}
@@ -1005,7 +1036,7 @@ func (s *server) startSavingClients(ctx context.Context) (stop func()) {
 	return func() {
 		cancel()
 		<-done
-		s.saveClients() // what requests that finished during shutdown changed
+		s.saveClients() // the last changes, those of requests that finished during shutdown included
 	}
 }
 
@@ -1013,9 +1044,9 @@ func (s *server) startSavingClients(ctx context.Context) (stop func()) {
 // the last write. A failed write is logged, returned, and tried again with the
 // next.
 func (s *server) saveClients() error {
-	s.clientsSaving.Lock()
-	defer s.clientsSaving.Unlock()
-	if s.cfg.stateFile == "" || !s.clientsDirty.Swap(false) {
+	s.saver.writing.Lock()
+	defer s.saver.writing.Unlock()
+	if s.cfg.stateFile == "" || !s.saver.dirty.Swap(false) {
 		return nil
 	}
 	var st savedState
@@ -1024,7 +1055,7 @@ func (s *server) saveClients() error {
 	})
 	err := writeStateFile(clientsFile(s.cfg.stateFile), s.tokens.keys[0], partClients, st)
 	if err != nil {
-		s.clientsDirty.Store(true)
+		s.saver.dirty.Store(true)
 		s.log.Error("save the registrations; a restart now would lose the newest", "path", clientsFile(s.cfg.stateFile), "err", err)
 	}
 	return err
@@ -1032,7 +1063,7 @@ func (s *server) saveClients() error {
 
 // snapshotSessions copies the live sessions.
 func (s *server) snapshotSessions() []savedSession {
-	var st savedState
+	var saved []savedSession
 	s.sessions.each(func(sess *session, expires time.Time) {
 		if sess.ended.Load() {
 			return // a token request racing with endSession may have put it back
@@ -1040,14 +1071,14 @@ func (s *server) snapshotSessions() []savedSession {
 		sess.mu.Lock()
 		defer sess.mu.Unlock()
 		u := sess.user
-		st.Sessions = append(st.Sessions, savedSession{
+		saved = append(saved, savedSession{
 			ID: sess.id, Subject: sess.subject, TenantID: u.tenantID, ObjectID: u.objectID, Name: u.name, Username: u.username,
 			ClientID: sess.clientID, Scope: sess.scope, Resource: sess.resource,
 			Entra: sess.entraToken, EntraExpiry: sess.entraExpiry,
 			RefreshGen: sess.refreshGen, RotatedAt: sess.rotatedAt, Expires: expires,
 		})
 	})
-	return st.Sessions
+	return saved
 }
 
 // writeStateFile seals st, one part of the state, with key and replaces the
@@ -1102,16 +1133,17 @@ func (s *server) loadState() error {
 	}
 	removeLeftovers(path)
 	removeLeftovers(clientsFile(path))
-	st, version, _, err := readStateFile(path, s.tokens.keys, partSessions)
+	st, version, sessionsKey, err := readStateFile(path, s.tokens.keys, partSessions)
 	if err != nil {
 		return err
 	}
 	// The registrations are written again at once if they were in a version
 	// 1 file, which the next save of the sessions leaves them out of, or
 	// sealed with SESSION_KEY_PREVIOUS, which may go before they change.
-	resave := version == 1
+	resave, clientsPath := version == 1, path
 	if version != 1 {
-		clients, clientsVersion, key, err := readStateFile(clientsFile(path), s.tokens.keys, partClients)
+		clientsPath = clientsFile(path)
+		clients, clientsVersion, key, err := readStateFile(clientsPath, s.tokens.keys, partClients)
 		if err != nil {
 			return err
 		}
@@ -1122,18 +1154,28 @@ func (s *server) loadState() error {
 	}
 
 	// What expired while the server was down is left out; nothing else is.
+	// The client of a live session is kept, even if its saved lifetime has
+	// passed: the save that extended it may have been lost to a crash.
 	now := s.now()
+	inUse := make(map[string]bool)
+	for _, ss := range st.Sessions {
+		inUse[ss.ClientID] = inUse[ss.ClientID] || ss.Expires.After(now)
+	}
 	for _, c := range st.Clients {
-		if !c.Expires.After(now) {
+		ttl := c.Expires.Sub(now)
+		if inUse[c.ID] {
+			ttl = max(ttl, clientTTL)
+		}
+		if ttl <= 0 {
 			continue
 		}
 		if err := checkClientMetadata(&c.Metadata); err != nil { // registered under older, laxer rules
 			s.log.Warn("a saved registration breaks today's rules; dropping it", "client_id", c.ID, "err", err)
 			continue
 		}
-		err := s.clients.put(c.ID, &client{clientMetadata: c.Metadata, ID: c.ID, IssuedAt: c.IssuedAt, secretHash: string(c.SecretHash)}, c.Expires.Sub(now))
+		err := s.clients.put(c.ID, &client{clientMetadata: c.Metadata, ID: c.ID, IssuedAt: c.IssuedAt, secretHash: string(c.SecretHash)}, ttl)
 		if err != nil {
-			return fmt.Errorf("STATE_FILE %s holds more clients than this server keeps: %w", path, err)
+			return fmt.Errorf("STATE_FILE %s holds more clients than this server keeps: %w", clientsPath, err)
 		}
 	}
 	for _, ss := range st.Sessions {
@@ -1148,18 +1190,15 @@ func (s *server) loadState() error {
 		if err != nil {
 			return fmt.Errorf("STATE_FILE %s holds more sessions than this server keeps: %w", path, err)
 		}
-		// The client of a live session is kept: its own, later, save may have
-		// been lost to a crash.
-		s.clients.touch(ss.ClientID, clientTTL)
 	}
 	if resave {
-		s.clientsDirty.Store(true)
+		s.saver.dirty.Store(true)
 		if err := s.saveClients(); err != nil {
 			return fmt.Errorf("STATE_FILE: write the registrations to %s: %w", clientsFile(path), err)
 		}
 	}
-	if version == 1 {
-		s.saveState() // version 2 from now on: the registrations are read from their own file
+	if version == 1 || sessionsKey > 0 {
+		s.saveState() // version 2, and the current key, from now on
 	}
 	s.log.Info("state loaded", "path", path, "clients", s.clients.len(), "sessions", s.sessions.len())
 	return nil
