@@ -485,6 +485,7 @@ type clientMetadata struct {
 	Scope                   string   `json:"scope"`
 	SoftwareID              string   `json:"software_id,omitempty"`
 	SoftwareVersion         string   `json:"software_version,omitempty"`
+	ApplicationType         string   `json:"application_type,omitempty"` // "native" or "web"; kept, never checked (MCP 2026-07-28)
 }
 
 // registration is the response of RFC 7591 §3.2.1: the client's id, its
@@ -564,7 +565,7 @@ const maxRegistration = 8 << 10
 
 // clientMetadataNames are the member names of [clientMetadata].
 var clientMetadataNames = []string{"redirect_uris", "token_endpoint_auth_method", "grant_types", "response_types",
-	"client_name", "client_uri", "scope", "software_id", "software_version"}
+	"client_name", "client_uri", "scope", "software_id", "software_version", "application_type"}
 
 // checkClientMetadata validates md and fills in the defaults this server
 // registers (RFC 7591 §2 lets the server replace requested values, as long as

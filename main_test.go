@@ -314,6 +314,72 @@ func TestSSEWalkthrough(t *testing.T) {
 	})
 }
 
+// TestModernWalkthrough is a client of MCP 2026-07-28 after signing in: no
+// initialize, no Mcp-Session-Id; each request carries its protocol version and
+// capabilities in _meta and mirrors its method in headers.
+func TestModernWalkthrough(t *testing.T) {
+	env := newTestEnv(t)
+	var c *modernClient
+
+	t.Run("step 1: a request without a token gets 401, as in every era", func(t *testing.T) {
+		resp := (&modernClient{env: env}).post(t, "server/discover", `{}`, http.Header{"Authorization": nil})
+		// No offline_access in the challenge's scope (2026-07-28 "Refresh Tokens").
+		want := `Bearer resource_metadata="` + env.url + `/.well-known/oauth-protected-resource/mcp", scope="mcp"`
+		if got := resp.Header.Get("WWW-Authenticate"); resp.StatusCode != http.StatusUnauthorized || got != want {
+			t.Fatalf("server/discover without a token = %d %q, want 401 %q", resp.StatusCode, got, want)
+		}
+	})
+	t.Run("steps 2 to 7: sign in for /mcp", func(t *testing.T) {
+		c = &modernClient{env: env, token: env.signIn(t, signInOptions{resource: env.url + "/mcp"}).AccessToken}
+	})
+
+	t.Run("step 8: server/discover instead of initialize", func(t *testing.T) {
+		resp := c.post(t, "server/discover", `{}`, nil)
+		var discover struct {
+			ResultType        string
+			SupportedVersions []string
+			Capabilities      map[string]any
+			TTLMs             *int64 `json:"ttlMs"`
+			CacheScope        string
+			Meta              map[string]struct{ Name string } `json:"_meta"`
+		}
+		c.result(t, resp, &discover)
+		if resp.Header.Get("Mcp-Session-Id") != "" {
+			t.Errorf("Mcp-Session-Id = %q, want none", resp.Header.Get("Mcp-Session-Id"))
+		}
+		// The TypeScript client falls back to initialize if one of these is missing.
+		if discover.ResultType != "complete" || discover.SupportedVersions[0] != "2026-07-28" || discover.Capabilities["tools"] == nil ||
+			discover.TTLMs == nil || discover.CacheScope != "public" || discover.Meta[metaServerInfo].Name != "entra-mcp" {
+			t.Errorf("server/discover = %+v", discover)
+		}
+	})
+
+	t.Run("step 9: tools/list, with its caching hints", func(t *testing.T) {
+		var list struct {
+			ResultType string
+			Tools      []tool
+			TTLMs      *int64 `json:"ttlMs"`
+			CacheScope string
+		}
+		c.result(t, c.post(t, "tools/list", `{}`, nil), &list)
+		if list.ResultType != "complete" || len(list.Tools) != 1 || list.Tools[0].OutputSchema == nil || list.TTLMs == nil || list.CacheScope == "" {
+			t.Errorf("tools/list = %+v", list)
+		}
+	})
+
+	t.Run("step 10: tools/call, with the tool's name in Mcp-Name", func(t *testing.T) {
+		var result struct {
+			toolResult
+			ResultType string
+		}
+		c.result(t, c.post(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, nil), &result)
+		if result.ResultType != "complete" || result.IsError || result.StructuredContent == nil ||
+			!strings.Contains(result.Content[0].Text, "Adele Vance") {
+			t.Errorf("tools/call = %+v", result)
+		}
+	})
+}
+
 // Example_sessionToken shows what a session token carries: a fixed header
 // with the key id and format version, and claims that name a session.
 func Example_sessionToken() {
@@ -544,6 +610,14 @@ func TestRegister(t *testing.T) {
 		page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil)))
 		if !strings.Contains(page, "<strong>com.evil.app://login.microsoftonline.com</strong>") {
 			t.Errorf("consent page for com.evil.app://login.microsoftonline.com/cb does not name com.evil.app:\n%s", page)
+		}
+	})
+	t.Run("application_type is accepted and echoed, whatever it says (MCP 2026-07-28)", func(t *testing.T) {
+		for _, at := range []string{"native", "web", "something-new"} {
+			reg := env.register(t, `{"redirect_uris":["http://127.0.0.1/cb"],"application_type":"`+at+`","token_endpoint_auth_method":"none"}`)
+			if reg["application_type"] != at {
+				t.Errorf("application_type %q registered as %v", at, reg["application_type"])
+			}
 		}
 	})
 	t.Run("Cursor's registration, as Cursor sends it", func(t *testing.T) {
@@ -1155,8 +1229,8 @@ func TestStreamableHTTPErrors(t *testing.T) {
 			http.Header{"Mcp-Session-Id": {"ended"}}, 404, codeSessionNotFound},
 		{"no version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": nil}, 200, 0},
 		{"unsupported version header", a, "POST", ping, http.Header{"Mcp-Protocol-Version": {"1999-01-01"}}, 400, codeInvalidRequest},
-		{"2026-07-28 probe", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}`,
-			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Mcp-Session-Id": nil, "Mcp-Method": {"server/discover"}}, 400, codeInvalidRequest},
+		{"2026-07-28 request without _meta", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}`,
+			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Mcp-Session-Id": nil, "Mcp-Method": {"server/discover"}}, 400, codeInvalidParams},
 		{"2026-07-28 probe without a token", a, "POST", `{"jsonrpc":"2.0","id":1,"method":"server/discover"}`,
 			http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Authorization": nil}, 401, 0},
 		{"batch outside 2025-03-26", a, "POST", "[" + ping + "]", nil, 400, codeInvalidRequest},
@@ -1219,6 +1293,116 @@ func TestStreamableHTTPErrors(t *testing.T) {
 			if resp := env.do(t, r.method, r.path, strings.NewReader(ping), evil); resp.StatusCode != http.StatusForbidden {
 				t.Errorf("%s %s from a foreign Origin = %d, want 403", r.method, r.path, resp.StatusCode)
 			}
+		}
+	})
+}
+
+// TestModernRequests holds MCP 2026-07-28 requests to the rules of
+// "Server Validation" and "Versioning", and keeps the eras apart.
+func TestModernRequests(t *testing.T) {
+	env := newTestEnv(t)
+	c := &modernClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	legacy := &mcpClient{env: env, token: c.token}
+	legacy.initialize(t, "2025-11-25")
+	meta := func(version string) string {
+		return `"_meta":{"io.modelcontextprotocol/protocolVersion":"` + version + `","io.modelcontextprotocol/clientCapabilities":{}}`
+	}
+	call := `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"getUserDetails","arguments":{},` + meta("2026-07-28") + `}}`
+	tests := []struct {
+		name       string
+		body       string // "" for the client's own request of method
+		method     string
+		header     http.Header
+		wantStatus int
+		wantCode   int
+	}{
+		{"server/discover", "", "server/discover", nil, 200, 0},
+		{"ping is gone", "", "ping", nil, 404, codeMethodNotFound},
+		{"initialize is not a 2026-07-28 method", "", "initialize", nil, 404, codeMethodNotFound},
+		{"unknown method", "", "resources/list", nil, 404, codeMethodNotFound},
+		{"unknown tool", `{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"nope",` + meta("2026-07-28") + `}}`,
+			"tools/call", http.Header{"Mcp-Name": {"nope"}}, 200, codeInvalidParams},
+		{"no version header", "", "tools/list", http.Header{"Mcp-Protocol-Version": nil}, 400, codeHeaderMismatch},
+		{"version header and _meta disagree", "", "tools/list", http.Header{"Mcp-Protocol-Version": {"2025-11-25"}}, 400, codeHeaderMismatch},
+		{"no protocol version in _meta", `{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/clientCapabilities":{}}}}`,
+			"tools/list", nil, 400, codeInvalidParams},
+		{"no client capabilities in _meta", `{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}`,
+			"tools/list", nil, 400, codeInvalidParams},
+		{"unsupported version", `{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{` + meta("2099-01-01") + `}}`,
+			"tools/list", http.Header{"Mcp-Protocol-Version": {"2099-01-01"}}, 400, codeUnsupportedVersion},
+		{"a legacy version in _meta", `{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{` + meta("2025-11-25") + `}}`,
+			"tools/list", http.Header{"Mcp-Protocol-Version": {"2025-11-25"}}, 400, codeUnsupportedVersion},
+		{"no Mcp-Method", "", "tools/list", http.Header{"Mcp-Method": nil}, 400, codeHeaderMismatch},
+		{"Mcp-Method says otherwise", "", "tools/list", http.Header{"Mcp-Method": {"tools/call"}}, 400, codeHeaderMismatch},
+		{"no Mcp-Name", call, "tools/call", http.Header{"Mcp-Name": nil}, 400, codeHeaderMismatch},
+		{"Mcp-Name says otherwise", call, "tools/call", http.Header{"Mcp-Name": {"deleteEverything"}}, 400, codeHeaderMismatch},
+		{"Mcp-Name in base64", call, "tools/call", http.Header{"Mcp-Name": {"=?base64?" + base64.StdEncoding.EncodeToString([]byte("getUserDetails")) + "?="}}, 200, 0},
+		{"Mcp-Name in broken base64", call, "tools/call", http.Header{"Mcp-Name": {"=?base64?Z2V0VXNlckRldGFpbHM?="}}, 400, codeHeaderMismatch},
+		{"a notification", `{"jsonrpc":"2.0","method":"notifications/cancelled","params":{}}`, "", nil, 202, 0},
+		{"a response", `{"jsonrpc":"2.0","id":3,"result":{}}`, "", nil, 400, codeInvalidRequest},
+		{"an Mcp-Session-Id is ignored", "", "tools/list", http.Header{"Mcp-Session-Id": {legacy.sessionID}}, 200, 0},
+		{"without a token", "", "server/discover", http.Header{"Authorization": nil}, 401, 0},
+		{"a token for /sse", "", "server/discover", bearer(env.signIn(t, signInOptions{resource: env.url + "/sse"}).AccessToken), 401, 0},
+		{"foreign Origin", "", "server/discover", http.Header{"Origin": {"https://evil.example"}}, 403, codeInvalidRequest},
+		{"GET", "GET", "", nil, 405, codeInvalidRequest},
+		{"DELETE", "DELETE", "", nil, 405, codeInvalidRequest},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var resp *http.Response
+			switch tt.body {
+			case "":
+				resp = c.post(t, tt.method, `{}`, tt.header)
+			case "GET", "DELETE":
+				resp = env.do(t, tt.body, "/mcp", nil, c.headers("", tt.header))
+			default:
+				resp = env.do(t, "POST", "/mcp", strings.NewReader(tt.body), c.headers(tt.method, tt.header))
+			}
+			body := readBody(t, resp)
+			if resp.StatusCode != tt.wantStatus {
+				t.Fatalf("POST /mcp = %d, want %d: %s", resp.StatusCode, tt.wantStatus, body)
+			}
+			var r rpcReply
+			json.Unmarshal([]byte(body), &r)
+			if tt.wantCode != 0 && (r.Error == nil || r.Error.Code != tt.wantCode) {
+				t.Errorf("body = %s, want JSON-RPC error %d", body, tt.wantCode)
+			}
+			if resp.Header.Get("Mcp-Session-Id") != "" {
+				t.Errorf("a 2026-07-28 answer carries Mcp-Session-Id")
+			}
+		})
+	}
+
+	t.Run("the version error lists what is served", func(t *testing.T) {
+		resp := env.do(t, "POST", "/mcp", strings.NewReader(`{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{`+meta("2099-01-01")+`}}`),
+			c.headers("tools/list", http.Header{"Mcp-Protocol-Version": {"2099-01-01"}}))
+		var r struct {
+			Error struct {
+				Data struct {
+					Supported []string
+					Requested string
+				}
+			}
+		}
+		decodeJSON(t, resp, http.StatusBadRequest, &r)
+		if !slices.Equal(r.Error.Data.Supported, []string{"2026-07-28", "2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"}) || r.Error.Data.Requested != "2099-01-01" {
+			t.Errorf("error data = %+v", r.Error.Data)
+		}
+	})
+	t.Run("the legacy session is untouched", func(t *testing.T) {
+		if resp := legacy.post(t, `{"jsonrpc":"2.0","id":9,"method":"ping"}`, nil); resp.StatusCode != http.StatusOK {
+			t.Errorf("ping in the legacy session = %d, want 200", resp.StatusCode)
+		}
+		if resp := legacy.post(t, `{"jsonrpc":"2.0","id":9,"method":"ping"}`, http.Header{"Mcp-Protocol-Version": {"2026-07-28"}}); resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("a legacy session's request with a 2026-07-28 header = %d, want 400", resp.StatusCode)
+		}
+	})
+	t.Run("a signed-in session that ends gets 401", func(t *testing.T) {
+		tokens := env.signIn(t, signInOptions{})
+		ended := &modernClient{env: env, token: tokens.AccessToken}
+		env.postForm(t, "/revoke", url.Values{"token": {tokens.RefreshToken}, "client_id": {tokens.clientID}}, nil)
+		if resp := ended.post(t, "tools/list", `{}`, nil); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("tools/list after revocation = %d, want 401", resp.StatusCode)
 		}
 	})
 }
@@ -2675,7 +2859,9 @@ func TestCORS(t *testing.T) {
 			if mcp := tt.path == "/mcp" || tt.path == "/message"; mcp && resp.Header.Get("Vary") != "Origin" {
 				t.Errorf("Vary = %q, want Origin: the answer depends on it", resp.Header.Get("Vary"))
 			}
-			if tt.method == "OPTIONS" && tt.wantStatus == 204 && !strings.Contains(resp.Header.Get("Access-Control-Allow-Headers"), "Mcp-Protocol-Version") {
+			// MCP 2026-07-28 clients in a browser send Mcp-Method and Mcp-Name too.
+			if allowed := resp.Header.Get("Access-Control-Allow-Headers"); tt.method == "OPTIONS" && tt.wantStatus == 204 &&
+				!(strings.Contains(allowed, "Mcp-Protocol-Version") && strings.Contains(allowed, "Mcp-Method") && strings.Contains(allowed, "Mcp-Name")) {
 				t.Errorf("Access-Control-Allow-Headers = %q", resp.Header.Get("Access-Control-Allow-Headers"))
 			}
 		})
@@ -4326,6 +4512,57 @@ func (c *mcpClient) headers(extra http.Header) http.Header {
 func (c *mcpClient) post(t testing.TB, body string, extra http.Header) *http.Response {
 	t.Helper()
 	return c.env.do(t, "POST", "/mcp", strings.NewReader(body), c.headers(extra))
+}
+
+// modernClient is an MCP 2026-07-28 client: no session, and the protocol
+// version in every request.
+type modernClient struct {
+	env   *testEnv
+	token string
+}
+
+// headers returns the headers of a request of method, changed by extra (a
+// nil value deletes a header).
+func (c *modernClient) headers(method string, extra http.Header) http.Header {
+	h := (&mcpClient{token: c.token}).headers(http.Header{"Mcp-Protocol-Version": {"2026-07-28"}, "Mcp-Method": {method}})
+	if method == "tools/call" {
+		h.Set("Mcp-Name", "getUserDetails")
+	}
+	for k, v := range extra {
+		if v == nil {
+			h.Del(k)
+		} else {
+			h[http.CanonicalHeaderKey(k)] = v
+		}
+	}
+	return h
+}
+
+// post sends a request of method with params, to which it adds the _meta of
+// MCP 2026-07-28.
+func (c *modernClient) post(t testing.TB, method, params string, extra http.Header) *http.Response {
+	t.Helper()
+	var p map[string]any
+	if err := json.Unmarshal([]byte(params), &p); err != nil {
+		t.Fatal(err)
+	}
+	p["_meta"] = map[string]any{metaProtocolVersion: "2026-07-28", metaClientCapabilities: map[string]any{},
+		"io.modelcontextprotocol/clientInfo": map[string]string{"name": "test", "version": "1"}}
+	body, _ := json.Marshal(map[string]any{"jsonrpc": "2.0", "id": 1, "method": method, "params": p})
+	return c.env.do(t, "POST", "/mcp", bytes.NewReader(body), c.headers(method, extra))
+}
+
+// result expects 200 and a JSON-RPC result, and decodes it into v.
+func (c *modernClient) result(t testing.TB, resp *http.Response, v any) {
+	t.Helper()
+	var r rpcReply
+	decodeJSON(t, resp, http.StatusOK, &r)
+	if r.Error != nil {
+		t.Fatalf("POST /mcp: error %+v", r.Error)
+	}
+	if err := json.Unmarshal(r.Result, v); err != nil {
+		t.Fatal(err)
+	}
 }
 
 // initialize starts a session at the given version.

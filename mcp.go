@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -50,6 +51,7 @@ type rpcResponse struct {
 type rpcError struct {
 	Code    int    `json:"code"`
 	Message string `json:"message"`
+	Data    any    `json:"data,omitempty"`
 }
 
 // respond dispatches every message of a body for sess in the MCP session ms and
@@ -201,6 +203,10 @@ const (
 	codeInvalidParams   = -32602 // wrong params, or an unknown tool
 	codeInternalError   = -32603 // a bug here, not in the request
 	codeSessionNotFound = -32001 // unknown or ended MCP session (SDK convention)
+
+	// MCP 2026-07-28 "Error Codes".
+	codeHeaderMismatch     = -32020 // an MCP-* header is missing or says otherwise than the body
+	codeUnsupportedVersion = -32022 // the request's protocol version is not served here
 )
 
 func errorResponse(id json.RawMessage, code int, message string) *rpcResponse {
@@ -261,16 +267,16 @@ func (s *server) graphGet(ctx context.Context, path, token string) (int, []byte,
 	return resp.StatusCode, body, nil
 }
 
-// supportedVersions are the MCP revisions this server speaks, newest first.
-// MCP 2026-07-28 drops sessions and initialize; a client of that revision gets
-// a plain 400 here and falls back to initialize with one of these.
+// supportedVersions are the MCP revisions this server speaks after
+// initialize, newest first. MCP 2026-07-28, which has no initialize, is
+// served beside them (see [serveModern]).
 var supportedVersions = []string{"2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"}
 
 // checkVersionHeader checks the MCP-Protocol-Version header that clients send
 // on requests after initialize (MCP 2025-06-18 "Protocol Version Header"): an
 // unsupported value is a 400 whose error lists the supported versions. The
-// code is not -32022 (UnsupportedProtocolVersion of MCP 2026-07-28), so that
-// clients of that revision fall back to initialize.
+// code is not -32022 (UnsupportedProtocolVersion of MCP 2026-07-28): this
+// request belongs to a session, and the answer is about that session.
 func checkVersionHeader(r *http.Request) *rpcResponse {
 	v := r.Header.Get("MCP-Protocol-Version")
 	if v == "" || slices.Contains(supportedVersions, v) {
@@ -381,8 +387,9 @@ type rpcBody struct {
 // rpcMemberNames are the member names this server decodes from JSON-RPC
 // messages, by path (see [checkMemberNames]); tool arguments are the tool's.
 var rpcMemberNames = map[string][]string{
-	"":       {"jsonrpc", "id", "method", "params", "result", "error"},
-	"params": {"protocolVersion", "name", "arguments"},
+	"":             {"jsonrpc", "id", "method", "params", "result", "error"},
+	"params":       {"protocolVersion", "name", "arguments", "_meta"},
+	"params._meta": {metaProtocolVersion, metaClientCapabilities},
 }
 
 // decodeBody parses a POST body. A body that is neither a message nor a
@@ -536,4 +543,191 @@ func (s *server) graphError(status int, body []byte) error {
 // errors that belong to no request id.
 func writeRPCError(w http.ResponseWriter, status, code int, message string) {
 	writeJSON(w, status, errorResponse(nil, code, message))
+}
+
+// MCP 2026-07-28, served beside the versions above on /mcp ("Versioning",
+// "Backward Compatibility"). A request of that era carries its protocol
+// version and client capabilities in params._meta, and mirrors its method
+// (and a tool's name) in headers; there is no initialize and no
+// Mcp-Session-Id: each request stands alone, with the same bearer token as
+// always. Each result says it is complete and names this server.
+
+// modernVersions are the stateless MCP revisions this server speaks.
+var modernVersions = []string{"2026-07-28"}
+
+// The _meta keys of MCP 2026-07-28 ("Per-request protocol fields").
+const (
+	metaProtocolVersion    = "io.modelcontextprotocol/protocolVersion"
+	metaClientCapabilities = "io.modelcontextprotocol/clientCapabilities"
+	metaServerInfo         = "io.modelcontextprotocol/serverInfo"
+)
+
+// isModern reports whether a POST to /mcp belongs to MCP 2026-07-28 or later:
+// its body carries the protocol version in _meta or, unless it is an
+// initialize or names an MCP session, its MCP-Protocol-Version header names a
+// revision newer than the ones initialize negotiates.
+func isModern(r *http.Request, b *rpcBody) bool {
+	if b.batch {
+		return false // batches ended with 2025-06-18
+	}
+	m := b.messages[0]
+	if _, ok := paramsMeta(m)[metaProtocolVersion]; ok {
+		return true
+	}
+	if m.Method == "initialize" || r.Header.Get("Mcp-Session-Id") != "" {
+		return false
+	}
+	return isModernVersion(r.Header.Get("MCP-Protocol-Version"))
+}
+
+// isModernVersion reports whether v is a revision date after the newest
+// revision that has initialize.
+func isModernVersion(v string) bool {
+	_, err := time.Parse(time.DateOnly, v)
+	return err == nil && v > supportedVersions[0]
+}
+
+// paramsMeta returns the _meta object of a message's params, or nil.
+func paramsMeta(m *rpcMessage) map[string]json.RawMessage {
+	var p struct {
+		Meta map[string]json.RawMessage `json:"_meta"`
+	}
+	json.Unmarshal(m.Params, &p)
+	return p.Meta
+}
+
+// serveModern answers a request of MCP 2026-07-28: a notification gets 202;
+// a request is checked (see [checkModernRequest]) and answered at once, 404
+// for a method this server does not have (ping included: 2026-07-28 removed
+// it). A signed-in session that ended meanwhile gets 401, as on the legacy
+// path.
+func (s *server) serveModern(w http.ResponseWriter, r *http.Request, sess *session, b *rpcBody) {
+	m := b.messages[0]
+	switch {
+	case m.Method == "":
+		writeRPCError(w, http.StatusBadRequest, codeInvalidRequest, "invalid request: this server sends no requests, so it expects no responses")
+		return
+	case m.ID == nil:
+		w.WriteHeader(http.StatusAccepted) // no notification needs anything done
+		return
+	}
+	if status, errResp := checkModernRequest(r, m); errResp != nil {
+		writeJSON(w, status, errResp)
+		return
+	}
+	result, rpcErr := s.callModern(r.Context(), sess, m)
+	switch {
+	case sess.ended.Load():
+		s.writeChallenge(w, "/mcp", errDescSessionEnded)
+	case rpcErr != nil && rpcErr.Code == codeMethodNotFound:
+		writeJSON(w, http.StatusNotFound, &rpcResponse{JSONRPC: "2.0", ID: m.ID, Error: rpcErr})
+	case rpcErr != nil:
+		writeJSON(w, http.StatusOK, &rpcResponse{JSONRPC: "2.0", ID: m.ID, Error: rpcErr})
+	default:
+		writeJSON(w, http.StatusOK, &rpcResponse{JSONRPC: "2.0", ID: m.ID, Result: result})
+	}
+}
+
+// checkModernRequest checks what MCP 2026-07-28 requires of a request before
+// it runs, and returns the HTTP status and error response of the first rule it
+// breaks: the protocol version in _meta (-32602 if missing), the same in the
+// MCP-Protocol-Version header (-32020), a version served here (-32022, which
+// lists them), the client capabilities in _meta (-32602), and the method, and
+// for tools/call the tool's name, mirrored in Mcp-Method and Mcp-Name
+// (-32020; "Server Validation"), so that a gateway routing on the headers
+// sees what this server runs.
+func checkModernRequest(r *http.Request, m *rpcMessage) (int, *rpcResponse) {
+	fail := func(code int, message string) (int, *rpcResponse) {
+		return http.StatusBadRequest, errorResponse(m.ID, code, message)
+	}
+	meta := paramsMeta(m)
+	var version string
+	if json.Unmarshal(meta[metaProtocolVersion], &version) != nil || version == "" {
+		return fail(codeInvalidParams, "invalid params: params._meta must carry "+metaProtocolVersion)
+	}
+	if got := r.Header.Get("MCP-Protocol-Version"); got != version {
+		return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: MCP-Protocol-Version %q does not match %s %q", got, metaProtocolVersion, version))
+	}
+	if !slices.Contains(modernVersions, version) {
+		resp := errorResponse(m.ID, codeUnsupportedVersion, "unsupported protocol version "+strconv.Quote(version))
+		resp.Error.Data = map[string]any{"supported": append(slices.Clone(modernVersions), supportedVersions...), "requested": version}
+		return http.StatusBadRequest, resp
+	}
+	if caps := meta[metaClientCapabilities]; !bytes.HasPrefix(bytes.TrimSpace(caps), []byte("{")) {
+		return fail(codeInvalidParams, "invalid params: params._meta must carry "+metaClientCapabilities+", an object")
+	}
+	if got := r.Header.Get("Mcp-Method"); got != m.Method {
+		return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: Mcp-Method %q does not match the method %q", got, m.Method))
+	}
+	if m.Method == "tools/call" {
+		var p struct {
+			Name string `json:"name"`
+		}
+		json.Unmarshal(m.Params, &p)
+		if got, ok := headerValue(r.Header.Get("Mcp-Name")); !ok || got != p.Name {
+			return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: Mcp-Name does not match the tool name %q", p.Name))
+		}
+	}
+	return 0, nil
+}
+
+// headerValue decodes an Mcp-Name value, which a client writes as
+// =?base64?…?= when the name is not plain ASCII ("Value Encoding"). An empty
+// or undecodable value is not one.
+func headerValue(v string) (string, bool) {
+	encoded, ok := strings.CutPrefix(v, "=?base64?")
+	if !ok {
+		return v, v != ""
+	}
+	encoded, ok = strings.CutSuffix(encoded, "?=")
+	decoded, err := base64.StdEncoding.DecodeString(encoded)
+	return string(decoded), ok && err == nil && utf8.Valid(decoded)
+}
+
+// callModern runs a request of MCP 2026-07-28. The tools are the legacy
+// path's own, called in a throwaway MCP session of that version, which is
+// never stored.
+func (s *server) callModern(ctx context.Context, sess *session, m *rpcMessage) (any, *rpcError) {
+	ms := &mcpSession{protocolVersion: modernVersions[0]}
+	switch m.Method {
+	case "server/discover":
+		return modernResult(map[string]any{
+			"supportedVersions": append(slices.Clone(modernVersions), supportedVersions...),
+			"capabilities":      map[string]any{"tools": struct{}{}},
+		}, true)
+	case "tools/list":
+		return modernResult(listTools(ms.version()), true)
+	case "tools/call":
+		result, rpcErr := s.callTool(ctx, ms, sess, m.Params)
+		if rpcErr != nil {
+			return nil, rpcErr
+		}
+		return modernResult(result, false)
+	}
+	return nil, &rpcError{Code: codeMethodNotFound, Message: "method not found: " + m.Method}
+}
+
+// listTTL is how long a client may keep server/discover and tools/list
+// results (MCP 2026-07-28 "Caching"): they change only with a new version of
+// this server, and they are the same for every user, so any cache may hold
+// them ("public").
+const listTTL = time.Hour
+
+// modernResult returns result with the members every MCP 2026-07-28 result
+// has: resultType and the server's info in _meta; and for a cacheable one,
+// ttlMs and cacheScope. (The TypeScript client quietly falls back to
+// initialize when server/discover lacks one of them.)
+func modernResult(result any, cacheable bool) (any, *rpcError) {
+	raw, err := json.Marshal(result)
+	var members map[string]any
+	if err != nil || json.Unmarshal(raw, &members) != nil {
+		return nil, &rpcError{Code: codeInternalError, Message: "internal error"}
+	}
+	members["resultType"] = "complete"
+	members["_meta"] = map[string]any{metaServerInfo: serverInfo}
+	if cacheable {
+		members["ttlMs"] = listTTL.Milliseconds()
+		members["cacheScope"] = "public"
+	}
+	return members, nil
 }

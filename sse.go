@@ -143,6 +143,10 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
+	if isModern(r, body) { // MCP 2026-07-28: no initialize, no session (serveModern)
+		s.serveModern(w, r, sess, body)
+		return
+	}
 
 	// A 404 for an unknown session tells the client to start a new one with
 	// initialize (MCP "Session Management").
@@ -195,6 +199,12 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 	sess := s.mcpRequest(w, r, "/mcp")
 	if sess == nil {
+		return
+	}
+	if isModernVersion(r.Header.Get("MCP-Protocol-Version")) {
+		// MCP 2026-07-28 has no sessions to end ("Backward Compatibility").
+		w.Header().Set("Allow", "POST")
+		writeRPCError(w, http.StatusMethodNotAllowed, codeInvalidRequest, "method not allowed: MCP 2026-07-28 has no sessions to end")
 		return
 	}
 	if errResp := checkVersionHeader(r); errResp != nil {
@@ -258,14 +268,11 @@ func (s *server) refuseMCPSession(w http.ResponseWriter, endpoint string, err er
 
 // readBody reads and decodes a POSTed JSON-RPC body, answering transport
 // errors itself: 415 for a body that is not JSON, 413 for one too large, 400
-// for an unsupported MCP-Protocol-Version or a body that is not JSON-RPC.
+// for a body that is not JSON-RPC. The MCP-Protocol-Version header is checked
+// once the era is known: by runBody, or by serveModern.
 func (s *server) readBody(w http.ResponseWriter, r *http.Request) (*rpcBody, bool) {
 	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
 		writeRPCError(w, http.StatusUnsupportedMediaType, codeInvalidRequest, "Content-Type must be application/json")
-		return nil, false
-	}
-	if errResp := checkVersionHeader(r); errResp != nil {
-		writeJSON(w, http.StatusBadRequest, errResp)
 		return nil, false
 	}
 	raw, err := io.ReadAll(http.MaxBytesReader(w, r.Body, maxMessageSize))
@@ -286,9 +293,14 @@ func (s *server) readBody(w http.ResponseWriter, r *http.Request) (*rpcBody, boo
 }
 
 // runBody runs a decoded body in the MCP session ms and returns what to
-// answer, or answers the request itself and returns false: 400 for a batch
-// the session may not send, 401 if the signed-in session ended meanwhile.
+// answer, or answers the request itself and returns false: 400 for an
+// unsupported MCP-Protocol-Version or a batch the session may not send, 401
+// if the signed-in session ended meanwhile.
 func (s *server) runBody(w http.ResponseWriter, r *http.Request, endpoint string, ms *mcpSession, sess *session, body *rpcBody) (any, bool) {
+	if errResp := checkVersionHeader(r); errResp != nil {
+		writeJSON(w, http.StatusBadRequest, errResp)
+		return nil, false
+	}
 	if errResp := body.checkBatch(ms); errResp != nil {
 		writeJSON(w, http.StatusBadRequest, errResp)
 		return nil, false
