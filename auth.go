@@ -5,6 +5,8 @@ import (
 	"crypto"
 	"crypto/rsa"
 	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -12,14 +14,20 @@ import (
 	"html/template"
 	"io"
 	"math/big"
+	"mime"
+	"net"
 	"net/http"
+	"net/netip"
 	"net/url"
 	"path"
+	"reflect"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -77,6 +85,7 @@ func (s *server) handleServerMetadata(w http.ResponseWriter, r *http.Request) {
 		RevocationAuthMethodsSupported:    authMethods,
 		ScopesSupported:                   []string{serverScope},
 		IssParameterSupported:             true, // every redirect to the client carries iss (RFC 9207)
+		ClientIDMetadataDocumentSupported: s.cfg.documents,
 	})
 }
 
@@ -133,9 +142,8 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	c, ok := s.clients.get(q.Get("client_id"))
+	c, ok := s.authorizingClient(w, r, q.Get("client_id")) // registered, or by its metadata document's URL
 	if !ok {
-		s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application is not registered with this server. Remove the server from your MCP client and add it again.")
 		return
 	}
 	redirectURI, ok := c.matchRedirectURI(q.Get("redirect_uri"))
@@ -471,6 +479,7 @@ type serverMetadata struct {
 	RevocationAuthMethodsSupported    []string `json:"revocation_endpoint_auth_methods_supported"`
 	ScopesSupported                   []string `json:"scopes_supported"`
 	IssParameterSupported             bool     `json:"authorization_response_iss_parameter_supported"`
+	ClientIDMetadataDocumentSupported bool     `json:"client_id_metadata_document_supported,omitempty"`
 }
 
 // clientMetadata is the part of RFC 7591 §2 client metadata this server
@@ -507,8 +516,8 @@ type registration struct {
 func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest, consentID string) {
 	redirect, _ := url.Parse(req.redirectURI)
 	data := struct {
-		ClientName, ClientID, RedirectURI, RedirectHost, Scope, ConsentID, ServerHost string
-		Loopback                                                                      bool
+		ClientName, ClientID, RedirectURI, RedirectHost, Scope, ConsentID, ServerHost, DocumentHost string
+		Loopback, LocalFromRemote                                                                   bool
 	}{
 		ServerHost:   strings.TrimPrefix(strings.TrimPrefix(s.cfg.publicURL, "https://"), "http://"),
 		ClientName:   c.ClientName,
@@ -518,6 +527,14 @@ func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest,
 		Scope:        req.scope,
 		ConsentID:    consentID,
 		Loopback:     isLoopbackHost(redirect.Hostname()),
+	}
+	if strings.HasPrefix(c.ID, "https://") {
+		// A metadata document's host vouches for the client's name. Its
+		// loopback redirect does not: any program on this computer can
+		// listen there (MCP 2025-11-25 "Client ID Metadata Documents").
+		doc, _ := url.Parse(c.ID)
+		data.DocumentHost = doc.Host
+		data.LocalFromRemote = data.Loopback && !isLoopbackHost(doc.Hostname())
 	}
 	if redirect.Scheme != "https" && redirect.Scheme != "http" {
 		// A private-use scheme names the application, whatever host follows
@@ -932,6 +949,417 @@ func (s *server) authenticateClient(r *http.Request) (*client, error) {
 		return nil, invalid
 	}
 	return c, nil
+}
+
+// authorizingClient returns the client an authorization request names, or
+// shows the error page and returns false. A client_id that is an https URL
+// names a client that identifies by a metadata document published there,
+// rather than by a registration (CIMD: MCP 2025-11-25 "Client ID Metadata
+// Documents", draft-ietf-oauth-client-id-metadata-document). Its client is
+// kept with the registrations, so that /token, /revoke, refreshes and
+// restarts treat it as one and never fetch; its document is fetched again at
+// /authorize once the copy in [documentCache] is stale.
+func (s *server) authorizingClient(w http.ResponseWriter, r *http.Request, id string) (*client, bool) {
+	if !strings.HasPrefix(id, "https://") {
+		c, ok := s.clients.get(id)
+		if !ok {
+			s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application is not registered with this server. Remove the server from your MCP client and add it again.")
+		}
+		return c, ok
+	}
+	if !s.cfg.documents {
+		s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application identifies itself by a client metadata document, which this server does not accept (CLIENT_METADATA_DOCUMENTS=off). Configure the application to register with the server instead.")
+		return nil, false
+	}
+	host := documentHost(id)
+	c, err := s.documents.client(r.Context(), id)
+	switch {
+	case errors.Is(err, errDocumentUnreachable):
+		s.log.Warn("client metadata document unreachable", "host", host, "err", err)
+		s.errorPage(w, http.StatusBadGateway, "Client metadata document unavailable", "This server could not fetch the application's metadata document from "+host+": "+
+			strings.TrimPrefix(err.Error(), errDocumentUnreachable.Error()+": ")+". Signing in an application that identifies by such a document needs outbound HTTPS from this server to "+
+			host+"; if that is not wanted, the server's operator can set CLIENT_METADATA_DOCUMENTS=off, and applications then register instead.")
+		return nil, false
+	case errors.Is(err, errDocumentsBusy):
+		s.errorPage(w, http.StatusServiceUnavailable, "Server busy", "The server is fetching too many client metadata documents at once. Try again in a minute.")
+		return nil, false
+	case err != nil:
+		s.log.Warn("client metadata document refused", "host", host, "err", err)
+		s.errorPage(w, http.StatusBadRequest, "Invalid client metadata document", "The application's metadata document at "+host+" cannot be used: "+err.Error()+".")
+		return nil, false
+	}
+	if err := s.keepDocumentClient(c); err != nil {
+		s.errorPage(w, http.StatusServiceUnavailable, "Server busy", "The server is holding as many clients as it may. Try again later.")
+		return nil, false
+	}
+	return c, true
+}
+
+// keepDocumentClient stores the client of a metadata document with the
+// registrations, where it replaces an older copy of itself, for at least
+// unusedClientTTL (a client that completes a sign-in is then kept like any
+// other, see [server.keepClient]).
+func (s *server) keepDocumentClient(c *client) error {
+	old, ok := s.clients.get(c.ID)
+	if ok && reflect.DeepEqual(old.clientMetadata, c.clientMetadata) {
+		return nil
+	}
+	ttl := unusedClientTTL
+	if left, ok := s.clients.touch(c.ID, ttl); ok {
+		ttl = max(ttl, left)
+	}
+	if err := s.clients.put(c.ID, c, ttl); err != nil {
+		return err
+	}
+	s.registrationsChanged()
+	return nil
+}
+
+// documentHost returns the host of a metadata document's URL, to show and log.
+func documentHost(id string) string {
+	if u, err := url.Parse(id); err == nil && u.Host != "" {
+		return u.Host
+	}
+	return "(an invalid URL)"
+}
+
+var (
+	errDocumentUnreachable = errors.New("unreachable")
+	errDocumentsBusy       = errors.New("too many metadata documents being fetched")
+)
+
+// Limits on fetching metadata documents. Anyone can make /authorize fetch a
+// URL, so each fetch is small and short, one URL is fetched once however
+// many ask for it, and only a few are fetched at once: the server must not
+// become an amplifier of requests to other sites.
+const (
+	maxDocumentSize      = 5 << 10         // a document is well under 2 KB
+	documentFetchTimeout = 5 * time.Second // for the whole fetch, body included
+	maxDocumentFetches   = 4               // fetches in flight at once, server-wide
+	maxDocuments         = 1000            // documents and failures cached
+	documentTTL          = 5 * time.Minute // a document's lifetime when its answer names none
+	minDocumentTTL       = time.Minute     // ...and the bounds of a lifetime it names
+	maxDocumentTTL       = 24 * time.Hour  //
+	failedDocumentTTL    = time.Minute     // a failure is remembered as long
+)
+
+// documentCache fetches client metadata documents and keeps each for as long
+// as its answer's Cache-Control max-age says, within bounds.
+type documentCache struct {
+	http    *http.Client
+	now     func() time.Time
+	fetches chan struct{} // one slot per fetch in flight
+	mu      sync.Mutex
+	entries map[string]*documentEntry // by URL
+}
+
+// documentEntry is a document fetched, or being fetched: ready is closed once
+// client or err is set.
+type documentEntry struct {
+	ready   chan struct{}
+	client  *client
+	err     error
+	expires time.Time
+}
+
+// newDocumentCache returns the cache, with the HTTP client that fetches
+// documents: straight to the document's host (no proxy, so that the address
+// check sees the real target), never following a redirect, and refusing to
+// connect to any address that is not public (see [publicAddress]); loopback
+// ones too, unless loopback is set. roots are the certificate authorities
+// trusted, nil for the system's.
+func newDocumentCache(loopback bool, roots *x509.CertPool, now func() time.Time) *documentCache {
+	dialer := &net.Dialer{
+		Timeout: documentFetchTimeout,
+		// Control runs once the address is resolved, before connecting: a
+		// name that resolves to another address on the next lookup (DNS
+		// rebinding) is checked at the address it resolved to this time.
+		Control: func(network, address string, _ syscall.RawConn) error {
+			ap, err := netip.ParseAddrPort(address)
+			if err != nil {
+				return fmt.Errorf("refused the address %s", address)
+			}
+			if ip := ap.Addr(); !publicAddress(ip) && !(loopback && ip.IsLoopback() && !ip.Is4In6()) {
+				return fmt.Errorf("refused the address %s, which is not a public one", ip)
+			}
+			return nil
+		},
+	}
+	transport := &http.Transport{
+		Proxy:                  nil,
+		DialContext:            dialer.DialContext,
+		TLSClientConfig:        &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+		ForceAttemptHTTP2:      true,
+		MaxResponseHeaderBytes: 16 << 10,
+		MaxIdleConns:           16,
+		IdleConnTimeout:        time.Minute,
+	}
+	return &documentCache{
+		http: &http.Client{Transport: transport, CheckRedirect: func(*http.Request, []*http.Request) error {
+			return http.ErrUseLastResponse // a 3xx is an answer like any other: refused
+		}},
+		now:     now,
+		fetches: make(chan struct{}, maxDocumentFetches),
+		entries: make(map[string]*documentEntry),
+	}
+}
+
+// client returns the client the document at id describes: from the cache
+// while fresh, else fetched. Requests for a URL being fetched wait for that
+// fetch rather than start another.
+func (d *documentCache) client(ctx context.Context, id string) (*client, error) {
+	if err := checkDocumentURL(id); err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	e, ok := d.entries[id]
+	if ok && e.done() && !d.now().Before(e.expires) {
+		ok = false // stale: fetch it again
+	}
+	if !ok {
+		if !d.makeRoom() {
+			d.mu.Unlock()
+			return nil, errDocumentsBusy
+		}
+		e = &documentEntry{ready: make(chan struct{})}
+		d.entries[id] = e
+		d.mu.Unlock()
+		d.fill(ctx, id, e)
+	} else {
+		d.mu.Unlock()
+	}
+	select {
+	case <-e.ready:
+		return e.client, e.err
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
+func (e *documentEntry) done() bool {
+	select {
+	case <-e.ready:
+		return true
+	default:
+		return false
+	}
+}
+
+// makeRoom makes room for one more entry, dropping stale entries, or if there
+// are none, any finished one; false if every entry is a fetch in flight.
+// d.mu is held.
+func (d *documentCache) makeRoom() bool {
+	if len(d.entries) < maxDocuments {
+		return true
+	}
+	var finished string
+	for id, e := range d.entries {
+		if e.done() {
+			finished = id
+			if !d.now().Before(e.expires) {
+				delete(d.entries, id)
+			}
+		}
+	}
+	if len(d.entries) >= maxDocuments && finished != "" {
+		delete(d.entries, finished)
+	}
+	return len(d.entries) < maxDocuments
+}
+
+// fill fetches the document at id into e, within documentFetchTimeout: a
+// client that gives up does not cut short the fetch others wait for. A
+// failure is kept for failedDocumentTTL, so that a URL that fails is not
+// fetched again on every request. With maxDocumentFetches in flight already,
+// it fetches nothing and keeps nothing: errDocumentsBusy.
+func (d *documentCache) fill(ctx context.Context, id string, e *documentEntry) {
+	defer close(e.ready)
+	select {
+	case d.fetches <- struct{}{}:
+		defer func() { <-d.fetches }()
+	default:
+		e.err = errDocumentsBusy
+		d.mu.Lock()
+		if d.entries[id] == e {
+			delete(d.entries, id)
+		}
+		d.mu.Unlock()
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), documentFetchTimeout)
+	defer cancel()
+	var ttl time.Duration
+	e.client, ttl, e.err = d.fetch(ctx, id)
+	if e.err != nil {
+		ttl = failedDocumentTTL
+	}
+	e.expires = d.now().Add(ttl)
+}
+
+// fetch GETs the document at id and returns its client, and how long it may
+// be kept.
+func (d *documentCache) fetch(ctx context.Context, id string) (*client, time.Duration, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, id, nil)
+	if err != nil {
+		return nil, 0, err
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := d.http.Do(req)
+	if err != nil {
+		if ue, ok := err.(*url.Error); ok {
+			err = ue.Err // the URL is the client_id, known already
+		}
+		return nil, 0, fmt.Errorf("%w: %v", errDocumentUnreachable, err)
+	}
+	defer resp.Body.Close()
+	switch {
+	case resp.StatusCode >= 300 && resp.StatusCode < 400:
+		return nil, 0, fmt.Errorf("%w: it answered %s, and redirects are not followed: the document must be served at the client_id URL itself", errDocumentUnreachable, resp.Status)
+	case resp.StatusCode != http.StatusOK:
+		return nil, 0, fmt.Errorf("%w: it answered %s", errDocumentUnreachable, resp.Status)
+	}
+	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); mt != "application/json" && !strings.HasSuffix(mt, "+json") {
+		return nil, 0, fmt.Errorf("it is not JSON (Content-Type %q)", resp.Header.Get("Content-Type"))
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxDocumentSize+1))
+	switch {
+	case err != nil:
+		return nil, 0, fmt.Errorf("%w: reading it failed: %v", errDocumentUnreachable, err)
+	case len(body) > maxDocumentSize:
+		return nil, 0, fmt.Errorf("it is larger than %d KB", maxDocumentSize>>10)
+	}
+	c, err := parseClientDocument(id, body)
+	if err != nil {
+		return nil, 0, err
+	}
+	c.IssuedAt = d.now().Unix()
+	return c, documentLifetime(resp.Header.Get("Cache-Control")), nil
+}
+
+// documentLifetime returns how long a document may be kept: its answer's
+// max-age, within minDocumentTTL and maxDocumentTTL, or documentTTL if it
+// names none. A document is fetched at most once a minute whatever it says
+// (no-store included): the cache is what keeps /authorize from fetching on
+// every request.
+func documentLifetime(cacheControl string) time.Duration {
+	for directive := range strings.SplitSeq(cacheControl, ",") {
+		name, value, _ := strings.Cut(strings.TrimSpace(directive), "=")
+		if strings.EqualFold(name, "max-age") {
+			if seconds, err := strconv.Atoi(strings.Trim(value, `"`)); err == nil && seconds >= 0 {
+				return min(max(time.Duration(seconds)*time.Second, minDocumentTTL), maxDocumentTTL)
+			}
+		}
+	}
+	return documentTTL
+}
+
+// checkDocumentURL checks a client_id that is a URL, as the CIMD draft (§3)
+// asks: https, a host, a path (not just /), and no fragment, user info or
+// dot segments, which would make two strings name one document.
+func checkDocumentURL(id string) error {
+	u, err := url.Parse(id)
+	switch {
+	case len(id) > 2000 || err != nil:
+		return errors.New("the client_id is not a URL")
+	case u.Scheme != "https" || u.Host == "" || u.Opaque != "":
+		return errors.New("the client_id URL must be https, with a host")
+	case strings.Contains(id, "#") || u.User != nil:
+		return errors.New("the client_id URL must have no fragment and no user info")
+	case !isASCII(u.Host) || strings.Contains(u.Host, "%") || hasHiddenCharacters(id):
+		return errors.New("the client_id URL's host must be plain ASCII (its punycode form), with nothing hidden")
+	case u.EscapedPath() == "" || u.EscapedPath() == "/":
+		return errors.New("the client_id URL must have a path, such as /client.json")
+	}
+	for segment := range strings.SplitSeq(u.EscapedPath(), "/") {
+		if s, _ := url.PathUnescape(segment); s == "." || s == ".." {
+			return errors.New("the client_id URL must have no . or .. segments")
+		}
+	}
+	return nil
+}
+
+// parseClientDocument validates a metadata document for the client_id id, by
+// the rules of registration (see [checkClientMetadata]), but for its
+// defaults and what a document may hold: its client_id is id, byte for byte;
+// token_endpoint_auth_method is none, also when absent, since anyone can
+// read the document and no secret can be in it; a long client_name is cut.
+// Errors never quote the document.
+func parseClientDocument(id string, body []byte) (*client, error) {
+	var doc struct {
+		ClientID     *string         `json:"client_id"`
+		ClientSecret json.RawMessage `json:"client_secret"`
+		clientMetadata
+	}
+	if !utf8.Valid(body) || json.Unmarshal(body, &doc) != nil {
+		return nil, errors.New("it is not a JSON object of client metadata, in UTF-8")
+	}
+	if err := checkMemberNames(body, map[string][]string{"": documentMemberNames}); err != nil {
+		return nil, err
+	}
+	md := doc.clientMetadata
+	switch {
+	case doc.ClientID == nil || *doc.ClientID != id:
+		return nil, errors.New("its client_id is not the URL it was fetched from")
+	case doc.ClientSecret != nil:
+		return nil, errors.New("it holds a client_secret, which a public document cannot keep secret")
+	case md.TokenEndpointAuthMethod == "":
+		md.TokenEndpointAuthMethod = "none"
+	case md.TokenEndpointAuthMethod != "none":
+		return nil, errors.New("its token_endpoint_auth_method must be none: this server takes no client secret or key from a document")
+	}
+	if name := []rune(md.ClientName); len(name) > 80 {
+		md.ClientName = string(name[:80]) + "…"
+	}
+	if err := checkClientMetadata(&md); err != nil {
+		return nil, errors.New(err.(*oauthError).Description)
+	}
+	return &client{clientMetadata: md, ID: id}, nil
+}
+
+// documentMemberNames are the member names of a metadata document this
+// server decodes.
+var documentMemberNames = append([]string{"client_id", "client_secret"}, clientMetadataNames...)
+
+// publicAddress reports whether ip may be the address of a metadata
+// document: none of refusedPrefixes. (netip keeps an IPv4 address and its
+// IPv4-mapped IPv6 form apart, so the mapped forms are listed too.)
+func publicAddress(ip netip.Addr) bool {
+	if !ip.IsValid() || ip.Zone() != "" {
+		return false
+	}
+	for _, p := range refusedPrefixes {
+		if p.Contains(ip) {
+			return false
+		}
+	}
+	return true
+}
+
+// refusedPrefixes are the addresses no metadata document is fetched from:
+// this machine, private and shared networks, link-local addresses (cloud
+// metadata services live at 169.254.169.254), multicast, reserved and
+// unspecified ones, and the IPv6 forms that carry an IPv4 address inside
+// (mapped, compatible, NAT64, 6to4, Teredo), which could reach any of those.
+var refusedPrefixes = []netip.Prefix{
+	netip.MustParsePrefix("0.0.0.0/8"),      // "this network", 0.0.0.0 included
+	netip.MustParsePrefix("10.0.0.0/8"),     // private (RFC 1918)
+	netip.MustParsePrefix("100.64.0.0/10"),  // shared address space (carrier NAT)
+	netip.MustParsePrefix("127.0.0.0/8"),    // loopback
+	netip.MustParsePrefix("169.254.0.0/16"), // link-local
+	netip.MustParsePrefix("172.16.0.0/12"),  // private
+	netip.MustParsePrefix("192.168.0.0/16"), // private
+	netip.MustParsePrefix("198.18.0.0/15"),  // benchmarking
+	netip.MustParsePrefix("224.0.0.0/4"),    // multicast
+	netip.MustParsePrefix("240.0.0.0/4"),    // reserved, and broadcast
+	netip.MustParsePrefix("::/96"),          // unspecified, loopback (::1), IPv4-compatible
+	netip.MustParsePrefix("::ffff:0:0/96"),  // IPv4-mapped
+	netip.MustParsePrefix("64:ff9b::/96"),   // NAT64
+	netip.MustParsePrefix("64:ff9b:1::/48"), // local-use NAT64
+	netip.MustParsePrefix("2001::/32"),      // Teredo
+	netip.MustParsePrefix("2002::/16"),      // 6to4
+	netip.MustParsePrefix("fc00::/7"),       // unique-local
+	netip.MustParsePrefix("fe80::/10"),      // link-local
+	netip.MustParsePrefix("ff00::/8"),       // multicast
 }
 
 // entraClient is this server as a confidential client of Entra ID.
@@ -1381,12 +1809,14 @@ code{background:#f2f2f2;padding:0 .2rem;word-break:break-all}button{font-size:1r
 // escapes every value, client_name included.
 var consentPage = template.Must(template.New("consent").Parse(`<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Allow access?</title>` + pageStyle + `</head><body>
-<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else}}an unnamed client{{end}} to use the MCP server at {{.ServerHost}}?</h1>
-<p>The application {{if .ClientName}}calling itself <strong>{{.ClientName}}</strong>{{end}} (client id <code>{{.ClientID}}</code>)
+<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else if .DocumentHost}}an application of {{.DocumentHost}}{{else}}an unnamed client{{end}} to use the MCP server at {{.ServerHost}}?</h1>
+{{if .DocumentHost}}<p>This application is described by <strong>{{.DocumentHost}}</strong>, which published its metadata document at <code>{{.ClientID}}</code>.</p>
+{{end}}<p>The application {{if .ClientName}}calling itself <strong>{{.ClientName}}</strong>{{end}} (client id <code>{{.ClientID}}</code>)
 wants to use this server's tools as you, with the scope <code>{{.Scope}}</code>.
 The tools can read your Microsoft profile (name and email) through Microsoft Graph.</p>
 <p>After you sign in with Microsoft, you will be sent to <strong>{{.RedirectHost}}</strong>{{if .Loopback}}, an application on this computer{{end}}:<br><code>{{.RedirectURI}}</code></p>
-<p>Only allow this if you started this sign-in yourself, from your MCP client.</p>
+{{if .LocalFromRemote}}<p><strong>Warning:</strong> {{.DocumentHost}} describes this application, but your sign-in goes to a program on this computer, and any program here could be listening there. Allow only if you are using {{.DocumentHost}}'s application on this computer right now.</p>
+{{end}}<p>Only allow this if you started this sign-in yourself, from your MCP client.</p>
 <form method="post" action="/authorize">
 <input type="hidden" name="consent_id" value="{{.ConsentID}}">
 <button type="submit" name="decision" value="approve">Allow</button>

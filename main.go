@@ -119,6 +119,7 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		entra:       entra,
 		tokens:      newSessionCodec(cfg.publicURL, now, cfg.sessionKeys...),
 		clients:     newTTLMap[*client](now, maxClients),
+		documents:   newDocumentCache(cfg.documentsLocal, nil, now),
 		consents:    newTTLMap[*authRequest](now, maxPending),
 		flows:       newTTLMap[*entraFlow](now, maxPending),
 		codes:       newTTLMap[*authCode](now, maxPending),
@@ -183,6 +184,7 @@ type server struct {
 	saver       registrationSaver // writes of the registrations, in the background
 	userShares  sync.Mutex        // held while a user's share of sign-ins or MCP sessions is counted and taken
 	limiter     *rateLimiter      // requests per client IP to the endpoints anyone can call
+	documents   *documentCache    // metadata documents of clients that identify by URL (CIMD)
 }
 
 // ---------------------------------------------------------------------------
@@ -354,6 +356,8 @@ type config struct {
 	rateLimit      int           // requests per minute per client IP and endpoint; 0: no limit
 	connLimit      int           // connections open at once per client address; 0: no limit
 	allowedTenants []string      // tenants whose users may sign in; empty: the configured one
+	documents      bool          // clients may identify by a metadata document's URL (CIMD)
+	documentsLocal bool          // ...served from a loopback address too, for trying it out
 }
 
 const usage = `entra-mcp: an MCP server whose users sign in with Microsoft Entra ID.
@@ -382,6 +386,11 @@ Usage: go run .   (configured from the environment)
                        behind a proxy, all users share one address; 0: no limit)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp,
                        /sse and /message, besides PUBLIC_URL's and loopback ones)
+  CLIENT_METADATA_DOCUMENTS       default on (off: clients may not identify by the URL
+                       of a metadata document, and register instead; on needs outbound
+                       HTTPS to the clients' hosts)
+  CLIENT_METADATA_ALLOW_LOOPBACK  default 0 (1: fetch metadata documents from loopback
+                       addresses too, for local testing; needs a loopback PUBLIC_URL)
 
 See README.md for the walkthrough.
 `
@@ -490,6 +499,23 @@ func loadConfig(getenv func(string) string) (config, error) {
 			return config{}, fmt.Errorf("ALLOWED_ORIGINS: %q is not an origin; list origins such as https://app.example.com, separated by commas", o)
 		}
 		cfg.allowedOrigins = append(cfg.allowedOrigins, normalOrigin(u))
+	}
+	switch v := env("CLIENT_METADATA_DOCUMENTS", "on"); v {
+	case "on", "off":
+		cfg.documents = v == "on"
+	default:
+		return config{}, fmt.Errorf("CLIENT_METADATA_DOCUMENTS %q: want on or off", v)
+	}
+	switch v := env("CLIENT_METADATA_ALLOW_LOOPBACK", "0"); v {
+	case "0", "1":
+		cfg.documentsLocal = v == "1"
+	default:
+		return config{}, fmt.Errorf("CLIENT_METADATA_ALLOW_LOOPBACK %q: want 1 or 0", v)
+	}
+	// Fetching from loopback on a server others reach would let anyone make
+	// it read the services of its own machine.
+	if u, _ := url.Parse(cfg.publicURL); cfg.documentsLocal && !isLoopbackHost(u.Hostname()) {
+		return config{}, errors.New("CLIENT_METADATA_ALLOW_LOOPBACK=1 is for local testing: it needs a loopback PUBLIC_URL such as http://localhost:3001")
 	}
 	return cfg, nil
 }

@@ -26,6 +26,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
@@ -41,6 +42,7 @@ import (
 	"net/http"
 	"net/http/cookiejar"
 	"net/http/httptest"
+	"net/netip"
 	"net/url"
 	"os"
 	"os/exec"
@@ -380,6 +382,67 @@ func TestModernWalkthrough(t *testing.T) {
 	})
 }
 
+// TestCIMDWalkthrough is a client that identifies by the URL of its metadata
+// document (CIMD) instead of registering: the server fetches the document at
+// /authorize, and from then on the client is one like any other.
+func TestCIMDWalkthrough(t *testing.T) {
+	env := newTestEnv(t)
+	docs := env.publishDocuments(t)
+	c := docs.publish("/oauth/client.json", `"client_uri":"https://app.example.com/"`)
+	b := newBrowser(t)
+	var consentID, code string
+	var tokens tokenResponse
+
+	t.Run("step 2: the metadata says client metadata documents are welcome", func(t *testing.T) {
+		var md map[string]any
+		env.getJSON(t, "/.well-known/oauth-authorization-server", &md)
+		if md["client_id_metadata_document_supported"] != true || !slices.Contains(md["token_endpoint_auth_methods_supported"].([]any), any("none")) {
+			t.Errorf("server metadata = %v", md)
+		}
+	})
+	t.Run("step 3 is skipped: /authorize fetches the document and shows its host", func(t *testing.T) {
+		page := readBody(t, b.get(t, env.url+c.authorizeURL(nil))) // port 7777: the document lists 127.0.0.1 without one
+		consentID = consentIDFrom(t, page)
+		host := strings.TrimPrefix(docs.url(""), "https://")
+		for _, want := range []string{"“Document client”", "described by <strong>" + host + "</strong>", "<strong>Warning:</strong>"} {
+			if !strings.Contains(page, want) {
+				t.Errorf("consent page lacks %q:\n%s", want, page)
+			}
+		}
+		if docs.fetches.Load() != 1 {
+			t.Errorf("document fetched %d times, want 1", docs.fetches.Load())
+		}
+	})
+	t.Run("steps 4 to 6: consent, Entra, and back with our code", func(t *testing.T) {
+		entraURL := location(t, b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {consentID}, "decision": {"approve"}}), http.StatusSeeOther)
+		back := location(t, b.get(t, location(t, b.get(t, entraURL.String()), http.StatusFound).String()), http.StatusFound)
+		if code = back.Query().Get("code"); code == "" || !strings.HasPrefix(back.String(), c.redirectURI) {
+			t.Fatalf("redirected to %s, want %s with a code", back, c.redirectURI)
+		}
+	})
+	t.Run("step 7: the token request names the URL as client_id, with no secret", func(t *testing.T) {
+		tokens = env.redeem(t, c, code)
+		if tokens.RefreshToken == "" {
+			t.Errorf("no refresh token: a document without grant_types gets both grants")
+		}
+	})
+	t.Run("steps 8 to 10: the tool, as for any client", func(t *testing.T) {
+		m := &modernClient{env: env, token: tokens.AccessToken}
+		var result toolResult
+		m.result(t, m.post(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, nil), &result)
+		if result.IsError || !strings.Contains(result.Content[0].Text, "Adele Vance") {
+			t.Errorf("tools/call = %+v", result)
+		}
+	})
+	t.Run("refresh, without fetching the document again", func(t *testing.T) {
+		var refreshed tokenResponse
+		decodeJSON(t, env.refresh(t, tokens.RefreshToken, c.id), http.StatusOK, &refreshed)
+		if refreshed.AccessToken == "" || docs.fetches.Load() != 1 {
+			t.Errorf("refresh = %+v, document fetched %d times, want 1", refreshed, docs.fetches.Load())
+		}
+	})
+}
+
 // Example_sessionToken shows what a session token carries: a fixed header
 // with the key id and format version, and claims that name a session.
 func Example_sessionToken() {
@@ -667,6 +730,319 @@ func TestRegister(t *testing.T) {
 			resp := env.do(t, "POST", "/register", strings.NewReader(tt.body), http.Header{"Content-Type": {"application/json"}})
 			wantOAuthError(t, resp, http.StatusBadRequest, tt.wantError)
 		})
+	}
+}
+
+// TestClientMetadataDocuments holds clients that identify by a metadata
+// document to the rules registration follows, and to the CIMD draft's: the
+// client_id URL's form, the document's, how it is fetched, and how long kept.
+// Every failure is an error page naming the document's host: never a
+// redirect, since the redirect URI is not known to be the client's.
+func TestClientMetadataDocuments(t *testing.T) {
+	env := newTestEnv(t)
+	docs := env.publishDocuments(t)
+	host := strings.TrimPrefix(docs.url(""), "https://")
+	json := http.Header{"Content-Type": {"application/json"}}
+	doc := func(path, members string) string {
+		return `{"client_id":"` + docs.url(path) + `","redirect_uris":["http://127.0.0.1/callback"]` + members + `}`
+	}
+	wantPage := func(t *testing.T, c *testClient, status int, want string) {
+		t.Helper()
+		resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil))
+		page := readBody(t, resp)
+		if resp.StatusCode != status || resp.Header.Get("Location") != "" || !strings.Contains(page, want) {
+			t.Errorf("GET /authorize = %d, Location %q; want a %d page saying %q:\n%s", resp.StatusCode, resp.Header.Get("Location"), status, want, page)
+		}
+	}
+
+	t.Run("the client_id URL", func(t *testing.T) {
+		for _, id := range []string{
+			"https://app.example.com", "https://app.example.com/", "https://app.example.com/c.json#x", "https://user@app.example.com/c.json",
+			"https://app.example.com/a/../c.json", "https://app.example.com/a/%2e%2E/c.json", "https://app.example.com/./c.json",
+			"https://xn--pp-7ka.example.com\u200b/c.json", "https://\u0430pp.example.com/c.json",
+			"https://app.example.com/" + strings.Repeat("x", 2000),
+		} {
+			wantPage(t, &testClient{id: id, redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}, http.StatusBadRequest, "cannot be used")
+		}
+		if docs.fetches.Load() != 0 {
+			t.Errorf("%d fetches for URLs that are never fetched", docs.fetches.Load())
+		}
+	})
+
+	tests := []struct {
+		name, body string
+		status     int
+		header     http.Header
+		want       string // on the error page
+	}{
+		{"client_id is another URL", `{"client_id":"https://other.example.com/c.json","redirect_uris":["http://127.0.0.1/cb"]}`, 200, json, "not the URL it was fetched from"},
+		{"no client_id", `{"redirect_uris":["http://127.0.0.1/cb"]}`, 200, json, "not the URL it was fetched from"},
+		{"a client_secret", doc("/t", `,"client_secret":"s3cret"`), 200, json, "client_secret"},
+		{"a secret-based method", doc("/t", `,"token_endpoint_auth_method":"client_secret_basic"`), 200, json, "must be none"},
+		{"a key-based method", doc("/t", `,"token_endpoint_auth_method":"private_key_jwt"`), 200, json, "must be none"},
+		{"no redirect_uris", `{"client_id":"` + docs.url("/t") + `"}`, 200, json, "redirect_uris"},
+		{"a javascript: redirect URI", `{"client_id":"` + docs.url("/t") + `","redirect_uris":["javascript:alert(1)"]}`, 200, json, "not allowed"},
+		{"http off loopback", `{"client_id":"` + docs.url("/t") + `","redirect_uris":["http://evil.example/cb"]}`, 200, json, "plain http"},
+		{"grant_types without authorization_code", doc("/t", `,"grant_types":["refresh_token"]`), 200, json, "authorization_code"},
+		{"an implicit grant", doc("/t", `,"grant_types":["authorization_code","implicit"]`), 200, json, "grant_types"},
+		{"response_types token", doc("/t", `,"response_types":["token"]`), 200, json, "response_types"},
+		{"a member twice", doc("/t", `,"client_name":"a","client_name":"b"`), 200, json, "appears twice"},
+		{"a member in other case", doc("/t", `,"Redirect_URIs":["https://evil.example/cb"]`), 200, json, "must be spelled"},
+		{"a hidden character in the name", doc("/t", `,"client_name":"Safe\u202eevil"`), 200, json, "invisible"},
+		{"not JSON", "<html>hello</html>", 200, json, "not a JSON object"},
+		{"a JSON array", "[]", 200, json, "not a JSON object"},
+		{"not UTF-8", "{\"client_id\":\"\xff\"}", 200, json, "UTF-8"},
+		{"served as HTML", doc("/t", ""), 200, http.Header{"Content-Type": {"text/html"}}, "not JSON"},
+		{"larger than 5 KB", doc("/t", `,"client_name":"`+strings.Repeat("x", 5<<10)+`"`), 200, json, "larger than 5 KB"},
+		{"404", "no", 404, nil, "404"},
+		{"500", "no", 500, nil, "500"},
+		{"a redirect", "", 302, http.Header{"Location": {docs.url("/elsewhere")}}, "redirects are not followed"},
+	}
+	for i, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := fmt.Sprintf("/rule%d", i)
+			body := strings.ReplaceAll(tt.body, docs.url("/t"), docs.url(path))
+			docs.answer(path, tt.status, tt.header, body)
+			c := &testClient{id: docs.url(path), redirectURI: "http://127.0.0.1/cb", verifier: oauth2.GenerateVerifier()}
+			status := http.StatusBadRequest
+			if tt.status != 200 {
+				status = http.StatusBadGateway
+			}
+			wantPage(t, c, status, tt.want)
+			wantPage(t, c, status, host)
+			if logs := env.logs.String(); !strings.Contains(logs, "host="+host) || strings.Contains(logs, "s3cret") || strings.Contains(logs, "hello") {
+				t.Errorf("the log names no host, or quotes a document")
+			}
+		})
+	}
+
+	t.Run("the redirect URI must be one of the document's; a loopback one on any port", func(t *testing.T) {
+		c := docs.publish("/redirects", "")
+		c.redirectURI = "https://evil.example/cb"
+		wantPage(t, c, http.StatusBadRequest, "Invalid redirect URI")
+		for _, u := range []string{"http://127.0.0.1/callback", "http://127.0.0.1:51234/callback"} {
+			c.redirectURI = u
+			if resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil)); resp.StatusCode != http.StatusOK {
+				t.Errorf("GET /authorize with %s = %d, want the consent page", u, resp.StatusCode)
+			}
+		}
+	})
+	t.Run("the consent page escapes and cuts the name, or shows the host", func(t *testing.T) {
+		docs.answer("/named", 200, json, doc("/named", `,"client_name":"<script>x</script>`+strings.Repeat("n", 200)+`"`))
+		c := &testClient{id: docs.url("/named"), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
+		page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil)))
+		if strings.Contains(page, "<script>") || !strings.Contains(page, "&lt;script&gt;") || strings.Contains(page, strings.Repeat("n", 90)) {
+			t.Errorf("consent page shows the name unescaped or uncut:\n%s", page)
+		}
+		docs.answer("/unnamed", 200, json, doc("/unnamed", ""))
+		c.id = docs.url("/unnamed")
+		if page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil))); !strings.Contains(page, "an application of "+host) {
+			t.Errorf("consent page of an unnamed document client does not name its host:\n%s", page)
+		}
+	})
+	t.Run("a document on loopback warns of nothing", func(t *testing.T) {
+		loopbackURL := strings.Replace(docs.url("/local"), "app.example.com", "127.0.0.1", 1)
+		docs.answer("/local", 200, json, `{"client_id":"`+loopbackURL+`","redirect_uris":["http://127.0.0.1/callback"]}`)
+		c := &testClient{id: loopbackURL, redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
+		if page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil))); strings.Contains(page, "Warning") {
+			t.Errorf("consent page warns of a loopback redirect for a loopback document:\n%s", page)
+		}
+	})
+
+	t.Run("kept for its max-age, between a minute and a day; failures for a minute", func(t *testing.T) {
+		for _, tt := range []struct {
+			cacheControl string
+			kept         time.Duration
+		}{
+			{"", 5 * time.Minute},
+			{"max-age=600", 10 * time.Minute},
+			{"public, max-age=1", time.Minute},
+			{"no-store", 5 * time.Minute},
+			{"max-age=999999", 24 * time.Hour},
+		} {
+			path := "/ttl" + strconv.Itoa(int(tt.kept/time.Second)) + strings.ReplaceAll(tt.cacheControl, " ", "")
+			docs.answer(path, 200, http.Header{"Content-Type": {"application/json"}, "Cache-Control": {tt.cacheControl}}, doc(path, ""))
+			c := &testClient{id: docs.url(path), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
+			before := docs.fetches.Load()
+			for _, wait := range []time.Duration{0, tt.kept - time.Second, time.Second} {
+				env.clock.advance(wait)
+				newBrowser(t).get(t, env.url+c.authorizeURL(nil))
+			}
+			if got := docs.fetches.Load() - before; got != 2 {
+				t.Errorf("Cache-Control %q: %d fetches, want 2: one, and one once %v passed", tt.cacheControl, got, tt.kept)
+			}
+		}
+		docs.answer("/flaky", 503, nil, "")
+		c := &testClient{id: docs.url("/flaky"), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
+		wantPage(t, c, http.StatusBadGateway, "503")
+		docs.answer("/flaky", 200, json, doc("/flaky", ""))
+		wantPage(t, c, http.StatusBadGateway, "503") // remembered
+		env.clock.advance(time.Minute)
+		if resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil)); resp.StatusCode != http.StatusOK {
+			t.Errorf("GET /authorize a minute after the failure = %d, want the consent page", resp.StatusCode)
+		}
+	})
+
+	t.Run("/token never fetches: an unknown URL, or one with a secret, is invalid_client", func(t *testing.T) {
+		before := docs.fetches.Load()
+		c := docs.publish("/never-authorized", "")
+		wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"authorization_code"}, "code": {"x"}, "client_id": {c.id},
+			"code_verifier": {c.verifier}}, nil), http.StatusUnauthorized, "invalid_client")
+		tokens := env.signInWith(t, docs.publish("/with-secret", ""))
+		wantOAuthError(t, env.postForm(t, "/token", url.Values{"grant_type": {"refresh_token"}, "refresh_token": {tokens.RefreshToken},
+			"client_id": {docs.url("/with-secret")}, "client_secret": {"guess"}}, nil), http.StatusUnauthorized, "invalid_client")
+		if got := docs.fetches.Load() - before; got != 1 {
+			t.Errorf("%d fetches, want 1 (the sign-in's /authorize)", got)
+		}
+	})
+
+	t.Run("one client id, many users: each sign-in is its own", func(t *testing.T) {
+		c := docs.publish("/shared", "")
+		first, second := env.signInWith(t, c), env.signInWith(t, c)
+		env.postForm(t, "/revoke", url.Values{"token": {first.RefreshToken}, "client_id": {c.id}}, nil)
+		wantOAuthError(t, env.refresh(t, first.RefreshToken, c.id), http.StatusBadRequest, "invalid_grant")
+		if resp := env.refresh(t, second.RefreshToken, c.id); resp.StatusCode != http.StatusOK {
+			t.Errorf("the other user's refresh = %d, want 200", resp.StatusCode)
+		}
+	})
+
+	t.Run("one fetch per URL, however many ask at once", func(t *testing.T) {
+		started, release := make(chan struct{}), make(chan struct{})
+		slow := docs.url("/slow")
+		docs.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			docs.fetches.Add(1)
+			close(started)
+			<-release
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"client_id":"`+slow+`","redirect_uris":["http://127.0.0.1/callback"]}`)
+		})
+		before := docs.fetches.Load()
+		var wg sync.WaitGroup
+		results := make(chan error, 10)
+		ask := func() {
+			defer wg.Done()
+			_, err := env.srv.documents.client(t.Context(), slow)
+			results <- err
+		}
+		wg.Add(1)
+		go ask()
+		<-started // the fetch is in flight: everyone else joins it
+		for range 9 {
+			wg.Add(1)
+			go ask()
+		}
+		close(release)
+		wg.Wait()
+		close(results)
+		for err := range results {
+			if err != nil {
+				t.Error(err)
+			}
+		}
+		if got := docs.fetches.Load() - before; got != 1 {
+			t.Errorf("%d fetches, want 1", got)
+		}
+	})
+}
+
+// TestClientMetadataDocumentFetchLimits holds the fetcher to its limits:
+// only a few fetches at once, server-wide; addresses that are not public
+// refused when connecting, loopback included unless allowed; no proxy.
+func TestClientMetadataDocumentFetchLimits(t *testing.T) {
+	env := newTestEnv(t)
+	docs := env.publishDocuments(t)
+
+	t.Run("a few fetches at once; past that, busy", func(t *testing.T) {
+		var started sync.WaitGroup
+		release := make(chan struct{})
+		docs.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			started.Done()
+			<-release
+			http.NotFound(w, r)
+		})
+		var done sync.WaitGroup
+		started.Add(maxDocumentFetches)
+		for i := range maxDocumentFetches {
+			done.Add(1)
+			go func() {
+				defer done.Done()
+				env.srv.documents.client(t.Context(), docs.url(fmt.Sprintf("/busy%d", i)))
+			}()
+		}
+		started.Wait()
+		c := &testClient{id: docs.url("/one-more"), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
+		resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil))
+		if resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("GET /authorize with every fetch slot taken = %d, want 503", resp.StatusCode)
+		}
+		close(release)
+		done.Wait()
+	})
+
+	t.Run("loopback refused unless allowed, at the address connected to", func(t *testing.T) {
+		roots := x509.NewCertPool()
+		roots.AddCert(docs.Certificate())
+		strict := newDocumentCache(false, roots, env.clock.now) // as without CLIENT_METADATA_ALLOW_LOOPBACK=1
+		target := strings.Replace(docs.url("/x"), "app.example.com", "127.0.0.1", 1)
+		before := docs.fetches.Load()
+		if _, err := strict.client(t.Context(), target); !errors.Is(err, errDocumentUnreachable) || !strings.Contains(err.Error(), "not a public one") {
+			t.Errorf("fetch from loopback = %v, want the address refused", err)
+		}
+		if docs.fetches.Load() != before {
+			t.Errorf("the refused fetch reached the server")
+		}
+	})
+
+	t.Run("no proxy: the address check must see the real target", func(t *testing.T) {
+		t.Setenv("HTTPS_PROXY", "http://127.0.0.1:1")
+		t.Setenv("https_proxy", "http://127.0.0.1:1")
+		docs.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/json")
+			io.WriteString(w, `{"client_id":"`+docs.url("/direct")+`","redirect_uris":["http://127.0.0.1/callback"]}`)
+		})
+		if _, err := env.srv.documents.client(t.Context(), docs.url("/direct")); err != nil {
+			t.Errorf("fetch with HTTPS_PROXY set = %v, want it fetched directly", err)
+		}
+	})
+
+	t.Run("off: not advertised, and a URL client_id is refused without a fetch", func(t *testing.T) {
+		off := newTestEnv(t, func(c *config) { c.documents = false })
+		var md map[string]any
+		off.getJSON(t, "/.well-known/oauth-authorization-server", &md)
+		if _, ok := md["client_id_metadata_document_supported"]; ok {
+			t.Errorf("metadata advertises client_id_metadata_document_supported while off")
+		}
+		c := &testClient{id: docs.url("/direct"), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
+		resp := newBrowser(t).get(t, off.url+c.authorizeURL(nil))
+		if page := readBody(t, resp); resp.StatusCode != http.StatusBadRequest || !strings.Contains(page, "CLIENT_METADATA_DOCUMENTS=off") {
+			t.Errorf("GET /authorize while off = %d:\n%s", resp.StatusCode, page)
+		}
+	})
+}
+
+// TestPublicAddress is the address check of document fetches, on literals:
+// no lookups, no traffic.
+func TestPublicAddress(t *testing.T) {
+	for _, tt := range []struct {
+		ip     string
+		public bool
+	}{
+		{"8.8.8.8", true}, {"1.1.1.1", true}, {"2606:4700:4700::1111", true}, {"20.190.160.1", true},
+		{"127.0.0.1", false}, {"127.255.255.254", false}, {"::1", false},
+		{"10.1.2.3", false}, {"172.16.0.1", false}, {"172.31.255.255", false}, {"192.168.1.1", false},
+		{"169.254.169.254", false}, {"fe80::1", false}, {"fd00::1", false}, {"fc00::1", false},
+		{"224.0.0.1", false}, {"239.255.255.250", false}, {"ff02::1", false},
+		{"0.0.0.0", false}, {"0.1.2.3", false}, {"::", false},
+		{"100.64.0.1", false}, {"100.127.255.255", false}, {"198.18.0.1", false}, {"198.19.255.255", false},
+		{"240.0.0.1", false}, {"255.255.255.255", false},
+		{"::ffff:127.0.0.1", false}, {"::ffff:8.8.8.8", false}, {"::127.0.0.1", false},
+		{"64:ff9b::a9fe:a9fe", false}, {"64:ff9b:1::1", false}, {"2002:7f00:1::", false}, {"2001:0:4136:e378::1", false},
+		{"172.15.255.255", true}, {"172.32.0.0", true}, {"100.63.255.255", true}, {"100.128.0.0", true},
+		{"fe80::1%eth0", false},
+	} {
+		if got := publicAddress(netip.MustParseAddr(tt.ip)); got != tt.public {
+			t.Errorf("publicAddress(%s) = %v, want %v", tt.ip, got, tt.public)
+		}
 	}
 }
 
@@ -4182,7 +4558,8 @@ type testEnv struct {
 	logger  *slog.Logger
 	ec      *entraClient
 	serving atomic.Pointer[server]
-	busy    atomic.Int64 // time spent handling requests, in ns
+	busy    atomic.Int64    // time spent handling requests, in ns
+	docs    *documentServer // where client metadata documents are published, if anywhere
 }
 
 // newTestEnv starts a server; opts may change its configuration.
@@ -4197,6 +4574,7 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 		tenantID: entra.tenantID, clientID: entra.clientID, clientSecret: entra.clientSecret,
 		authority: entra.URL, graphURL: entra.URL, publicURL: publicURL,
 		sessionKeys: [][]byte{randomBytes(32)}, accessTTL: time.Hour, refreshTTL: 14 * 24 * time.Hour,
+		documents: true,
 	}
 	for _, opt := range opts {
 		opt(&cfg)
@@ -4239,6 +4617,9 @@ func (e *testEnv) start(t testing.TB) error {
 	// a stream unread for 30 seconds would be closed. The tests of that limit
 	// set their own.
 	srv.streamStall = time.Hour
+	if e.docs != nil {
+		srv.documents = e.docs.cache(e.clock.now)
+	}
 	if err := srv.loadState(); err != nil {
 		return err
 	}
@@ -4322,6 +4703,88 @@ func (e *testEnv) newClient(t testing.TB, fields string) *testClient {
 	return c
 }
 
+// documentServer is an application's web site, publishing client metadata
+// documents over TLS. It listens on loopback, as everything in the tests does,
+// under any name in example.com: the server under test fetches from it with
+// its own document cache, which trusts the site's certificate, may fetch from
+// loopback (as with CLIENT_METADATA_ALLOW_LOOPBACK=1) and reaches the names
+// in example.com at the site's loopback address.
+type documentServer struct {
+	*httptest.Server
+	fetches atomic.Int32
+	mu      sync.Mutex
+	answers map[string]documentAnswer // by path
+}
+
+type documentAnswer struct {
+	status int
+	header http.Header
+	body   string
+}
+
+// publishDocuments starts e's document site, and has e's server fetch from it.
+func (e *testEnv) publishDocuments(t testing.TB) *documentServer {
+	t.Helper()
+	d := &documentServer{answers: map[string]documentAnswer{}}
+	d.Server = httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		d.fetches.Add(1)
+		d.mu.Lock()
+		a, ok := d.answers[r.URL.Path]
+		d.mu.Unlock()
+		if !ok {
+			http.NotFound(w, r)
+			return
+		}
+		maps.Copy(w.Header(), a.header)
+		w.WriteHeader(a.status)
+		io.WriteString(w, a.body)
+	}))
+	t.Cleanup(d.Close)
+	e.docs = d
+	e.srv.documents = d.cache(e.clock.now)
+	return d
+}
+
+// cache returns a document cache for the server under test that fetches from d.
+func (d *documentServer) cache(now func() time.Time) *documentCache {
+	roots := x509.NewCertPool()
+	roots.AddCert(d.Certificate())
+	c := newDocumentCache(true, roots, now)
+	transport := c.http.Transport.(*http.Transport)
+	dial := transport.DialContext
+	_, port, _ := net.SplitHostPort(d.Listener.Addr().String())
+	transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if host, p, _ := net.SplitHostPort(addr); strings.HasSuffix(host, ".example.com") && p == port {
+			addr = d.Listener.Addr().String() // the address check still sees it
+		}
+		return dial(ctx, network, addr)
+	}
+	return c
+}
+
+// url returns the URL of path on d, under the name app.example.com.
+func (d *documentServer) url(path string) string {
+	_, port, _ := net.SplitHostPort(d.Listener.Addr().String())
+	return "https://app.example.com:" + port + path
+}
+
+// answer has d answer requests for path so.
+func (d *documentServer) answer(path string, status int, header http.Header, body string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.answers[path] = documentAnswer{status, header, body}
+}
+
+// publish publishes at path a document of fields (JSON members, without the
+// braces) and its own client_id, and returns a client that identifies by it,
+// with the loopback redirect URI of newClient.
+func (d *documentServer) publish(path, fields string) *testClient {
+	c := &testClient{id: d.url(path), redirectURI: "http://127.0.0.1:7777/callback", verifier: oauth2.GenerateVerifier()}
+	d.answer(path, http.StatusOK, http.Header{"Content-Type": {"application/json"}},
+		`{"client_id":"`+c.id+`","client_name":"Document client","redirect_uris":["http://127.0.0.1/callback"]`+strings.TrimSuffix(","+fields, ",")+`}`)
+	return c
+}
+
 // authorizeURL is the path of a valid authorization request by c.
 func (c *testClient) authorizeURL(extra url.Values) string {
 	q := url.Values{"response_type": {"code"}, "client_id": {c.id}, "redirect_uri": {c.redirectURI}, "state": {"client-state"},
@@ -4384,6 +4847,12 @@ type signInOptions struct {
 type signedIn struct {
 	tokenResponse
 	clientID string
+}
+
+// signInWith runs steps 4 to 7 for client c and returns its tokens.
+func (e *testEnv) signInWith(t testing.TB, c *testClient) tokenResponse {
+	t.Helper()
+	return e.redeem(t, c, e.codeFor(t, c))
 }
 
 // signIn runs steps 3 to 7 for a new public client and returns its tokens.
