@@ -2649,6 +2649,28 @@ func TestStateFileSurvivesRestart(t *testing.T) {
 // TestStateFileUnderLoad refreshes several sessions at once while every
 // refresh saves the state: saving takes each session's lock, refreshing holds
 // one while it stores the session, and the two must not wait on each other.
+// TestStateFileKeepsDocumentClients restarts a server whose client
+// identified by a metadata document: its refresh works without a fetch, and
+// the document is fetched again only at the next /authorize.
+func TestStateFileKeepsDocumentClients(t *testing.T) {
+	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state") })
+	docs := env.publishDocuments(t)
+	c := docs.publish("/client.json", "")
+	tokens := env.signInWith(t, c)
+	if err := env.start(t); err != nil {
+		t.Fatal(err)
+	}
+	docs.answer("/client.json", http.StatusNotFound, nil, "") // the site is down: nothing may need it
+	var refreshed tokenResponse
+	decodeJSON(t, env.refresh(t, tokens.RefreshToken, c.id), http.StatusOK, &refreshed)
+	if got := docs.fetches.Load(); got != 1 {
+		t.Errorf("%d fetches, want 1: the first sign-in's", got)
+	}
+	if resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil)); resp.StatusCode != http.StatusBadGateway {
+		t.Errorf("GET /authorize after restart, with the document gone = %d, want 502: a new sign-in fetches it", resp.StatusCode)
+	}
+}
+
 func TestStateFileUnderLoad(t *testing.T) {
 	env := newTestEnv(t, func(c *config) { c.stateFile = filepath.Join(t.TempDir(), "state") })
 	h := http.Header{"Content-Type": {"application/x-www-form-urlencoded"}}
@@ -2928,6 +2950,9 @@ func TestRunConfigErrors(t *testing.T) {
 		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
 		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
+		{"metadata documents neither on nor off", map[string]string{"CLIENT_METADATA_DOCUMENTS": "yes"}, "CLIENT_METADATA_DOCUMENTS"},
+		{"loopback documents, not 1 or 0", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "true"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
+		{"loopback documents on a public server", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "1", "PUBLIC_URL": "https://mcp.example"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
 		{"unknown tenant", map[string]string{"ENTRA_TENANT_ID": "not-a-tenant"}, "ENTRA_TENANT_ID"},
 		{"unreachable authority", map[string]string{"ENTRA_AUTHORITY": "http://127.0.0.1:1"}, "ENTRA_AUTHORITY"},
 	}
@@ -3892,6 +3917,45 @@ func checkResponse(t testing.TB, r *rpcResponse, id json.RawMessage) {
 	}
 }
 
+// FuzzClientDocument: the checks of a client_id URL and of its metadata
+// document never panic, and what they accept keeps the rules: a public https
+// client of that exact id, with redirect URIs registration would take.
+func FuzzClientDocument(f *testing.F) {
+	id := "https://app.example.com/client.json"
+	for _, seed := range []string{
+		`{"client_id":"` + id + `","client_name":"App","redirect_uris":["http://127.0.0.1/callback"]}`,
+		`{"client_id":"` + id + `","redirect_uris":["https://app.example.com/cb"],"token_endpoint_auth_method":"none","grant_types":["authorization_code"]}`,
+		`{"client_id":"` + id + `","redirect_uris":["http://127.0.0.1/cb"],"client_secret":"x"}`,
+		`{"client_id":"` + id + `","redirect_uris":["javascript:alert(1)"]}`, `{"client_id":"https://other.example/c"}`,
+		`{"client_id":"` + id + `","client_id":"` + id + `","redirect_uris":["http://127.0.0.1/cb"]}`, `[]`, `null`, "\xff",
+	} {
+		f.Add(id, []byte(seed))
+	}
+	f.Add("https://app.example.com/a/../client.json", []byte(`{}`))
+	f.Add("https://app.example.com/%2e/c#x", []byte(`{}`))
+	f.Fuzz(func(t *testing.T, id string, body []byte) {
+		if checkDocumentURL(id) != nil {
+			return
+		}
+		if u, err := url.Parse(id); err != nil || u.Scheme != "https" || u.Host == "" || u.Fragment != "" || u.User != nil {
+			t.Errorf("checkDocumentURL accepted %q", id)
+		}
+		c, err := parseClientDocument(id, body)
+		if err != nil {
+			return
+		}
+		if c.ID != id || c.TokenEndpointAuthMethod != "none" || c.secretHash != "" || len(c.RedirectURIs) == 0 ||
+			!slices.Contains(c.GrantTypes, "authorization_code") || len([]rune(c.ClientName)) > 81 || hasHiddenCharacters(c.ClientName) {
+			t.Errorf("parseClientDocument accepted %s as %+v", body, c)
+		}
+		for _, u := range c.RedirectURIs {
+			if err := checkRedirectURI(u); err != nil {
+				t.Errorf("parseClientDocument accepted a redirect URI registration refuses: %v", err)
+			}
+		}
+	})
+}
+
 // FuzzRegister: registration never panics; it registers only valid metadata
 // and refuses the rest with an RFC 7591 error.
 func FuzzRegister(f *testing.F) {
@@ -4510,7 +4574,7 @@ func TestDemoEnvironment(t *testing.T) {
 		"SESSION_KEY": strings.Repeat("ab", 32), "ACCESS_TOKEN_TTL": "30s", "RATE_LIMIT": "0", "ALLOWED_ORIGINS": "https://app.example",
 		"ENTRA_TENANT_ID": "real-tenant", "ENTRA_CLIENT_ID": "real-client", "ENTRA_CLIENT_SECRET": "real-secret",
 		"ENTRA_AUTHORITY": "https://login.microsoftonline.com", "GRAPH_URL": "https://graph.microsoft.com", "ENTRA_SOMETHING_NEW": "x",
-		"ALLOWED_TENANTS": "72f988bf-86f1-41af-91ab-2d7cd011db47",
+		"ALLOWED_TENANTS": "72f988bf-86f1-41af-91ab-2d7cd011db47", "CLIENT_METADATA_ALLOW_LOOPBACK": "1", "CLIENT_METADATA_DOCUMENTS": "on",
 	}
 	f, getenv := newDemo(t, func(k string) string { return outer[k] }, time.Now, 2*time.Minute)
 	if f.expiresIn != 120 {
