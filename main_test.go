@@ -827,6 +827,15 @@ func TestClientMetadataDocuments(t *testing.T) {
 			}
 		}
 	})
+	t.Run("Claude Code's document: portless loopback URIs, a request on a random port", func(t *testing.T) {
+		docs.answer("/claude-code-client-metadata", 200, json, `{"client_id":"`+docs.url("/claude-code-client-metadata")+`","client_name":"Claude Code",`+
+			`"redirect_uris":["http://localhost/callback","http://127.0.0.1/callback"],"grant_types":["authorization_code","refresh_token"],`+
+			`"response_types":["code"],"token_endpoint_auth_method":"none"}`)
+		c := &testClient{id: docs.url("/claude-code-client-metadata"), redirectURI: "http://localhost:49152/callback", verifier: oauth2.GenerateVerifier()}
+		if tokens := env.signInWith(t, c); tokens.RefreshToken == "" {
+			t.Errorf("no refresh token for Claude Code")
+		}
+	})
 	t.Run("the consent page escapes and cuts the name, or shows the host", func(t *testing.T) {
 		docs.answer("/named", 200, json, doc("/named", `,"client_name":"<script>x</script>`+strings.Repeat("n", 200)+`"`))
 		c := &testClient{id: docs.url("/named"), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
