@@ -129,8 +129,9 @@ type authRequest struct {
 	state         string
 	challenge     string // the client's PKCE S256 challenge
 	scope         string
-	resource      string // audience of the tokens (RFC 8707)
-	browser       string // the browser cookie of whoever opened the consent page
+	resource      string  // audience of the tokens (RFC 8707)
+	browser       string  // the browser cookie of whoever opened the consent page
+	client        *client // the client as /authorize found it
 }
 
 // handleAuthorize validates an authorization request (OAuth 2.1 §4.1.1) and
@@ -153,6 +154,7 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 	}
 
 	req := &authRequest{
+		client:        c,
 		clientID:      c.ID,
 		redirectURI:   redirectURI,
 		redirectGiven: q.Has("redirect_uri"),
@@ -202,7 +204,9 @@ func (s *server) handleConsent(w http.ResponseWriter, r *http.Request) {
 	}
 	switch r.PostForm.Get("decision") {
 	case "approve":
-		s.startSignIn(w, r, req)
+		if s.keepDocumentClient(w, req) { // a client known by its metadata document is kept from now on
+			s.startSignIn(w, r, req)
+		}
 	case "deny":
 		s.log.Info("consent denied", "client_id", req.clientID)
 		s.redirectError(w, r, req, "access_denied", "the user denied the request")
@@ -494,7 +498,7 @@ type clientMetadata struct {
 	Scope                   string   `json:"scope"`
 	SoftwareID              string   `json:"software_id,omitempty"`
 	SoftwareVersion         string   `json:"software_version,omitempty"`
-	ApplicationType         string   `json:"application_type,omitempty"` // "native" or "web"; kept, never checked (MCP 2026-07-28)
+	ApplicationType         string   `json:"application_type,omitempty"` // "native" or "web" (MCP 2026-07-28)
 }
 
 // registration is the response of RFC 7591 §3.2.1: the client's id, its
@@ -530,11 +534,13 @@ func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest,
 	}
 	if strings.HasPrefix(c.ID, "https://") {
 		// A metadata document's host vouches for the client's name. Its
-		// loopback redirect does not: any program on this computer can
-		// listen there (MCP 2025-11-25 "Client ID Metadata Documents").
+		// loopback or private-use redirect does not: any program on this
+		// computer can listen there, or claim the scheme (MCP 2025-11-25
+		// "Client ID Metadata Documents").
 		doc, _ := url.Parse(c.ID)
 		data.DocumentHost = doc.Host
-		data.LocalFromRemote = data.Loopback && !isLoopbackHost(doc.Hostname())
+		onThisComputer := data.Loopback || (redirect.Scheme != "https" && redirect.Scheme != "http")
+		data.LocalFromRemote = onThisComputer && !isLoopbackHost(doc.Hostname())
 	}
 	if redirect.Scheme != "https" && redirect.Scheme != "http" {
 		// A private-use scheme names the application, whatever host follows
@@ -632,6 +638,9 @@ func checkClientMetadata(md *clientMetadata) error {
 		return badRequest("invalid_client_metadata", "a metadata value is too long")
 	}
 	md.Scope = serverScope // whatever was asked for, this is what there is
+	if md.ApplicationType != "native" && md.ApplicationType != "web" {
+		md.ApplicationType = "" // accepted, never refused, and not kept (MCP 2026-07-28)
+	}
 	return nil
 }
 
@@ -955,10 +964,11 @@ func (s *server) authenticateClient(r *http.Request) (*client, error) {
 // shows the error page and returns false. A client_id that is an https URL
 // names a client that identifies by a metadata document published there,
 // rather than by a registration (CIMD: MCP 2025-11-25 "Client ID Metadata
-// Documents", draft-ietf-oauth-client-id-metadata-document). Its client is
-// kept with the registrations, so that /token, /revoke, refreshes and
-// restarts treat it as one and never fetch; its document is fetched again at
-// /authorize once the copy in [documentCache] is stale.
+// Documents", draft-ietf-oauth-client-id-metadata-document). Its document is
+// fetched, or taken from [documentCache] while fresh; the client is kept with
+// the registrations only once the user approves it (see
+// [server.keepDocumentClient]), so that /token, /revoke, refreshes and
+// restarts treat it as any other and never fetch.
 func (s *server) authorizingClient(w http.ResponseWriter, r *http.Request, id string) (*client, bool) {
 	if !strings.HasPrefix(id, "https://") {
 		c, ok := s.clients.get(id)
@@ -971,48 +981,49 @@ func (s *server) authorizingClient(w http.ResponseWriter, r *http.Request, id st
 		s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application identifies itself by a client metadata document, which this server does not accept (CLIENT_METADATA_DOCUMENTS=off). Configure the application to register with the server instead.")
 		return nil, false
 	}
-	host := documentHost(id)
-	c, err := s.documents.client(r.Context(), id)
+	c, err := s.documents.client(r.Context(), id, clientAddress(r.RemoteAddr))
+	var de *documentError
 	switch {
-	case errors.Is(err, errDocumentUnreachable):
-		s.log.Warn("client metadata document unreachable", "host", host, "err", err)
-		s.errorPage(w, http.StatusBadGateway, "Client metadata document unavailable", "This server could not fetch the application's metadata document from "+host+": "+
-			strings.TrimPrefix(err.Error(), errDocumentUnreachable.Error()+": ")+". Signing in an application that identifies by such a document needs outbound HTTPS from this server to "+
-			host+"; if that is not wanted, the server's operator can set CLIENT_METADATA_DOCUMENTS=off, and applications then register instead.")
-		return nil, false
-	case errors.Is(err, errDocumentsBusy):
-		s.errorPage(w, http.StatusServiceUnavailable, "Server busy", "The server is fetching too many client metadata documents at once. Try again in a minute.")
-		return nil, false
-	case err != nil:
-		s.log.Warn("client metadata document refused", "host", host, "err", err)
-		s.errorPage(w, http.StatusBadRequest, "Invalid client metadata document", "The application's metadata document at "+host+" cannot be used: "+err.Error()+".")
-		return nil, false
+	case err == nil:
+		return c, true
+	case !errors.As(err, &de):
+		return nil, false // the browser went away
 	}
-	if err := s.keepDocumentClient(c); err != nil {
-		s.errorPage(w, http.StatusServiceUnavailable, "Server busy", "The server is holding as many clients as it may. Try again later.")
-		return nil, false
+	host := documentHost(id)
+	s.log.Warn("client metadata document refused", "host", host, "reason", de.reason, "err", de.detail)
+	switch de.status {
+	case http.StatusBadGateway:
+		s.errorPage(w, de.status, "Client metadata document unavailable", "This server could not fetch the application's metadata document from "+host+": "+de.reason+
+			". Signing in an application that identifies by such a document needs outbound HTTPS from this server to "+host+
+			"; if that is not wanted, the server's operator can set CLIENT_METADATA_DOCUMENTS=off, and applications then register instead.")
+	case http.StatusServiceUnavailable:
+		s.errorPage(w, de.status, "Server busy", "The server is fetching as many client metadata documents as it may at once. Try again in a minute.")
+	default:
+		s.errorPage(w, de.status, "Invalid client metadata document", "The application's metadata document at "+host+" cannot be used: "+de.reason+".")
 	}
-	return c, true
+	return nil, false
 }
 
-// keepDocumentClient stores the client of a metadata document with the
-// registrations, where it replaces an older copy of itself, for at least
-// unusedClientTTL (a client that completes a sign-in is then kept like any
-// other, see [server.keepClient]).
-func (s *server) keepDocumentClient(c *client) error {
-	old, ok := s.clients.get(c.ID)
-	if ok && reflect.DeepEqual(old.clientMetadata, c.clientMetadata) {
-		return nil
+// keepDocumentClient keeps the client of a metadata document with the
+// registrations, once the user approves it: for at least unusedClientTTL,
+// time enough to finish the sign-in, and for as long as a registration once
+// it completes one (see [server.keepClient]). It replaces an older copy of
+// the document, and saves the registrations when that changed anything. A
+// client nobody approves is never kept: /authorize alone stores nothing.
+func (s *server) keepDocumentClient(w http.ResponseWriter, req *authRequest) bool {
+	c := req.client
+	if !strings.HasPrefix(c.ID, "https://") {
+		return true // a registered client
 	}
-	ttl := unusedClientTTL
-	if left, ok := s.clients.touch(c.ID, ttl); ok {
-		ttl = max(ttl, left)
+	old, known := s.clients.get(c.ID)
+	if err := s.clients.putAtLeast(c.ID, c, unusedClientTTL); err != nil {
+		s.errorPage(w, http.StatusServiceUnavailable, "Server busy", "The server is holding as many clients as it may. Try again later.")
+		return false
 	}
-	if err := s.clients.put(c.ID, c, ttl); err != nil {
-		return err
+	if !known || !reflect.DeepEqual(old.clientMetadata, c.clientMetadata) {
+		s.registrationsChanged()
 	}
-	s.registrationsChanged()
-	return nil
+	return true
 }
 
 // documentHost returns the host of a metadata document's URL, to show and log.
@@ -1023,19 +1034,37 @@ func documentHost(id string) string {
 	return "(an invalid URL)"
 }
 
-var (
-	errDocumentUnreachable = errors.New("unreachable")
-	errDocumentsBusy       = errors.New("too many metadata documents being fetched")
-)
+// documentError is why a metadata document cannot be used: the status of the
+// error page, what the page says, and for the log, the details. The page
+// never repeats what the network or the fetched site said (an address, a
+// resolver, a status text of their choosing); the log does.
+type documentError struct {
+	status int // 400: the URL or the document breaks a rule; 502: no document could be fetched; 503: busy
+	reason string
+	detail error
+}
+
+func (e *documentError) Error() string { return e.reason }
+
+func invalidDocument(reason string) error {
+	return &documentError{status: http.StatusBadRequest, reason: reason}
+}
+
+func unreachableDocument(reason string, detail error) error {
+	return &documentError{status: http.StatusBadGateway, reason: reason, detail: detail}
+}
+
+var errDocumentsBusy = &documentError{status: http.StatusServiceUnavailable, reason: "too many metadata documents being fetched"}
 
 // Limits on fetching metadata documents. Anyone can make /authorize fetch a
 // URL, so each fetch is small and short, one URL is fetched once however
-// many ask for it, and only a few are fetched at once: the server must not
-// become an amplifier of requests to other sites.
+// many ask for it, one client address has one fetch in flight at a time, and
+// the server only a few: it must not become an amplifier of requests to other
+// sites, nor be kept from fetching by a site that answers slowly.
 const (
 	maxDocumentSize      = 5 << 10         // a document is well under 2 KB
 	documentFetchTimeout = 5 * time.Second // for the whole fetch, body included
-	maxDocumentFetches   = 4               // fetches in flight at once, server-wide
+	maxDocumentFetches   = 8               // fetches in flight at once, server-wide
 	maxDocuments         = 1000            // documents and failures cached
 	documentTTL          = 5 * time.Minute // a document's lifetime when its answer names none
 	minDocumentTTL       = time.Minute     // ...and the bounds of a lifetime it names
@@ -1046,11 +1075,12 @@ const (
 // documentCache fetches client metadata documents and keeps each for as long
 // as its answer's Cache-Control max-age says, within bounds.
 type documentCache struct {
-	http    *http.Client
-	now     func() time.Time
-	fetches chan struct{} // one slot per fetch in flight
-	mu      sync.Mutex
-	entries map[string]*documentEntry // by URL
+	http     *http.Client
+	now      func() time.Time
+	fetches  chan struct{} // one slot per fetch in flight
+	mu       sync.Mutex
+	entries  map[string]*documentEntry // by URL
+	fetching map[string]bool           // client addresses with a fetch in flight
 }
 
 // documentEntry is a document fetched, or being fetched: ready is closed once
@@ -1089,6 +1119,8 @@ func newDocumentCache(loopback bool, roots *x509.CertPool, now func() time.Time)
 		Proxy:                  nil,
 		DialContext:            dialer.DialContext,
 		TLSClientConfig:        &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+		TLSHandshakeTimeout:    documentFetchTimeout / 2,
+		ResponseHeaderTimeout:  documentFetchTimeout / 2,
 		ForceAttemptHTTP2:      true,
 		MaxResponseHeaderBytes: 16 << 10,
 		MaxIdleConns:           16,
@@ -1098,16 +1130,17 @@ func newDocumentCache(loopback bool, roots *x509.CertPool, now func() time.Time)
 		http: &http.Client{Transport: transport, CheckRedirect: func(*http.Request, []*http.Request) error {
 			return http.ErrUseLastResponse // a 3xx is an answer like any other: refused
 		}},
-		now:     now,
-		fetches: make(chan struct{}, maxDocumentFetches),
-		entries: make(map[string]*documentEntry),
+		now:      now,
+		fetches:  make(chan struct{}, maxDocumentFetches),
+		entries:  make(map[string]*documentEntry),
+		fetching: make(map[string]bool),
 	}
 }
 
 // client returns the client the document at id describes: from the cache
-// while fresh, else fetched. Requests for a URL being fetched wait for that
-// fetch rather than start another.
-func (d *documentCache) client(ctx context.Context, id string) (*client, error) {
+// while fresh, else fetched for the client address requester. Requests for a
+// URL being fetched wait for that fetch rather than start another.
+func (d *documentCache) client(ctx context.Context, id, requester string) (*client, error) {
 	if err := checkDocumentURL(id); err != nil {
 		return nil, err
 	}
@@ -1117,17 +1150,19 @@ func (d *documentCache) client(ctx context.Context, id string) (*client, error) 
 		ok = false // stale: fetch it again
 	}
 	if !ok {
-		if !d.makeRoom() {
+		if d.fetching[requester] || !d.makeRoom() {
 			d.mu.Unlock()
 			return nil, errDocumentsBusy
 		}
+		d.fetching[requester] = true
 		e = &documentEntry{ready: make(chan struct{})}
 		d.entries[id] = e
 		d.mu.Unlock()
 		d.fill(ctx, id, e)
-	} else {
-		d.mu.Unlock()
+		d.mu.Lock()
+		delete(d.fetching, requester)
 	}
+	d.mu.Unlock()
 	select {
 	case <-e.ready:
 		return e.client, e.err
@@ -1168,16 +1203,19 @@ func (d *documentCache) makeRoom() bool {
 }
 
 // fill fetches the document at id into e, within documentFetchTimeout: a
-// client that gives up does not cut short the fetch others wait for. A
-// failure is kept for failedDocumentTTL, so that a URL that fails is not
-// fetched again on every request. With maxDocumentFetches in flight already,
-// it fetches nothing and keeps nothing: errDocumentsBusy.
+// client that gives up does not cut short the fetch others wait for. It
+// waits as long for a free slot, while the requester waits; if none comes,
+// it keeps nothing (errDocumentsBusy). A failure is kept for
+// failedDocumentTTL, so that a URL that fails is not fetched again on every
+// request.
 func (d *documentCache) fill(ctx context.Context, id string, e *documentEntry) {
 	defer close(e.ready)
+	wait, cancelWait := context.WithTimeout(ctx, documentFetchTimeout)
+	defer cancelWait()
 	select {
 	case d.fetches <- struct{}{}:
 		defer func() { <-d.fetches }()
-	default:
+	case <-wait.Done():
 		e.err = errDocumentsBusy
 		d.mu.Lock()
 		if d.entries[id] == e {
@@ -1201,32 +1239,29 @@ func (d *documentCache) fill(ctx context.Context, id string, e *documentEntry) {
 func (d *documentCache) fetch(ctx context.Context, id string) (*client, time.Duration, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, id, nil)
 	if err != nil {
-		return nil, 0, err
+		return nil, 0, invalidDocument("the client_id is not a URL")
 	}
 	req.Header.Set("Accept", "application/json")
 	resp, err := d.http.Do(req)
 	if err != nil {
-		if ue, ok := err.(*url.Error); ok {
-			err = ue.Err // the URL is the client_id, known already
-		}
-		return nil, 0, fmt.Errorf("%w: %v", errDocumentUnreachable, err)
+		return nil, 0, unreachableDocument("the connection failed (the server's log says why)", err)
 	}
 	defer resp.Body.Close()
 	switch {
 	case resp.StatusCode >= 300 && resp.StatusCode < 400:
-		return nil, 0, fmt.Errorf("%w: it answered %s, and redirects are not followed: the document must be served at the client_id URL itself", errDocumentUnreachable, resp.Status)
+		return nil, 0, unreachableDocument(fmt.Sprintf("it answered HTTP %d, and redirects are not followed: the document must be served at the client_id URL itself", resp.StatusCode), nil)
 	case resp.StatusCode != http.StatusOK:
-		return nil, 0, fmt.Errorf("%w: it answered %s", errDocumentUnreachable, resp.Status)
+		return nil, 0, unreachableDocument(fmt.Sprintf("it answered HTTP %d", resp.StatusCode), nil)
 	}
 	if mt, _, _ := mime.ParseMediaType(resp.Header.Get("Content-Type")); mt != "application/json" && !strings.HasSuffix(mt, "+json") {
-		return nil, 0, fmt.Errorf("it is not JSON (Content-Type %q)", resp.Header.Get("Content-Type"))
+		return nil, 0, invalidDocument("it is not served as JSON (application/json)")
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxDocumentSize+1))
 	switch {
 	case err != nil:
-		return nil, 0, fmt.Errorf("%w: reading it failed: %v", errDocumentUnreachable, err)
+		return nil, 0, unreachableDocument("reading it failed (the server's log says why)", err)
 	case len(body) > maxDocumentSize:
-		return nil, 0, fmt.Errorf("it is larger than %d KB", maxDocumentSize>>10)
+		return nil, 0, invalidDocument(fmt.Sprintf("it is larger than %d KB", maxDocumentSize>>10))
 	}
 	c, err := parseClientDocument(id, body)
 	if err != nil {
@@ -1260,19 +1295,19 @@ func checkDocumentURL(id string) error {
 	u, err := url.Parse(id)
 	switch {
 	case len(id) > 2000 || err != nil:
-		return errors.New("the client_id is not a URL")
+		return invalidDocument("the client_id is not a URL")
 	case u.Scheme != "https" || u.Host == "" || u.Opaque != "":
-		return errors.New("the client_id URL must be https, with a host")
+		return invalidDocument("the client_id URL must be https, with a host")
 	case strings.Contains(id, "#") || u.User != nil:
-		return errors.New("the client_id URL must have no fragment and no user info")
+		return invalidDocument("the client_id URL must have no fragment and no user info")
 	case !isASCII(u.Host) || strings.Contains(u.Host, "%") || hasHiddenCharacters(id):
-		return errors.New("the client_id URL's host must be plain ASCII (its punycode form), with nothing hidden")
+		return invalidDocument("the client_id URL's host must be plain ASCII (its punycode form), with nothing hidden")
 	case u.EscapedPath() == "" || u.EscapedPath() == "/":
-		return errors.New("the client_id URL must have a path, such as /client.json")
+		return invalidDocument("the client_id URL must have a path, such as /client.json")
 	}
 	for segment := range strings.SplitSeq(u.EscapedPath(), "/") {
 		if s, _ := url.PathUnescape(segment); s == "." || s == ".." {
-			return errors.New("the client_id URL must have no . or .. segments")
+			return invalidDocument("the client_id URL must have no . or .. segments")
 		}
 	}
 	return nil
@@ -1283,7 +1318,8 @@ func checkDocumentURL(id string) error {
 // defaults and what a document may hold: its client_id is id, byte for byte;
 // token_endpoint_auth_method is none, also when absent, since anyone can
 // read the document and no secret can be in it; a long client_name is cut.
-// Errors never quote the document.
+// The client_id is checked first: until then the JSON may be anybody's, and
+// no error quotes it.
 func parseClientDocument(id string, body []byte) (*client, error) {
 	var doc struct {
 		ClientID     *string         `json:"client_id"`
@@ -1291,27 +1327,28 @@ func parseClientDocument(id string, body []byte) (*client, error) {
 		clientMetadata
 	}
 	if !utf8.Valid(body) || json.Unmarshal(body, &doc) != nil {
-		return nil, errors.New("it is not a JSON object of client metadata, in UTF-8")
+		return nil, invalidDocument("it is not a JSON object of client metadata, in UTF-8")
+	}
+	if doc.ClientID == nil || *doc.ClientID != id {
+		return nil, invalidDocument("its client_id is not the URL it was fetched from")
 	}
 	if err := checkMemberNames(body, map[string][]string{"": documentMemberNames}); err != nil {
-		return nil, err
+		return nil, invalidDocument(err.Error())
 	}
 	md := doc.clientMetadata
 	switch {
-	case doc.ClientID == nil || *doc.ClientID != id:
-		return nil, errors.New("its client_id is not the URL it was fetched from")
 	case doc.ClientSecret != nil:
-		return nil, errors.New("it holds a client_secret, which a public document cannot keep secret")
+		return nil, invalidDocument("it holds a client_secret, which a public document cannot keep secret")
 	case md.TokenEndpointAuthMethod == "":
 		md.TokenEndpointAuthMethod = "none"
 	case md.TokenEndpointAuthMethod != "none":
-		return nil, errors.New("its token_endpoint_auth_method must be none: this server takes no client secret or key from a document")
+		return nil, invalidDocument("its token_endpoint_auth_method must be none: this server takes no client secret or key from a document")
 	}
 	if name := []rune(md.ClientName); len(name) > 80 {
 		md.ClientName = string(name[:80]) + "…"
 	}
 	if err := checkClientMetadata(&md); err != nil {
-		return nil, errors.New(err.(*oauthError).Description)
+		return nil, invalidDocument(err.(*oauthError).Description)
 	}
 	return &client{clientMetadata: md, ID: id}, nil
 }
@@ -1321,10 +1358,11 @@ func parseClientDocument(id string, body []byte) (*client, error) {
 var documentMemberNames = append([]string{"client_id", "client_secret"}, clientMetadataNames...)
 
 // publicAddress reports whether ip may be the address of a metadata
-// document: none of refusedPrefixes. (netip keeps an IPv4 address and its
-// IPv4-mapped IPv6 form apart, so the mapped forms are listed too.)
+// document: an IPv4 address, or an IPv6 one of global unicast (2000::/3),
+// outside refusedPrefixes. (netip keeps an IPv4 address and its IPv4-mapped
+// IPv6 form apart: the mapped forms fall outside 2000::/3.)
 func publicAddress(ip netip.Addr) bool {
-	if !ip.IsValid() || ip.Zone() != "" {
+	if !ip.IsValid() || ip.Zone() != "" || (ip.Is6() && !globalUnicast.Contains(ip)) {
 		return false
 	}
 	for _, p := range refusedPrefixes {
@@ -1335,31 +1373,42 @@ func publicAddress(ip netip.Addr) bool {
 	return true
 }
 
+var globalUnicast = netip.MustParsePrefix("2000::/3")
+
 // refusedPrefixes are the addresses no metadata document is fetched from:
 // this machine, private and shared networks, link-local addresses (cloud
-// metadata services live at 169.254.169.254), multicast, reserved and
-// unspecified ones, and the IPv6 forms that carry an IPv4 address inside
-// (mapped, compatible, NAT64, 6to4, Teredo), which could reach any of those.
+// metadata services live at 169.254.169.254), multicast, reserved,
+// documentation and unspecified ones, and the IPv6 forms that carry an IPv4
+// address inside (mapped, compatible, NAT64, 6to4, Teredo), which could
+// reach any of those. The IPv6 ones outside 2000::/3 are refused anyway, and
+// listed to be read.
 var refusedPrefixes = []netip.Prefix{
-	netip.MustParsePrefix("0.0.0.0/8"),      // "this network", 0.0.0.0 included
-	netip.MustParsePrefix("10.0.0.0/8"),     // private (RFC 1918)
-	netip.MustParsePrefix("100.64.0.0/10"),  // shared address space (carrier NAT)
-	netip.MustParsePrefix("127.0.0.0/8"),    // loopback
-	netip.MustParsePrefix("169.254.0.0/16"), // link-local
-	netip.MustParsePrefix("172.16.0.0/12"),  // private
-	netip.MustParsePrefix("192.168.0.0/16"), // private
-	netip.MustParsePrefix("198.18.0.0/15"),  // benchmarking
-	netip.MustParsePrefix("224.0.0.0/4"),    // multicast
-	netip.MustParsePrefix("240.0.0.0/4"),    // reserved, and broadcast
-	netip.MustParsePrefix("::/96"),          // unspecified, loopback (::1), IPv4-compatible
-	netip.MustParsePrefix("::ffff:0:0/96"),  // IPv4-mapped
-	netip.MustParsePrefix("64:ff9b::/96"),   // NAT64
-	netip.MustParsePrefix("64:ff9b:1::/48"), // local-use NAT64
-	netip.MustParsePrefix("2001::/32"),      // Teredo
-	netip.MustParsePrefix("2002::/16"),      // 6to4
-	netip.MustParsePrefix("fc00::/7"),       // unique-local
-	netip.MustParsePrefix("fe80::/10"),      // link-local
-	netip.MustParsePrefix("ff00::/8"),       // multicast
+	netip.MustParsePrefix("0.0.0.0/8"),       // "this network", 0.0.0.0 included
+	netip.MustParsePrefix("10.0.0.0/8"),      // private (RFC 1918)
+	netip.MustParsePrefix("100.64.0.0/10"),   // shared address space (carrier NAT)
+	netip.MustParsePrefix("127.0.0.0/8"),     // loopback
+	netip.MustParsePrefix("169.254.0.0/16"),  // link-local
+	netip.MustParsePrefix("172.16.0.0/12"),   // private
+	netip.MustParsePrefix("192.0.0.0/24"),    // IETF protocol assignments
+	netip.MustParsePrefix("192.0.2.0/24"),    // documentation
+	netip.MustParsePrefix("192.88.99.0/24"),  // 6to4 relays
+	netip.MustParsePrefix("192.168.0.0/16"),  // private
+	netip.MustParsePrefix("198.18.0.0/15"),   // benchmarking
+	netip.MustParsePrefix("198.51.100.0/24"), // documentation
+	netip.MustParsePrefix("203.0.113.0/24"),  // documentation
+	netip.MustParsePrefix("224.0.0.0/4"),     // multicast
+	netip.MustParsePrefix("240.0.0.0/4"),     // reserved, and broadcast
+	netip.MustParsePrefix("::/96"),           // unspecified, loopback (::1), IPv4-compatible
+	netip.MustParsePrefix("::ffff:0:0/96"),   // IPv4-mapped
+	netip.MustParsePrefix("64:ff9b::/96"),    // NAT64
+	netip.MustParsePrefix("64:ff9b:1::/48"),  // local-use NAT64
+	netip.MustParsePrefix("2001::/23"),       // IETF protocol assignments, Teredo (2001::/32) among them
+	netip.MustParsePrefix("2001:db8::/32"),   // documentation
+	netip.MustParsePrefix("2002::/16"),       // 6to4
+	netip.MustParsePrefix("3fff::/20"),       // documentation
+	netip.MustParsePrefix("fc00::/7"),        // unique-local
+	netip.MustParsePrefix("fe80::/10"),       // link-local
+	netip.MustParsePrefix("ff00::/8"),        // multicast
 }
 
 // entraClient is this server as a confidential client of Entra ID.
@@ -1815,7 +1864,7 @@ var consentPage = template.Must(template.New("consent").Parse(`<!doctype html>
 wants to use this server's tools as you, with the scope <code>{{.Scope}}</code>.
 The tools can read your Microsoft profile (name and email) through Microsoft Graph.</p>
 <p>After you sign in with Microsoft, you will be sent to <strong>{{.RedirectHost}}</strong>{{if .Loopback}}, an application on this computer{{end}}:<br><code>{{.RedirectURI}}</code></p>
-{{if .LocalFromRemote}}<p><strong>Warning:</strong> {{.DocumentHost}} describes this application, but your sign-in goes to a program on this computer, and any program here could be listening there. Allow only if you are using {{.DocumentHost}}'s application on this computer right now.</p>
+{{if .LocalFromRemote}}<p><strong>Warning:</strong> {{.DocumentHost}} describes this application, but your sign-in goes to a program on this computer, and any program here could pose as it. Allow only if you are using {{.DocumentHost}}'s application on this computer right now.</p>
 {{end}}<p>Only allow this if you started this sign-in yourself, from your MCP client.</p>
 <form method="post" action="/authorize">
 <input type="hidden" name="consent_id" value="{{.ConsentID}}">

@@ -514,8 +514,10 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	// Fetching from loopback on a server others reach would let anyone make
 	// it read the services of its own machine.
-	if u, _ := url.Parse(cfg.publicURL); cfg.documentsLocal && !isLoopbackHost(u.Hostname()) {
-		return config{}, errors.New("CLIENT_METADATA_ALLOW_LOOPBACK=1 is for local testing: it needs a loopback PUBLIC_URL such as http://localhost:3001")
+	u, _ := url.Parse(cfg.publicURL)
+	host, _, _ := net.SplitHostPort(cfg.addr)
+	if cfg.documentsLocal && (!isLoopbackHost(u.Hostname()) || !isLoopbackHost(host)) {
+		return config{}, errors.New("CLIENT_METADATA_ALLOW_LOOPBACK=1 is for local testing: it needs a loopback PUBLIC_URL and ADDR, such as http://localhost:3001 and localhost:3001")
 	}
 	return cfg, nil
 }

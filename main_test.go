@@ -675,11 +675,11 @@ func TestRegister(t *testing.T) {
 			t.Errorf("consent page for com.evil.app://login.microsoftonline.com/cb does not name com.evil.app:\n%s", page)
 		}
 	})
-	t.Run("application_type is accepted and echoed, whatever it says (MCP 2026-07-28)", func(t *testing.T) {
-		for _, at := range []string{"native", "web", "something-new"} {
+	t.Run("application_type is accepted, whatever it says, and kept if native or web (MCP 2026-07-28)", func(t *testing.T) {
+		for at, want := range map[string]any{"native": "native", "web": "web", "something-new": nil, "web‮": nil} {
 			reg := env.register(t, `{"redirect_uris":["http://127.0.0.1/cb"],"application_type":"`+at+`","token_endpoint_auth_method":"none"}`)
-			if reg["application_type"] != at {
-				t.Errorf("application_type %q registered as %v", at, reg["application_type"])
+			if reg["application_type"] != want {
+				t.Errorf("application_type %q registered as %v, want %v", at, reg["application_type"], want)
 			}
 		}
 	})
@@ -792,10 +792,11 @@ func TestClientMetadataDocuments(t *testing.T) {
 		{"not JSON", "<html>hello</html>", 200, json, "not a JSON object"},
 		{"a JSON array", "[]", 200, json, "not a JSON object"},
 		{"not UTF-8", "{\"client_id\":\"\xff\"}", 200, json, "UTF-8"},
-		{"served as HTML", doc("/t", ""), 200, http.Header{"Content-Type": {"text/html"}}, "not JSON"},
+		{"served as HTML", doc("/t", ""), 200, http.Header{"Content-Type": {"text/html"}}, "not served as JSON"},
 		{"larger than 5 KB", doc("/t", `,"client_name":"`+strings.Repeat("x", 5<<10)+`"`), 200, json, "larger than 5 KB"},
-		{"404", "no", 404, nil, "404"},
-		{"500", "no", 500, nil, "500"},
+		{"404", "no", 404, nil, "HTTP 404"},
+		{"500", "no", 500, nil, "HTTP 500"},
+		{"JSON of someone else's, quoted nowhere", `{"client_id":"https://other.example/x","db_password_hunter2":1,"db_password_hunter2":2}`, 200, json, "not the URL it was fetched from"},
 		{"a redirect", "", 302, http.Header{"Location": {docs.url("/elsewhere")}}, "redirects are not followed"},
 	}
 	for i, tt := range tests {
@@ -810,7 +811,7 @@ func TestClientMetadataDocuments(t *testing.T) {
 			}
 			wantPage(t, c, status, tt.want)
 			wantPage(t, c, status, host)
-			if logs := env.logs.String(); !strings.Contains(logs, "host="+host) || strings.Contains(logs, "s3cret") || strings.Contains(logs, "hello") {
+			if logs := env.logs.String(); !strings.Contains(logs, "host="+host) || strings.Contains(logs, "s3cret") || strings.Contains(logs, "hello") || strings.Contains(logs, "hunter2") {
 				t.Errorf("the log names no host, or quotes a document")
 			}
 		})
@@ -892,6 +893,47 @@ func TestClientMetadataDocuments(t *testing.T) {
 		}
 	})
 
+	t.Run("a client is kept once approved, not before, and as long as a sign-in needs", func(t *testing.T) {
+		c := docs.publish("/approved-late", "")
+		for range 50 {
+			newBrowser(t).get(t, env.url+c.authorizeURL(nil))
+		}
+		if _, ok := env.srv.clients.get(c.id); ok {
+			t.Fatalf("a document client is kept before anyone approved it")
+		}
+		// Approved at the end of its first hour, after a consent page left open
+		// and a slow sign-in at Entra: it must still be there at /token.
+		env.signInWith(t, c)
+		env.clock.advance(55 * time.Minute)
+		b := newBrowser(t)
+		id := consentIDFrom(t, readBody(t, b.get(t, env.url+c.authorizeURL(nil))))
+		env.clock.advance(9 * time.Minute)
+		entraURL := location(t, b.postForm(t, env.url+"/authorize", url.Values{"consent_id": {id}, "decision": {"approve"}}), http.StatusSeeOther)
+		env.clock.advance(9 * time.Minute)
+		back := location(t, b.get(t, location(t, b.get(t, entraURL.String()), http.StatusFound).String()), http.StatusFound)
+		env.redeem(t, c, back.Query().Get("code"))
+	})
+	t.Run("the page says what failed, not what the network or the site said", func(t *testing.T) {
+		roots := x509.NewCertPool()
+		roots.AddCert(docs.Certificate())
+		env.srv.documents = newDocumentCache(false, roots, env.clock.now) // loopback refused, as in production
+		defer func() { env.srv.documents = docs.cache(env.clock.now) }()
+		c := docs.publish("/refused", "")
+		c.id = strings.Replace(c.id, "app.example.com", "127.0.0.1", 1)
+		resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil))
+		page := readBody(t, resp)
+		if resp.StatusCode != http.StatusBadGateway || !strings.Contains(page, "the connection failed") {
+			t.Errorf("GET /authorize = %d:\n%s", resp.StatusCode, page)
+		}
+		for _, detail := range []string{"dial", "refused the address", "public one"} {
+			if strings.Contains(page, detail) {
+				t.Errorf("the page shows the network's error (%q):\n%s", detail, page)
+			}
+		}
+		if !strings.Contains(env.logs.String(), "not a public one") {
+			t.Errorf("the log does not say why the connection failed")
+		}
+	})
 	t.Run("/token never fetches: an unknown URL, or one with a secret, is invalid_client", func(t *testing.T) {
 		before := docs.fetches.Load()
 		c := docs.publish("/never-authorized", "")
@@ -928,17 +970,17 @@ func TestClientMetadataDocuments(t *testing.T) {
 		before := docs.fetches.Load()
 		var wg sync.WaitGroup
 		results := make(chan error, 10)
-		ask := func() {
+		ask := func(requester string) {
 			defer wg.Done()
-			_, err := env.srv.documents.client(t.Context(), slow)
+			_, err := env.srv.documents.client(t.Context(), slow, requester)
 			results <- err
 		}
 		wg.Add(1)
-		go ask()
+		go ask("203.0.113.1")
 		<-started // the fetch is in flight: everyone else joins it
-		for range 9 {
+		for i := range 9 {
 			wg.Add(1)
-			go ask()
+			go ask(fmt.Sprintf("203.0.113.%d", i+2))
 		}
 		close(release)
 		wg.Wait()
@@ -961,7 +1003,7 @@ func TestClientMetadataDocumentFetchLimits(t *testing.T) {
 	env := newTestEnv(t)
 	docs := env.publishDocuments(t)
 
-	t.Run("a few fetches at once; past that, busy", func(t *testing.T) {
+	t.Run("one fetch at a time per client address, and a few server-wide", func(t *testing.T) {
 		var started sync.WaitGroup
 		release := make(chan struct{})
 		docs.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -975,14 +1017,23 @@ func TestClientMetadataDocumentFetchLimits(t *testing.T) {
 			done.Add(1)
 			go func() {
 				defer done.Done()
-				env.srv.documents.client(t.Context(), docs.url(fmt.Sprintf("/busy%d", i)))
+				// The first from the tests' browsers' address, the others from elsewhere.
+				requester := fmt.Sprintf("198.51.100.%d", i)
+				if i == 0 {
+					requester = clientAddress("127.0.0.1:1")
+				}
+				env.srv.documents.client(t.Context(), docs.url(fmt.Sprintf("/busy%d", i)), requester)
 			}()
 		}
 		started.Wait()
 		c := &testClient{id: docs.url("/one-more"), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
-		resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil))
-		if resp.StatusCode != http.StatusServiceUnavailable {
-			t.Errorf("GET /authorize with every fetch slot taken = %d, want 503", resp.StatusCode)
+		if resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil)); resp.StatusCode != http.StatusServiceUnavailable {
+			t.Errorf("GET /authorize from an address with a fetch in flight = %d, want 503", resp.StatusCode)
+		}
+		gone, cancel := context.WithCancel(t.Context())
+		cancel() // a requester that would wait for a slot, but has left
+		if _, err := env.srv.documents.client(gone, docs.url("/one-more"), "192.0.2.1"); err != errDocumentsBusy {
+			t.Errorf("a fetch past %d at once = %v, want errDocumentsBusy", maxDocumentFetches, err)
 		}
 		close(release)
 		done.Wait()
@@ -994,8 +1045,10 @@ func TestClientMetadataDocumentFetchLimits(t *testing.T) {
 		strict := newDocumentCache(false, roots, env.clock.now) // as without CLIENT_METADATA_ALLOW_LOOPBACK=1
 		target := strings.Replace(docs.url("/x"), "app.example.com", "127.0.0.1", 1)
 		before := docs.fetches.Load()
-		if _, err := strict.client(t.Context(), target); !errors.Is(err, errDocumentUnreachable) || !strings.Contains(err.Error(), "not a public one") {
-			t.Errorf("fetch from loopback = %v, want the address refused", err)
+		_, err := strict.client(t.Context(), target, "192.0.2.1")
+		var de *documentError
+		if !errors.As(err, &de) || de.status != http.StatusBadGateway || !strings.Contains(fmt.Sprint(de.detail), "not a public one") {
+			t.Errorf("fetch from loopback = %v (%v), want the address refused", err, de)
 		}
 		if docs.fetches.Load() != before {
 			t.Errorf("the refused fetch reached the server")
@@ -1009,7 +1062,7 @@ func TestClientMetadataDocumentFetchLimits(t *testing.T) {
 			w.Header().Set("Content-Type", "application/json")
 			io.WriteString(w, `{"client_id":"`+docs.url("/direct")+`","redirect_uris":["http://127.0.0.1/callback"]}`)
 		})
-		if _, err := env.srv.documents.client(t.Context(), docs.url("/direct")); err != nil {
+		if _, err := env.srv.documents.client(t.Context(), docs.url("/direct"), "192.0.2.1"); err != nil {
 			t.Errorf("fetch with HTTPS_PROXY set = %v, want it fetched directly", err)
 		}
 	})
@@ -1047,7 +1100,9 @@ func TestPublicAddress(t *testing.T) {
 		{"::ffff:127.0.0.1", false}, {"::ffff:8.8.8.8", false}, {"::127.0.0.1", false},
 		{"64:ff9b::a9fe:a9fe", false}, {"64:ff9b:1::1", false}, {"2002:7f00:1::", false}, {"2001:0:4136:e378::1", false},
 		{"172.15.255.255", true}, {"172.32.0.0", true}, {"100.63.255.255", true}, {"100.128.0.0", true},
-		{"fe80::1%eth0", false},
+		{"fe80::1%eth0", false}, {"fec0::1", false}, {"100::1", false}, {"2001:db8::1", false}, {"3fff::1", false}, {"5f00::1", false},
+		{"2001:2::1", false}, {"::ffff:0:a00:1", false}, {"192.0.0.170", false}, {"192.0.2.1", false}, {"203.0.113.5", false},
+		{"2001:4860:4860::8888", true}, {"2a00:1450:4001::1", true},
 	} {
 		if got := publicAddress(netip.MustParseAddr(tt.ip)); got != tt.public {
 			t.Errorf("publicAddress(%s) = %v, want %v", tt.ip, got, tt.public)
@@ -1723,6 +1778,10 @@ func TestModernRequests(t *testing.T) {
 		{"Mcp-Name says otherwise", call, "tools/call", http.Header{"Mcp-Name": {"deleteEverything"}}, 400, codeHeaderMismatch},
 		{"Mcp-Name in base64", call, "tools/call", http.Header{"Mcp-Name": {"=?base64?" + base64.StdEncoding.EncodeToString([]byte("getUserDetails")) + "?="}}, 200, 0},
 		{"Mcp-Name in broken base64", call, "tools/call", http.Header{"Mcp-Name": {"=?base64?Z2V0VXNlckRldGFpbHM?="}}, 400, codeHeaderMismatch},
+		{"Mcp-Method twice", "", "tools/list", http.Header{"Mcp-Method": {"tools/list", "tools/call"}}, 400, codeHeaderMismatch},
+		{"MCP-Protocol-Version twice", "", "tools/list", http.Header{"Mcp-Protocol-Version": {"2026-07-28", "2026-07-28"}}, 400, codeHeaderMismatch},
+		{"Mcp-Name twice", call, "tools/call", http.Header{"Mcp-Name": {"getUserDetails", "getUserDetails"}}, 400, codeHeaderMismatch},
+		{"Mcp-Name not ASCII, not encoded", call, "tools/call", http.Header{"Mcp-Name": {"getUserDetails\x80"}}, 400, codeHeaderMismatch},
 		{"a notification", `{"jsonrpc":"2.0","method":"notifications/cancelled","params":{}}`, "", nil, 202, 0},
 		{"a response", `{"jsonrpc":"2.0","id":3,"result":{}}`, "", nil, 400, codeInvalidRequest},
 		{"an Mcp-Session-Id is ignored", "", "tools/list", http.Header{"Mcp-Session-Id": {legacy.sessionID}}, 200, 0},
@@ -2678,6 +2737,14 @@ func TestStateFileKeepsDocumentClients(t *testing.T) {
 	if resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil)); resp.StatusCode != http.StatusBadGateway {
 		t.Errorf("GET /authorize after restart, with the document gone = %d, want 502: a new sign-in fetches it", resp.StatusCode)
 	}
+
+	t.Run("with CLIENT_METADATA_DOCUMENTS=off, saved document clients are dropped", func(t *testing.T) {
+		env.cfg.documents = false
+		if err := env.start(t); err != nil {
+			t.Fatal(err)
+		}
+		wantOAuthError(t, env.refresh(t, refreshed.RefreshToken, c.id), http.StatusUnauthorized, "invalid_client")
+	})
 }
 
 func TestStateFileUnderLoad(t *testing.T) {
@@ -2962,6 +3029,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"metadata documents neither on nor off", map[string]string{"CLIENT_METADATA_DOCUMENTS": "yes"}, "CLIENT_METADATA_DOCUMENTS"},
 		{"loopback documents, not 1 or 0", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "true"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
 		{"loopback documents on a public server", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "1", "PUBLIC_URL": "https://mcp.example"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
+		{"loopback documents, listening everywhere", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "1", "ADDR": ":0"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
 		{"unknown tenant", map[string]string{"ENTRA_TENANT_ID": "not-a-tenant"}, "ENTRA_TENANT_ID"},
 		{"unreachable authority", map[string]string{"ENTRA_AUTHORITY": "http://127.0.0.1:1"}, "ENTRA_AUTHORITY"},
 	}

@@ -645,7 +645,7 @@ func checkModernRequest(r *http.Request, m *rpcMessage) (int, *rpcResponse) {
 	if json.Unmarshal(meta[metaProtocolVersion], &version) != nil || version == "" {
 		return fail(codeInvalidParams, "invalid params: params._meta must carry "+metaProtocolVersion)
 	}
-	if got := r.Header.Get("MCP-Protocol-Version"); got != version {
+	if got, ok := headerValue(r, "MCP-Protocol-Version"); !ok || got != version {
 		return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: MCP-Protocol-Version %q does not match %s %q", got, metaProtocolVersion, version))
 	}
 	if !slices.Contains(modernVersions, version) {
@@ -656,7 +656,7 @@ func checkModernRequest(r *http.Request, m *rpcMessage) (int, *rpcResponse) {
 	if caps := meta[metaClientCapabilities]; !bytes.HasPrefix(bytes.TrimSpace(caps), []byte("{")) {
 		return fail(codeInvalidParams, "invalid params: params._meta must carry "+metaClientCapabilities+", an object")
 	}
-	if got := r.Header.Get("Mcp-Method"); got != m.Method {
+	if got, ok := headerValue(r, "Mcp-Method"); !ok || got != m.Method {
 		return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: Mcp-Method %q does not match the method %q", got, m.Method))
 	}
 	if m.Method == "tools/call" {
@@ -664,20 +664,26 @@ func checkModernRequest(r *http.Request, m *rpcMessage) (int, *rpcResponse) {
 			Name string `json:"name"`
 		}
 		json.Unmarshal(m.Params, &p)
-		if got, ok := headerValue(r.Header.Get("Mcp-Name")); !ok || got != p.Name {
+		if got, ok := headerValue(r, "Mcp-Name"); !ok || got != p.Name {
 			return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: Mcp-Name does not match the tool name %q", p.Name))
 		}
 	}
 	return 0, nil
 }
 
-// headerValue decodes an Mcp-Name value, which a client writes as
-// =?base64?…?= when the name is not plain ASCII ("Value Encoding"). An empty
-// or undecodable value is not one.
-func headerValue(v string) (string, bool) {
-	encoded, ok := strings.CutPrefix(v, "=?base64?")
+// headerValue returns the value of the header name, which a request must
+// carry once: a gateway that reads another copy than this server would
+// route on something else. A value is plain ASCII, or written =?base64?…?=
+// ("Value Encoding"), and decoded from that; an empty, non-ASCII or
+// undecodable value is not one.
+func headerValue(r *http.Request, name string) (string, bool) {
+	values := r.Header.Values(name)
+	if len(values) != 1 || values[0] == "" || strings.ContainsFunc(values[0], func(c rune) bool { return c < 0x20 || c > 0x7e }) {
+		return "", false
+	}
+	encoded, ok := strings.CutPrefix(values[0], "=?base64?")
 	if !ok {
-		return v, v != ""
+		return values[0], true
 	}
 	encoded, ok = strings.CutSuffix(encoded, "?=")
 	decoded, err := base64.StdEncoding.DecodeString(encoded)

@@ -669,6 +669,17 @@ func (m *ttlMap[V]) put(key string, v V, ttl time.Duration) error {
 	return nil
 }
 
+// putAtLeast stores v under key for ttl, or for what the entry it replaces
+// had left, if that is longer.
+func (m *ttlMap[V]) putAtLeast(key string, v V, ttl time.Duration) error {
+	m.mu.Lock()
+	if e, ok := m.entries[key]; ok && e.expires.After(m.now().Add(ttl)) {
+		ttl = e.expires.Sub(m.now())
+	}
+	m.mu.Unlock()
+	return m.put(key, v, ttl)
+}
+
 // putCharged stores v under key for ttl, charged to owner (a client
 // address), who may hold quota entries: past that, owner's own oldest makes
 // room. A full map makes room too, by dropping the oldest entry of whoever
@@ -1171,6 +1182,10 @@ func (s *server) loadState() error {
 		}
 		if err := checkClientMetadata(&c.Metadata); err != nil { // registered under older, laxer rules
 			s.log.Warn("a saved registration breaks today's rules; dropping it", "client_id", c.ID, "err", err)
+			continue
+		}
+		if strings.HasPrefix(c.ID, "https://") && (!s.cfg.documents || checkDocumentURL(c.ID) != nil || c.SecretHash != nil || c.Metadata.TokenEndpointAuthMethod != "none") {
+			s.log.Warn("a saved client of a metadata document is not accepted now; dropping it", "client_id", c.ID)
 			continue
 		}
 		err := s.clients.put(c.ID, &client{clientMetadata: c.Metadata, ID: c.ID, IssuedAt: c.IssuedAt, secretHash: string(c.SecretHash)}, ttl)
