@@ -9,7 +9,8 @@
 //     protected-resource metadata (session.go).
 //  2. Discovery: the client reads the protected-resource and
 //     authorization-server metadata (auth.go).
-//  3. Registration: the client registers itself (auth.go).
+//  3. Registration: the client registers itself (auth.go), or names the URL
+//     of its client metadata document instead.
 //  4. Consent: the browser opens /authorize and the user approves this client
 //     on our own consent page (auth.go).
 //  5. Sign-in: the server sends the browser to Entra ID with its own state,
@@ -22,7 +23,7 @@
 //     session.go).
 //  8. Connect: the client starts an MCP session with the session token: an
 //     initialize POSTed to /mcp (Streamable HTTP), or GET /sse (HTTP+SSE)
-//     (sse.go).
+//     (sse.go). A client of MCP 2026-07-28 has no session, and skips this.
 //  9. Messages: JSON-RPC requests POSTed to /mcp, answered in the response;
 //     or POSTed to /message, answered on the SSE stream (sse.go, mcp.go).
 //  10. Tool: getUserDetails calls Microsoft Graph with the session's Entra

@@ -2,8 +2,10 @@ package main
 
 // The tests read as a walkthrough of the flow: TestWalkthrough takes one MCP
 // client from its first 401 to a tool result, step by step, in the order of
-// the README, and TestSSEWalkthrough does the same over HTTP+SSE. Then come
-// each step's failure cases, in step order, as tables; then the lifecycle
+// the README, and TestSSEWalkthrough does the same over HTTP+SSE;
+// TestModernWalkthrough and TestCIMDWalkthrough take the shortcuts of MCP
+// 2026-07-28 (no initialize) and of metadata documents (no registration).
+// Then come each step's failure cases, in step order, as tables; then the lifecycle
 // (refresh, revocation, Entra renewal, restarts, start and shutdown);
 // hardening; and the fuzz targets and benchmarks. Last are the demo, the test
 // environment and its helpers, and the fake Entra ID.
