@@ -1161,6 +1161,8 @@ func (d *documentCache) client(ctx context.Context, id, requester string) (*clie
 		d.fill(ctx, id, e)
 		d.mu.Lock()
 		delete(d.fetching, requester)
+		d.mu.Unlock()
+		return e.client, e.err
 	}
 	d.mu.Unlock()
 	select {
