@@ -4204,6 +4204,12 @@ func (r *benchRig) roundTrip(b *testing.B, transport, method string) func() erro
 		return func() error { return r.post(url, http.Header{"Authorization": {"Bearer " + r.token}}, body) }
 	case "mcp":
 		return func() error { return r.post(r.env.url+"/mcp", r.mcp, body) }
+	case "modern": // MCP 2026-07-28: no session; its ping is server/discover
+		method = cmp.Or(map[string]string{"ping": "server/discover"}[method], method)
+		body = fmt.Sprintf(`{"jsonrpc":"2.0","id":1,"method":%q,"params":{"name":"getUserDetails","_meta":{%q:"2026-07-28",%q:{}}}}`,
+			method, metaProtocolVersion, metaClientCapabilities)
+		h := (&modernClient{token: r.token}).headers(method, nil)
+		return func() error { return r.post(r.env.url+"/mcp", h, body) }
 	}
 	// HTTP+SSE: POST /message, then read the answer from the stream.
 	req, _ := http.NewRequestWithContext(b.Context(), "GET", r.env.url+"/sse", nil)
@@ -4288,9 +4294,13 @@ func BenchmarkRoundTrips(b *testing.B) {
 		}
 		measure("ceiling", "ceiling", "ping")
 		measure("ceiling+graph", "ceiling+graph", "ping")
-		for _, transport := range []string{"mcp", "sse"} {
+		for _, transport := range []string{"mcp", "modern", "sse"} {
 			for _, method := range []string{"ping", "tools/list", "tools/call"} {
-				measure(transport+"/"+method, transport, method)
+				name := transport + "/" + method
+				if transport == "modern" && method == "ping" {
+					name = "modern/server/discover"
+				}
+				measure(name, transport, method)
 			}
 		}
 	}

@@ -494,16 +494,18 @@ func validID(id json.RawMessage) bool {
 func structuredResults(version string) bool { return version >= "2025-06-18" }
 
 // listTools is the tools/list result for a session of the given version.
-func listTools(version string) any {
+func listTools(version string) toolList {
 	list := slices.Clone(tools)
 	if !structuredResults(version) {
 		for i := range list {
 			list[i].OutputSchema = nil
 		}
 	}
-	return struct {
-		Tools []tool `json:"tools"`
-	}{list}
+	return toolList{list}
+}
+
+type toolList struct {
+	Tools []tool `json:"tools"`
 }
 
 // toolResult is the result of tools/call. A tool that fails says so here,
@@ -697,43 +699,49 @@ func (s *server) callModern(ctx context.Context, sess *session, m *rpcMessage) (
 	ms := &mcpSession{protocolVersion: modernVersions[0]}
 	switch m.Method {
 	case "server/discover":
-		return modernResult(map[string]any{
-			"supportedVersions": append(slices.Clone(modernVersions), supportedVersions...),
-			"capabilities":      map[string]any{"tools": struct{}{}},
-		}, true)
+		return struct {
+			SupportedVersions []string `json:"supportedVersions"`
+			Capabilities      any      `json:"capabilities"`
+			modernFields
+		}{append(slices.Clone(modernVersions), supportedVersions...), initializeResult{}.Capabilities, cacheable()}, nil
 	case "tools/list":
-		return modernResult(listTools(ms.version()), true)
+		return struct {
+			toolList
+			modernFields
+		}{listTools(ms.version()), cacheable()}, nil
 	case "tools/call":
 		result, rpcErr := s.callTool(ctx, ms, sess, m.Params)
 		if rpcErr != nil {
 			return nil, rpcErr
 		}
-		return modernResult(result, false)
+		return struct {
+			toolResult
+			modernFields
+		}{result.(toolResult), complete()}, nil
 	}
 	return nil, &rpcError{Code: codeMethodNotFound, Message: "method not found: " + m.Method}
 }
 
-// listTTL is how long a client may keep server/discover and tools/list
-// results (MCP 2026-07-28 "Caching"): they change only with a new version of
-// this server, and they are the same for every user, so any cache may hold
-// them ("public").
-const listTTL = time.Hour
+// modernFields are the members every MCP 2026-07-28 result has: resultType
+// and the server's info in _meta; and for a cacheable one, ttlMs and
+// cacheScope. (The TypeScript client quietly falls back to initialize when
+// server/discover lacks one of them.)
+type modernFields struct {
+	ResultType string         `json:"resultType"`
+	Meta       map[string]any `json:"_meta"`
+	TTLMs      *int64         `json:"ttlMs,omitempty"`
+	CacheScope string         `json:"cacheScope,omitempty"`
+}
 
-// modernResult returns result with the members every MCP 2026-07-28 result
-// has: resultType and the server's info in _meta; and for a cacheable one,
-// ttlMs and cacheScope. (The TypeScript client quietly falls back to
-// initialize when server/discover lacks one of them.)
-func modernResult(result any, cacheable bool) (any, *rpcError) {
-	raw, err := json.Marshal(result)
-	var members map[string]any
-	if err != nil || json.Unmarshal(raw, &members) != nil {
-		return nil, &rpcError{Code: codeInternalError, Message: "internal error"}
-	}
-	members["resultType"] = "complete"
-	members["_meta"] = map[string]any{metaServerInfo: serverInfo}
-	if cacheable {
-		members["ttlMs"] = listTTL.Milliseconds()
-		members["cacheScope"] = "public"
-	}
-	return members, nil
+func complete() modernFields {
+	return modernFields{ResultType: "complete", Meta: map[string]any{metaServerInfo: serverInfo}}
+}
+
+// cacheable returns the fields of a result that does not change but with a
+// new version of this server, and is the same for every user ("Caching"):
+// any cache may keep it an hour.
+func cacheable() modernFields {
+	f, ttl := complete(), time.Hour.Milliseconds()
+	f.TTLMs, f.CacheScope = &ttl, "public"
+	return f
 }
