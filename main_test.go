@@ -678,7 +678,7 @@ func TestRegister(t *testing.T) {
 		}
 	})
 	t.Run("application_type is accepted, whatever it says, and kept if native or web (MCP 2026-07-28)", func(t *testing.T) {
-		for at, want := range map[string]any{"native": "native", "web": "web", "something-new": nil, "web‮": nil} {
+		for at, want := range map[string]any{"native": "native", "web": "web", "something-new": nil, "web\u202e": nil} {
 			reg := env.register(t, `{"redirect_uris":["http://127.0.0.1/cb"],"application_type":"`+at+`","token_endpoint_auth_method":"none"}`)
 			if reg["application_type"] != want {
 				t.Errorf("application_type %q registered as %v, want %v", at, reg["application_type"], want)
