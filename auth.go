@@ -131,7 +131,7 @@ type authRequest struct {
 	scope         string
 	resource      string  // audience of the tokens (RFC 8707)
 	browser       string  // the browser cookie of whoever opened the consent page
-	client        *client // the client as /authorize found it
+	client        *client // the client as /authorize found it: for a metadata document's, what the consent page shows and approval keeps
 }
 
 // handleAuthorize validates an authorization request (OAuth 2.1 §4.1.1) and
@@ -532,7 +532,7 @@ func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest,
 		ConsentID:    consentID,
 		Loopback:     isLoopbackHost(redirect.Hostname()),
 	}
-	if strings.HasPrefix(c.ID, "https://") {
+	if isDocumentClientID(c.ID) {
 		// A metadata document's host vouches for the client's name. Its
 		// loopback or private-use redirect does not: any program on this
 		// computer can listen there, or claim the scheme (MCP 2025-11-25
@@ -970,7 +970,7 @@ func (s *server) authenticateClient(r *http.Request) (*client, error) {
 // [server.keepDocumentClient]), so that /token, /revoke, refreshes and
 // restarts treat it as any other and never fetch.
 func (s *server) authorizingClient(w http.ResponseWriter, r *http.Request, id string) (*client, bool) {
-	if !strings.HasPrefix(id, "https://") {
+	if !isDocumentClientID(id) {
 		c, ok := s.clients.get(id)
 		if !ok {
 			s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application is not registered with this server. Remove the server from your MCP client and add it again.")
@@ -1012,7 +1012,7 @@ func (s *server) authorizingClient(w http.ResponseWriter, r *http.Request, id st
 // client nobody approves is never kept: /authorize alone stores nothing.
 func (s *server) keepDocumentClient(w http.ResponseWriter, req *authRequest) bool {
 	c := req.client
-	if !strings.HasPrefix(c.ID, "https://") {
+	if !isDocumentClientID(c.ID) {
 		return true // a registered client
 	}
 	old, known := s.clients.get(c.ID)
@@ -1024,6 +1024,18 @@ func (s *server) keepDocumentClient(w http.ResponseWriter, req *authRequest) boo
 		s.registrationsChanged()
 	}
 	return true
+}
+
+// isDocumentClientID reports whether a client_id names a metadata document:
+// registered clients' ids are random, and never a URL.
+func isDocumentClientID(id string) bool { return strings.HasPrefix(id, "https://") }
+
+// acceptsSavedDocumentClient reports whether a saved client of a metadata
+// document may be loaded under today's settings and rules.
+func (s *server) acceptsSavedDocumentClient(c savedClient) bool {
+	u, err := url.Parse(c.ID)
+	return s.cfg.documents && err == nil && checkDocumentURL(c.ID) == nil && c.SecretHash == nil &&
+		c.Metadata.TokenEndpointAuthMethod == "none" && (s.cfg.documentsLoopback || !isLoopbackHost(u.Hostname()))
 }
 
 // documentHost returns the host of a metadata document's URL, to show and log.
@@ -1058,13 +1070,14 @@ var errDocumentsBusy = &documentError{status: http.StatusServiceUnavailable, rea
 
 // Limits on fetching metadata documents. Anyone can make /authorize fetch a
 // URL, so each fetch is small and short, one URL is fetched once however
-// many ask for it, one client address has one fetch in flight at a time, and
-// the server only a few: it must not become an amplifier of requests to other
-// sites, nor be kept from fetching by a site that answers slowly.
+// many ask for it, one client address has two fetches in flight at most, and
+// the server a few: it must not become an amplifier of requests to other
+// sites, nor be kept from fetching by one client pointing it at a slow site.
 const (
 	maxDocumentSize      = 5 << 10         // a document is well under 2 KB
 	documentFetchTimeout = 5 * time.Second // for the whole fetch, body included
 	maxDocumentFetches   = 8               // fetches in flight at once, server-wide
+	fetchesPerAddress    = 2               // ...and from one client address
 	maxDocuments         = 1000            // documents and failures cached
 	documentTTL          = 5 * time.Minute // a document's lifetime when its answer names none
 	minDocumentTTL       = time.Minute     // ...and the bounds of a lifetime it names
@@ -1075,12 +1088,12 @@ const (
 // documentCache fetches client metadata documents and keeps each for as long
 // as its answer's Cache-Control max-age says, within bounds.
 type documentCache struct {
-	http     *http.Client
-	now      func() time.Time
-	fetches  chan struct{} // one slot per fetch in flight
-	mu       sync.Mutex
-	entries  map[string]*documentEntry // by URL
-	fetching map[string]bool           // client addresses with a fetch in flight
+	httpClient *http.Client
+	now        func() time.Time
+	fetches    chan struct{} // one slot per fetch in flight
+	mu         sync.Mutex
+	entries    map[string]*documentEntry // by URL
+	byAddress  map[string]int            // fetches in flight, by client address
 }
 
 // documentEntry is a document fetched, or being fetched: ready is closed once
@@ -1127,13 +1140,13 @@ func newDocumentCache(loopback bool, roots *x509.CertPool, now func() time.Time)
 		IdleConnTimeout:        time.Minute,
 	}
 	return &documentCache{
-		http: &http.Client{Transport: transport, CheckRedirect: func(*http.Request, []*http.Request) error {
+		httpClient: &http.Client{Transport: transport, CheckRedirect: func(*http.Request, []*http.Request) error {
 			return http.ErrUseLastResponse // a 3xx is an answer like any other: refused
 		}},
-		now:      now,
-		fetches:  make(chan struct{}, maxDocumentFetches),
-		entries:  make(map[string]*documentEntry),
-		fetching: make(map[string]bool),
+		now:       now,
+		fetches:   make(chan struct{}, maxDocumentFetches),
+		entries:   make(map[string]*documentEntry),
+		byAddress: make(map[string]int),
 	}
 }
 
@@ -1150,18 +1163,22 @@ func (d *documentCache) client(ctx context.Context, id, requester string) (*clie
 		ok = false // stale: fetch it again
 	}
 	if !ok {
-		if d.fetching[requester] || !d.makeRoom() {
+		if d.byAddress[requester] >= fetchesPerAddress || !d.makeRoom() {
 			d.mu.Unlock()
 			return nil, errDocumentsBusy
 		}
-		d.fetching[requester] = true
+		d.byAddress[requester]++
 		e = &documentEntry{ready: make(chan struct{})}
 		d.entries[id] = e
 		d.mu.Unlock()
+		defer func() {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			if d.byAddress[requester]--; d.byAddress[requester] == 0 {
+				delete(d.byAddress, requester)
+			}
+		}()
 		d.fill(ctx, id, e)
-		d.mu.Lock()
-		delete(d.fetching, requester)
-		d.mu.Unlock()
 		return e.client, e.err
 	}
 	d.mu.Unlock()
@@ -1183,35 +1200,41 @@ func (e *documentEntry) done() bool {
 }
 
 // makeRoom makes room for one more entry, dropping stale entries, or if there
-// are none, any finished one; false if every entry is a fetch in flight.
+// are none, one finished entry; false if every entry is a fetch in flight.
 // d.mu is held.
 func (d *documentCache) makeRoom() bool {
 	if len(d.entries) < maxDocuments {
 		return true
 	}
-	var finished string
 	for id, e := range d.entries {
-		if e.done() {
-			finished = id
-			if !d.now().Before(e.expires) {
-				delete(d.entries, id)
-			}
+		if e.done() && !d.now().Before(e.expires) {
+			delete(d.entries, id)
 		}
 	}
-	if len(d.entries) >= maxDocuments && finished != "" {
-		delete(d.entries, finished)
+	for id, e := range d.entries {
+		if len(d.entries) < maxDocuments {
+			break
+		}
+		if e.done() {
+			delete(d.entries, id)
+		}
 	}
 	return len(d.entries) < maxDocuments
 }
 
 // fill fetches the document at id into e, within documentFetchTimeout: a
-// client that gives up does not cut short the fetch others wait for. It
-// waits as long for a free slot, while the requester waits; if none comes,
-// it keeps nothing (errDocumentsBusy). A failure is kept for
-// failedDocumentTTL, so that a URL that fails is not fetched again on every
-// request.
+// browser that goes away does not cut short the fetch others wait for.
+// First it waits for a free slot, up to documentFetchTimeout and while the
+// requester is there; if none comes, it keeps nothing (errDocumentsBusy). A
+// failure is kept for failedDocumentTTL, so that a URL that fails is not
+// fetched again on every request.
 func (d *documentCache) fill(ctx context.Context, id string, e *documentEntry) {
-	defer close(e.ready)
+	defer func() {
+		if e.client == nil && e.err == nil { // a panic on the way: waiters must not take nil for a client
+			e.err = unreachableDocument("the fetch failed", nil)
+		}
+		close(e.ready)
+	}()
 	wait, cancelWait := context.WithTimeout(ctx, documentFetchTimeout)
 	defer cancelWait()
 	select {
@@ -1226,10 +1249,10 @@ func (d *documentCache) fill(ctx context.Context, id string, e *documentEntry) {
 		d.mu.Unlock()
 		return
 	}
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), documentFetchTimeout)
+	fetchCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), documentFetchTimeout)
 	defer cancel()
 	var ttl time.Duration
-	e.client, ttl, e.err = d.fetch(ctx, id)
+	e.client, ttl, e.err = d.fetch(fetchCtx, id)
 	if e.err != nil {
 		ttl = failedDocumentTTL
 	}
@@ -1244,7 +1267,7 @@ func (d *documentCache) fetch(ctx context.Context, id string) (*client, time.Dur
 		return nil, 0, invalidDocument("the client_id is not a URL")
 	}
 	req.Header.Set("Accept", "application/json")
-	resp, err := d.http.Do(req)
+	resp, err := d.httpClient.Do(req)
 	if err != nil {
 		return nil, 0, unreachableDocument("the connection failed (the server's log says why)", err)
 	}
@@ -1274,14 +1297,17 @@ func (d *documentCache) fetch(ctx context.Context, id string) (*client, time.Dur
 }
 
 // documentLifetime returns how long a document may be kept: its answer's
-// max-age, within minDocumentTTL and maxDocumentTTL, or documentTTL if it
-// names none. A document is fetched at most once a minute whatever it says
-// (no-store included): the cache is what keeps /authorize from fetching on
-// every request.
+// max-age (no-store and no-cache count as 0), within minDocumentTTL and
+// maxDocumentTTL, or documentTTL if it says nothing. A document is fetched at
+// most once a minute whatever it says: the cache is what keeps /authorize
+// from fetching on every request.
 func documentLifetime(cacheControl string) time.Duration {
 	for directive := range strings.SplitSeq(cacheControl, ",") {
 		name, value, _ := strings.Cut(strings.TrimSpace(directive), "=")
-		if strings.EqualFold(name, "max-age") {
+		switch name = strings.ToLower(name); {
+		case name == "no-store" || name == "no-cache":
+			return minDocumentTTL
+		case name == "max-age":
 			if seconds, err := strconv.Atoi(strings.Trim(value, `"`)); err == nil && seconds >= 0 {
 				return min(max(time.Duration(seconds)*time.Second, minDocumentTTL), maxDocumentTTL)
 			}
@@ -1317,9 +1343,10 @@ func checkDocumentURL(id string) error {
 
 // parseClientDocument validates a metadata document for the client_id id, by
 // the rules of registration (see [checkClientMetadata]), but for its
-// defaults and what a document may hold: its client_id is id, byte for byte;
-// token_endpoint_auth_method is none, also when absent, since anyone can
-// read the document and no secret can be in it; a long client_name is cut.
+// defaults and what a document must hold: its client_id is id, byte for
+// byte; a client_name, as MCP requires of a document ("Client ID Metadata
+// Documents"), cut if long; token_endpoint_auth_method is none, also when
+// absent, since anyone can read the document and no secret can be in it.
 // The client_id is checked first: until then the JSON may be anybody's, and
 // no error quotes it.
 func parseClientDocument(id string, body []byte) (*client, error) {
@@ -1351,6 +1378,9 @@ func parseClientDocument(id string, body []byte) (*client, error) {
 	}
 	if err := checkClientMetadata(&md); err != nil {
 		return nil, invalidDocument(err.(*oauthError).Description)
+	}
+	if strings.TrimSpace(md.ClientName) == "" {
+		return nil, invalidDocument("it has no client_name")
 	}
 	return &client{clientMetadata: md, ID: id}, nil
 }
@@ -1860,7 +1890,7 @@ code{background:#f2f2f2;padding:0 .2rem;word-break:break-all}button{font-size:1r
 // escapes every value, client_name included.
 var consentPage = template.Must(template.New("consent").Parse(`<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Allow access?</title>` + pageStyle + `</head><body>
-<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else if .DocumentHost}}an application of {{.DocumentHost}}{{else}}an unnamed client{{end}} to use the MCP server at {{.ServerHost}}?</h1>
+<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else}}an unnamed client{{end}} to use the MCP server at {{.ServerHost}}?</h1>
 {{if .DocumentHost}}<p>This application is described by <strong>{{.DocumentHost}}</strong>, which published its metadata document at <code>{{.ClientID}}</code>.</p>
 {{end}}<p>The application {{if .ClientName}}calling itself <strong>{{.ClientName}}</strong>{{end}} (client id <code>{{.ClientID}}</code>)
 wants to use this server's tools as you, with the scope <code>{{.Scope}}</code>.

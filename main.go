@@ -120,7 +120,7 @@ func newServer(cfg config, logger *slog.Logger, entra *entraClient, now func() t
 		entra:       entra,
 		tokens:      newSessionCodec(cfg.publicURL, now, cfg.sessionKeys...),
 		clients:     newTTLMap[*client](now, maxClients),
-		documents:   newDocumentCache(cfg.documentsLocal, nil, now),
+		documents:   newDocumentCache(cfg.documentsLoopback, nil, now),
 		consents:    newTTLMap[*authRequest](now, maxPending),
 		flows:       newTTLMap[*entraFlow](now, maxPending),
 		codes:       newTTLMap[*authCode](now, maxPending),
@@ -342,23 +342,23 @@ func logConfigNotes(logger *slog.Logger, cfg config) {
 // config is the validated configuration. It flows from run into the server;
 // nothing reads the environment after start.
 type config struct {
-	tenantID       string
-	clientID       string
-	clientSecret   string
-	authority      string // e.g. https://login.microsoftonline.com, no trailing slash
-	graphURL       string // e.g. https://graph.microsoft.com, no trailing slash
-	publicURL      string // origin clients reach us at, no trailing slash
-	addr           string
-	sessionKeys    [][]byte // SESSION_KEY, then SESSION_KEY_PREVIOUS if set
-	accessTTL      time.Duration
-	refreshTTL     time.Duration // refresh tokens, and the sessions they keep alive
-	allowedOrigins []string      // extra browser origins allowed on the MCP endpoints
-	stateFile      string        // where clients and sessions survive restarts; "" keeps them in memory
-	rateLimit      int           // requests per minute per client IP and endpoint; 0: no limit
-	connLimit      int           // connections open at once per client address; 0: no limit
-	allowedTenants []string      // tenants whose users may sign in; empty: the configured one
-	documents      bool          // clients may identify by a metadata document's URL (CIMD)
-	documentsLocal bool          // ...served from a loopback address too, for trying it out
+	tenantID          string
+	clientID          string
+	clientSecret      string
+	authority         string // e.g. https://login.microsoftonline.com, no trailing slash
+	graphURL          string // e.g. https://graph.microsoft.com, no trailing slash
+	publicURL         string // origin clients reach us at, no trailing slash
+	addr              string
+	sessionKeys       [][]byte // SESSION_KEY, then SESSION_KEY_PREVIOUS if set
+	accessTTL         time.Duration
+	refreshTTL        time.Duration // refresh tokens, and the sessions they keep alive
+	allowedOrigins    []string      // extra browser origins allowed on the MCP endpoints
+	stateFile         string        // where clients and sessions survive restarts; "" keeps them in memory
+	rateLimit         int           // requests per minute per client IP and endpoint; 0: no limit
+	connLimit         int           // connections open at once per client address; 0: no limit
+	allowedTenants    []string      // tenants whose users may sign in; empty: the configured one
+	documents         bool          // clients may identify by a metadata document's URL (CIMD)
+	documentsLoopback bool          // ...served from a loopback address too, for trying it out
 }
 
 const usage = `entra-mcp: an MCP server whose users sign in with Microsoft Entra ID.
@@ -391,7 +391,8 @@ Usage: go run .   (configured from the environment)
                        of a metadata document, and register instead; on needs outbound
                        HTTPS to the clients' hosts)
   CLIENT_METADATA_ALLOW_LOOPBACK  default 0 (1: fetch metadata documents from loopback
-                       addresses too, for local testing; needs a loopback PUBLIC_URL)
+                       addresses too, for local testing; needs a loopback PUBLIC_URL
+                       and ADDR)
 
 See README.md for the walkthrough.
 `
@@ -509,7 +510,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	switch v := env("CLIENT_METADATA_ALLOW_LOOPBACK", "0"); v {
 	case "0", "1":
-		cfg.documentsLocal = v == "1"
+		cfg.documentsLoopback = v == "1"
 	default:
 		return config{}, fmt.Errorf("CLIENT_METADATA_ALLOW_LOOPBACK %q: want 1 or 0", v)
 	}
@@ -517,7 +518,7 @@ func loadConfig(getenv func(string) string) (config, error) {
 	// it read the services of its own machine.
 	u, _ := url.Parse(cfg.publicURL)
 	host, _, _ := net.SplitHostPort(cfg.addr)
-	if cfg.documentsLocal && (!isLoopbackHost(u.Hostname()) || !isLoopbackHost(host)) {
+	if cfg.documentsLoopback && (!isLoopbackHost(u.Hostname()) || !isLoopbackHost(host)) {
 		return config{}, errors.New("CLIENT_METADATA_ALLOW_LOOPBACK=1 is for local testing: it needs a loopback PUBLIC_URL and ADDR, such as http://localhost:3001 and localhost:3001")
 	}
 	return cfg, nil

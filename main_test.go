@@ -746,7 +746,7 @@ func TestClientMetadataDocuments(t *testing.T) {
 	host := strings.TrimPrefix(docs.url(""), "https://")
 	json := http.Header{"Content-Type": {"application/json"}}
 	doc := func(path, members string) string {
-		return `{"client_id":"` + docs.url(path) + `","redirect_uris":["http://127.0.0.1/callback"]` + members + `}`
+		return `{"client_id":"` + docs.url(path) + `","client_name":"Test","redirect_uris":["http://127.0.0.1/callback"]` + members + `}`
 	}
 	wantPage := func(t *testing.T, c *testClient, status int, want string) {
 		t.Helper()
@@ -788,9 +788,10 @@ func TestClientMetadataDocuments(t *testing.T) {
 		{"grant_types without authorization_code", doc("/t", `,"grant_types":["refresh_token"]`), 200, json, "authorization_code"},
 		{"an implicit grant", doc("/t", `,"grant_types":["authorization_code","implicit"]`), 200, json, "grant_types"},
 		{"response_types token", doc("/t", `,"response_types":["token"]`), 200, json, "response_types"},
-		{"a member twice", doc("/t", `,"client_name":"a","client_name":"b"`), 200, json, "appears twice"},
+		{"a member twice", doc("/t", `,"grant_types":["authorization_code"],"grant_types":["refresh_token"]`), 200, json, "appears twice"},
+		{"no client_name (MCP requires one)", `{"client_id":"` + docs.url("/t") + `","redirect_uris":["http://127.0.0.1/cb"]}`, 200, json, "no client_name"},
 		{"a member in other case", doc("/t", `,"Redirect_URIs":["https://evil.example/cb"]`), 200, json, "must be spelled"},
-		{"a hidden character in the name", doc("/t", `,"client_name":"Safe\u202eevil"`), 200, json, "invisible"},
+		{"a hidden character in the name", `{"client_id":"` + docs.url("/t") + `","client_name":"Safe\u202eevil","redirect_uris":["http://127.0.0.1/cb"]}`, 200, json, "invisible"},
 		{"not JSON", "<html>hello</html>", 200, json, "not a JSON object"},
 		{"a JSON array", "[]", 200, json, "not a JSON object"},
 		{"not UTF-8", "{\"client_id\":\"\xff\"}", 200, json, "UTF-8"},
@@ -839,22 +840,17 @@ func TestClientMetadataDocuments(t *testing.T) {
 			t.Errorf("no refresh token for Claude Code")
 		}
 	})
-	t.Run("the consent page escapes and cuts the name, or shows the host", func(t *testing.T) {
-		docs.answer("/named", 200, json, doc("/named", `,"client_name":"<script>x</script>`+strings.Repeat("n", 200)+`"`))
+	t.Run("the consent page escapes and cuts the name", func(t *testing.T) {
+		docs.answer("/named", 200, json, `{"client_id":"`+docs.url("/named")+`","redirect_uris":["http://127.0.0.1/callback"],"client_name":"<script>x</script>`+strings.Repeat("n", 200)+`"}`)
 		c := &testClient{id: docs.url("/named"), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
 		page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil)))
 		if strings.Contains(page, "<script>") || !strings.Contains(page, "&lt;script&gt;") || strings.Contains(page, strings.Repeat("n", 90)) {
 			t.Errorf("consent page shows the name unescaped or uncut:\n%s", page)
 		}
-		docs.answer("/unnamed", 200, json, doc("/unnamed", ""))
-		c.id = docs.url("/unnamed")
-		if page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil))); !strings.Contains(page, "an application of "+host) {
-			t.Errorf("consent page of an unnamed document client does not name its host:\n%s", page)
-		}
 	})
 	t.Run("a document on loopback warns of nothing", func(t *testing.T) {
 		loopbackURL := strings.Replace(docs.url("/local"), "app.example.com", "127.0.0.1", 1)
-		docs.answer("/local", 200, json, `{"client_id":"`+loopbackURL+`","redirect_uris":["http://127.0.0.1/callback"]}`)
+		docs.answer("/local", 200, json, `{"client_id":"`+loopbackURL+`","client_name":"Local","redirect_uris":["http://127.0.0.1/callback"]}`)
 		c := &testClient{id: loopbackURL, redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
 		if page := readBody(t, newBrowser(t).get(t, env.url+c.authorizeURL(nil))); strings.Contains(page, "Warning") {
 			t.Errorf("consent page warns of a loopback redirect for a loopback document:\n%s", page)
@@ -869,7 +865,8 @@ func TestClientMetadataDocuments(t *testing.T) {
 			{"", 5 * time.Minute},
 			{"max-age=600", 10 * time.Minute},
 			{"public, max-age=1", time.Minute},
-			{"no-store", 5 * time.Minute},
+			{"no-store", time.Minute},
+			{"no-cache, max-age=600", time.Minute},
 			{"max-age=999999", 24 * time.Hour},
 		} {
 			path := "/ttl" + strconv.Itoa(int(tt.kept/time.Second)) + strings.ReplaceAll(tt.cacheControl, " ", "")
@@ -967,7 +964,7 @@ func TestClientMetadataDocuments(t *testing.T) {
 			close(started)
 			<-release
 			w.Header().Set("Content-Type", "application/json")
-			io.WriteString(w, `{"client_id":"`+slow+`","redirect_uris":["http://127.0.0.1/callback"]}`)
+			io.WriteString(w, `{"client_id":"`+slow+`","client_name":"Slow","redirect_uris":["http://127.0.0.1/callback"]}`)
 		})
 		before := docs.fetches.Load()
 		var wg sync.WaitGroup
@@ -1005,7 +1002,7 @@ func TestClientMetadataDocumentFetchLimits(t *testing.T) {
 	env := newTestEnv(t)
 	docs := env.publishDocuments(t)
 
-	t.Run("one fetch at a time per client address, and a few server-wide", func(t *testing.T) {
+	t.Run("two fetches at a time per client address, and a few server-wide", func(t *testing.T) {
 		var started sync.WaitGroup
 		release := make(chan struct{})
 		docs.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
@@ -1019,9 +1016,9 @@ func TestClientMetadataDocumentFetchLimits(t *testing.T) {
 			done.Add(1)
 			go func() {
 				defer done.Done()
-				// The first from the tests' browsers' address, the others from elsewhere.
+				// Two from the tests' browsers' address, the others from elsewhere.
 				requester := fmt.Sprintf("198.51.100.%d", i)
-				if i == 0 {
+				if i < fetchesPerAddress {
 					requester = clientAddress("127.0.0.1:1")
 				}
 				env.srv.documents.client(t.Context(), docs.url(fmt.Sprintf("/busy%d", i)), requester)
@@ -1030,7 +1027,7 @@ func TestClientMetadataDocumentFetchLimits(t *testing.T) {
 		started.Wait()
 		c := &testClient{id: docs.url("/one-more"), redirectURI: "http://127.0.0.1/callback", verifier: oauth2.GenerateVerifier()}
 		if resp := newBrowser(t).get(t, env.url+c.authorizeURL(nil)); resp.StatusCode != http.StatusServiceUnavailable {
-			t.Errorf("GET /authorize from an address with a fetch in flight = %d, want 503", resp.StatusCode)
+			t.Errorf("GET /authorize from an address with two fetches in flight = %d, want 503", resp.StatusCode)
 		}
 		gone, cancel := context.WithCancel(t.Context())
 		cancel() // a requester that would wait for a slot, but has left
@@ -1062,7 +1059,7 @@ func TestClientMetadataDocumentFetchLimits(t *testing.T) {
 		t.Setenv("https_proxy", "http://127.0.0.1:1")
 		docs.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Content-Type", "application/json")
-			io.WriteString(w, `{"client_id":"`+docs.url("/direct")+`","redirect_uris":["http://127.0.0.1/callback"]}`)
+			io.WriteString(w, `{"client_id":"`+docs.url("/direct")+`","client_name":"Direct","redirect_uris":["http://127.0.0.1/callback"]}`)
 		})
 		if _, err := env.srv.documents.client(t.Context(), docs.url("/direct"), "192.0.2.1"); err != nil {
 			t.Errorf("fetch with HTTPS_PROXY set = %v, want it fetched directly", err)
@@ -1783,6 +1780,8 @@ func TestModernRequests(t *testing.T) {
 		{"Mcp-Method twice", "", "tools/list", http.Header{"Mcp-Method": {"tools/list", "tools/call"}}, 400, codeHeaderMismatch},
 		{"MCP-Protocol-Version twice", "", "tools/list", http.Header{"Mcp-Protocol-Version": {"2026-07-28", "2026-07-28"}}, 400, codeHeaderMismatch},
 		{"Mcp-Name twice", call, "tools/call", http.Header{"Mcp-Name": {"getUserDetails", "getUserDetails"}}, 400, codeHeaderMismatch},
+		{"Mcp-Method in base64, which only Mcp-Name may be", "", "tools/list", http.Header{"Mcp-Method": {"=?base64?" + base64.StdEncoding.EncodeToString([]byte("tools/list")) + "?="}}, 400, codeHeaderMismatch},
+		{"MCP-Protocol-Version in base64", "", "tools/list", http.Header{"Mcp-Protocol-Version": {"=?base64?" + base64.StdEncoding.EncodeToString([]byte("2026-07-28")) + "?="}}, 400, codeHeaderMismatch},
 		{"Mcp-Name not ASCII, not encoded", call, "tools/call", http.Header{"Mcp-Name": {"getUserDetails\x80"}}, 400, codeHeaderMismatch},
 		{"a notification", `{"jsonrpc":"2.0","method":"notifications/cancelled","params":{}}`, "", nil, 202, 0},
 		{"a response", `{"jsonrpc":"2.0","id":3,"result":{}}`, "", nil, 400, codeInvalidRequest},
@@ -2740,6 +2739,25 @@ func TestStateFileKeepsDocumentClients(t *testing.T) {
 		t.Errorf("GET /authorize after restart, with the document gone = %d, want 502: a new sign-in fetches it", resp.StatusCode)
 	}
 
+	t.Run("saved document clients that today's settings or rules refuse are dropped", func(t *testing.T) {
+		md := clientMetadata{RedirectURIs: []string{"http://127.0.0.1/cb"}, TokenEndpointAuthMethod: "none", ClientName: "x"}
+		for _, tt := range []struct {
+			c        savedClient
+			loopback bool
+			want     bool
+		}{
+			{savedClient{ID: "https://app.example.com/c.json", Metadata: md}, false, true},
+			{savedClient{ID: "https://127.0.0.1:8443/c.json", Metadata: md}, false, false},
+			{savedClient{ID: "https://127.0.0.1:8443/c.json", Metadata: md}, true, true},
+			{savedClient{ID: "https://app.example.com/c.json", Metadata: md, SecretHash: []byte("x")}, false, false},
+			{savedClient{ID: "https://app.example.com/../c.json", Metadata: md}, false, false},
+		} {
+			s := &server{cfg: config{documents: true, documentsLoopback: tt.loopback}}
+			if got := s.acceptsSavedDocumentClient(tt.c); got != tt.want {
+				t.Errorf("acceptsSavedDocumentClient(%s, loopback %v) = %v, want %v", tt.c.ID, tt.loopback, got, tt.want)
+			}
+		}
+	})
 	t.Run("with CLIENT_METADATA_DOCUMENTS=off, saved document clients are dropped", func(t *testing.T) {
 		env.cfg.documents = false
 		if err := env.start(t); err != nil {
@@ -4024,7 +4042,7 @@ func FuzzClientDocument(f *testing.F) {
 			return
 		}
 		if c.ID != id || c.TokenEndpointAuthMethod != "none" || c.secretHash != "" || len(c.RedirectURIs) == 0 ||
-			!slices.Contains(c.GrantTypes, "authorization_code") || len([]rune(c.ClientName)) > 81 || hasHiddenCharacters(c.ClientName) {
+			!slices.Contains(c.GrantTypes, "authorization_code") || strings.TrimSpace(c.ClientName) == "" || len([]rune(c.ClientName)) > 81 || hasHiddenCharacters(c.ClientName) {
 			t.Errorf("parseClientDocument accepted %s as %+v", body, c)
 		}
 		for _, u := range c.RedirectURIs {
@@ -4903,7 +4921,7 @@ func (d *documentServer) cache(now func() time.Time) *documentCache {
 	roots := x509.NewCertPool()
 	roots.AddCert(d.Certificate())
 	c := newDocumentCache(true, roots, now)
-	transport := c.http.Transport.(*http.Transport)
+	transport := c.httpClient.Transport.(*http.Transport)
 	dial := transport.DialContext
 	_, port, _ := net.SplitHostPort(d.Listener.Addr().String())
 	transport.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {

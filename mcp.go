@@ -22,7 +22,8 @@ import (
 // both transports (sse.go).
 //
 // A transport hands a decoded POST body to [server.respond], which dispatches
-// each message: initialize, ping, tools/list, tools/call. The one tool,
+// each message: initialize, ping, tools/list, tools/call (an MCP 2026-07-28
+// request, which has no session, goes to [server.serveModern]). The one tool,
 // getUserDetails, calls Microsoft Graph with the Entra token of the caller's
 // session (step 10): the request's own token never goes anywhere else (MCP
 // 2025-06-18 "Token Passthrough").
@@ -275,8 +276,8 @@ var supportedVersions = []string{"2025-11-25", "2025-06-18", "2025-03-26", "2024
 // checkVersionHeader checks the MCP-Protocol-Version header that clients send
 // on requests after initialize (MCP 2025-06-18 "Protocol Version Header"): an
 // unsupported value is a 400 whose error lists the supported versions. The
-// code is not -32022 (UnsupportedProtocolVersion of MCP 2026-07-28): this
-// request belongs to a session, and the answer is about that session.
+// code is not -32022 (UnsupportedProtocolVersion of MCP 2026-07-28): the
+// request is of the legacy era, whose clients know no such code.
 func checkVersionHeader(r *http.Request) *rpcResponse {
 	v := r.Header.Get("MCP-Protocol-Version")
 	if v == "" || slices.Contains(supportedVersions, v) {
@@ -285,7 +286,8 @@ func checkVersionHeader(r *http.Request) *rpcResponse {
 	return errorResponse(nil, codeInvalidRequest, "unsupported MCP-Protocol-Version "+strconv.Quote(v)+"; this server supports "+strings.Join(supportedVersions, ", "))
 }
 
-// serverInfo names this server in the initialize result.
+// serverInfo names this server in the initialize result, and in the _meta of
+// every MCP 2026-07-28 result.
 var serverInfo = struct {
 	Name    string `json:"name"`
 	Version string `json:"version"`
@@ -570,7 +572,7 @@ const (
 // revision newer than the ones initialize negotiates.
 func isModern(r *http.Request, b *rpcBody) bool {
 	if b.batch {
-		return false // batches ended with 2025-06-18
+		return false // only 2025-03-26 sessions send batches
 	}
 	m := b.messages[0]
 	if _, ok := paramsMeta(m)[metaProtocolVersion]; ok {
@@ -613,11 +615,12 @@ func (s *server) serveModern(w http.ResponseWriter, r *http.Request, sess *sessi
 		w.WriteHeader(http.StatusAccepted) // no notification needs anything done
 		return
 	}
-	if status, errResp := checkModernRequest(r, m); errResp != nil {
+	version, status, errResp := checkModernRequest(r, m)
+	if errResp != nil {
 		writeJSON(w, status, errResp)
 		return
 	}
-	result, rpcErr := s.callModern(r.Context(), sess, m)
+	result, rpcErr := s.callModern(r.Context(), sess, version, m)
 	switch {
 	case sess.ended.Load():
 		s.writeChallenge(w, "/mcp", errDescSessionEnded)
@@ -631,34 +634,38 @@ func (s *server) serveModern(w http.ResponseWriter, r *http.Request, sess *sessi
 }
 
 // checkModernRequest checks what MCP 2026-07-28 requires of a request before
-// it runs, and returns the HTTP status and error response of the first rule it
-// breaks: the protocol version in _meta (-32602 if missing), the same in the
+// it runs, and returns its protocol version, or the HTTP status and error
+// response of the first rule it breaks: the protocol version in _meta (-32602 if missing), the same in the
 // MCP-Protocol-Version header (-32020), a version served here (-32022, which
 // lists them), the client capabilities in _meta (-32602), and the method, and
 // for tools/call the tool's name, mirrored in Mcp-Method and Mcp-Name
 // (-32020; "Server Validation"), so that a gateway routing on the headers
 // sees what this server runs.
-func checkModernRequest(r *http.Request, m *rpcMessage) (int, *rpcResponse) {
-	fail := func(code int, message string) (int, *rpcResponse) {
-		return http.StatusBadRequest, errorResponse(m.ID, code, message)
+func checkModernRequest(r *http.Request, m *rpcMessage) (string, int, *rpcResponse) {
+	fail := func(code int, message string) (string, int, *rpcResponse) {
+		return "", http.StatusBadRequest, errorResponse(m.ID, code, message)
 	}
 	meta := paramsMeta(m)
 	var version string
 	if json.Unmarshal(meta[metaProtocolVersion], &version) != nil || version == "" {
 		return fail(codeInvalidParams, "invalid params: params._meta must carry "+metaProtocolVersion)
 	}
-	if got, ok := headerValue(r, "MCP-Protocol-Version"); !ok || got != version {
+	if got, ok := singleHeader(r, "MCP-Protocol-Version"); !ok || got != version {
 		return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: MCP-Protocol-Version %q does not match %s %q", got, metaProtocolVersion, version))
 	}
 	if !slices.Contains(modernVersions, version) {
-		resp := errorResponse(m.ID, codeUnsupportedVersion, "unsupported protocol version "+strconv.Quote(version))
+		message := "unsupported protocol version " + strconv.Quote(version)
+		if slices.Contains(supportedVersions, version) {
+			message = "protocol version " + strconv.Quote(version) + " is served only after initialize, in a session"
+		}
+		resp := errorResponse(m.ID, codeUnsupportedVersion, message)
 		resp.Error.Data = map[string]any{"supported": append(slices.Clone(modernVersions), supportedVersions...), "requested": version}
-		return http.StatusBadRequest, resp
+		return "", http.StatusBadRequest, resp
 	}
 	if caps := meta[metaClientCapabilities]; !bytes.HasPrefix(bytes.TrimSpace(caps), []byte("{")) {
 		return fail(codeInvalidParams, "invalid params: params._meta must carry "+metaClientCapabilities+", an object")
 	}
-	if got, ok := headerValue(r, "Mcp-Method"); !ok || got != m.Method {
+	if got, ok := singleHeader(r, "Mcp-Method"); !ok || got != m.Method {
 		return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: Mcp-Method %q does not match the method %q", got, m.Method))
 	}
 	if m.Method == "tools/call" {
@@ -666,26 +673,32 @@ func checkModernRequest(r *http.Request, m *rpcMessage) (int, *rpcResponse) {
 			Name string `json:"name"`
 		}
 		json.Unmarshal(m.Params, &p)
-		if got, ok := headerValue(r, "Mcp-Name"); !ok || got != p.Name {
+		if got, ok := nameHeader(r); !ok || got != p.Name {
 			return fail(codeHeaderMismatch, fmt.Sprintf("header mismatch: Mcp-Name does not match the tool name %q", p.Name))
 		}
 	}
-	return 0, nil
+	return version, 0, nil
 }
 
-// headerValue returns the value of the header name, which a request must
-// carry once: a gateway that reads another copy than this server would
-// route on something else. A value is plain ASCII, or written =?base64?…?=
-// ("Value Encoding"), and decoded from that; an empty, non-ASCII or
-// undecodable value is not one.
-func headerValue(r *http.Request, name string) (string, bool) {
+// singleHeader returns the value of the header name, which a request must
+// carry once, in plain ASCII: a gateway that read another copy, or decoded it
+// otherwise, would route on something else than this server runs.
+func singleHeader(r *http.Request, name string) (string, bool) {
 	values := r.Header.Values(name)
 	if len(values) != 1 || values[0] == "" || strings.ContainsFunc(values[0], func(c rune) bool { return c < 0x20 || c > 0x7e }) {
 		return "", false
 	}
-	encoded, ok := strings.CutPrefix(values[0], "=?base64?")
-	if !ok {
-		return values[0], true
+	return values[0], true
+}
+
+// nameHeader returns the value of Mcp-Name, the one header a client may
+// write =?base64?…?= when the name is not plain ASCII ("Value Encoding"),
+// decoded from that.
+func nameHeader(r *http.Request) (string, bool) {
+	v, ok := singleHeader(r, "Mcp-Name")
+	encoded, isEncoded := strings.CutPrefix(v, "=?base64?")
+	if !ok || !isEncoded {
+		return v, ok
 	}
 	encoded, ok = strings.CutSuffix(encoded, "?=")
 	decoded, err := base64.StdEncoding.DecodeString(encoded)
@@ -695,8 +708,8 @@ func headerValue(r *http.Request, name string) (string, bool) {
 // callModern runs a request of MCP 2026-07-28. The tools are the legacy
 // path's own, called in a throwaway MCP session of that version, which is
 // never stored.
-func (s *server) callModern(ctx context.Context, sess *session, m *rpcMessage) (any, *rpcError) {
-	ms := &mcpSession{protocolVersion: modernVersions[0]}
+func (s *server) callModern(ctx context.Context, sess *session, version string, m *rpcMessage) (any, *rpcError) {
+	ms := &mcpSession{protocolVersion: version}
 	switch m.Method {
 	case "server/discover":
 		return struct {

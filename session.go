@@ -659,25 +659,33 @@ func (m *ttlMap[V]) put(key string, v V, ttl time.Duration) error {
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	return m.setIfRoom(now, key, ttlEntry[V]{value: v, expires: expires})
+}
+
+// setIfRoom sets the entry under key, sweeping a full map first if the key
+// is new: errStoreFull if it stays full. m.mu is held.
+func (m *ttlMap[V]) setIfRoom(now time.Time, key string, e ttlEntry[V]) error {
 	if _, exists := m.entries[key]; !exists && len(m.entries) >= m.max {
 		m.sweep(now)
 		if len(m.entries) >= m.max {
 			return errStoreFull
 		}
 	}
-	m.set(key, ttlEntry[V]{value: v, expires: expires})
+	m.set(key, e)
 	return nil
 }
 
 // putAtLeast stores v under key for ttl, or for what the entry it replaces
 // had left, if that is longer.
 func (m *ttlMap[V]) putAtLeast(key string, v V, ttl time.Duration) error {
+	now := m.now()
 	m.mu.Lock()
-	if e, ok := m.entries[key]; ok && e.expires.After(m.now().Add(ttl)) {
-		ttl = e.expires.Sub(m.now())
+	defer m.mu.Unlock()
+	expires := now.Add(ttl)
+	if e, ok := m.entries[key]; ok && (e.expires.IsZero() || e.expires.After(expires)) {
+		expires = e.expires
 	}
-	m.mu.Unlock()
-	return m.put(key, v, ttl)
+	return m.setIfRoom(now, key, ttlEntry[V]{value: v, expires: expires})
 }
 
 // putCharged stores v under key for ttl, charged to owner (a client
@@ -1184,7 +1192,7 @@ func (s *server) loadState() error {
 			s.log.Warn("a saved registration breaks today's rules; dropping it", "client_id", c.ID, "err", err)
 			continue
 		}
-		if strings.HasPrefix(c.ID, "https://") && (!s.cfg.documents || checkDocumentURL(c.ID) != nil || c.SecretHash != nil || c.Metadata.TokenEndpointAuthMethod != "none") {
+		if isDocumentClientID(c.ID) && !s.acceptsSavedDocumentClient(c) {
 			s.log.Warn("a saved client of a metadata document is not accepted now; dropping it", "client_id", c.ID)
 			continue
 		}

@@ -26,7 +26,8 @@ import (
 //
 // Streamable HTTP (MCP 2025-03-26 to 2025-11-25), for current clients: every
 // message is a POST to /mcp, answered in the response as application/json;
-// initialize returns an Mcp-Session-Id that later requests carry.
+// initialize returns an Mcp-Session-Id that later requests carry. (MCP
+// 2026-07-28 has neither, see [server.serveModern].)
 
 // mcpRequest runs the checks every request to an MCP endpoint passes first,
 // and returns the caller's session, or nil once it has answered: the Origin
@@ -195,7 +196,8 @@ func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 // and Accept headers.
 
 // handleMCPDelete ends a Streamable HTTP session (MCP "Session Management"):
-// 204, and the session id gets 404 from then on.
+// 204, and the session id gets 404 from then on. MCP 2026-07-28 has no
+// sessions: a DELETE of that era gets 405.
 func (s *server) handleMCPDelete(w http.ResponseWriter, r *http.Request) {
 	sess := s.mcpRequest(w, r, "/mcp")
 	if sess == nil {
