@@ -1890,7 +1890,7 @@ code{background:#f2f2f2;padding:0 .2rem;word-break:break-all}button{font-size:1r
 // escapes every value, client_name included.
 var consentPage = template.Must(template.New("consent").Parse(`<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Allow access?</title>` + pageStyle + `</head><body>
-<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else}}an unnamed client{{end}} to use the MCP server at {{.ServerHost}}?</h1>
+<h1>Allow {{if .ClientName}}“{{.ClientName}}”{{else}}an unnamed client{{end}}{{if .DocumentHost}} of {{.DocumentHost}}{{end}} to use the MCP server at {{.ServerHost}}?</h1>
 {{if .DocumentHost}}<p>This application is described by <strong>{{.DocumentHost}}</strong>, which published its metadata document at <code>{{.ClientID}}</code>.</p>
 {{end}}<p>The application {{if .ClientName}}calling itself <strong>{{.ClientName}}</strong>{{end}} (client id <code>{{.ClientID}}</code>)
 wants to use this server's tools as you, with the scope <code>{{.Scope}}</code>.

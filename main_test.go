@@ -406,7 +406,7 @@ func TestCIMDWalkthrough(t *testing.T) {
 		page := readBody(t, b.get(t, env.url+c.authorizeURL(nil))) // port 7777: the document lists 127.0.0.1 without one
 		consentID = consentIDFrom(t, page)
 		host := strings.TrimPrefix(docs.url(""), "https://")
-		for _, want := range []string{"“Document client”", "described by <strong>" + host + "</strong>", "<strong>Warning:</strong>"} {
+		for _, want := range []string{"“Document client” of " + host + " to use", "described by <strong>" + host + "</strong>", "<strong>Warning:</strong>"} {
 			if !strings.Contains(page, want) {
 				t.Errorf("consent page lacks %q:\n%s", want, page)
 			}
