@@ -1,14 +1,17 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"crypto"
+	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"html/template"
@@ -19,6 +22,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"os"
 	"path"
 	"reflect"
 	"regexp"
@@ -288,13 +292,13 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 }
 
 // redeem exchanges Entra's authorization code for Entra's tokens, sending our
-// PKCE verifier and client secret, and verifies the id_token that comes with
-// them.
+// PKCE verifier and client secret (or client assertion), and verifies the
+// id_token that comes with them.
 func (e *entraClient) redeem(ctx context.Context, code string, flow *entraFlow, now time.Time) (*oauth2.Token, entraUser, error) {
 	if code == "" {
 		return nil, entraUser{}, errors.New("no code in the redirect from Entra ID")
 	}
-	ctx = context.WithValue(ctx, oauth2.HTTPClient, e.httpClient)
+	ctx = context.WithValue(ctx, oauth2.HTTPClient, e.tokenHTTP)
 	tok, err := e.oauth.Exchange(ctx, code, oauth2.VerifierOption(flow.verifier))
 	if err != nil {
 		return nil, entraUser{}, fmt.Errorf("redeem code: %w", err)
@@ -1450,6 +1454,7 @@ type entraClient struct {
 	allowedTenants []string // tenants whose users may sign in; "*" for any
 	graphURL       string
 	httpClient     *http.Client
+	tokenHTTP      *http.Client    // for token requests: httpClient, adding a client assertion if there is no secret
 	background     context.Context // for token refreshes, which no request may cancel
 
 	jwksURL     string
@@ -1464,7 +1469,7 @@ type entraClient struct {
 // The endpoints come from the configured authority (sovereign clouds, local
 // fakes); the discovery document supplies the issuer to check id_tokens
 // against.
-func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client, now time.Time) (*entraClient, error) {
+func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client, now func() time.Time) (*entraClient, error) {
 	base := cfg.authority + "/" + url.PathEscape(cfg.tenantID)
 	docURL := base + "/v2.0/.well-known/openid-configuration"
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, docURL, nil)
@@ -1503,6 +1508,7 @@ func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client, now
 	if err != nil {
 		return nil, fmt.Errorf("fetch the signing keys of Entra ID (%s): %w", doc.JWKSURI, err)
 	}
+	tokenHTTP := tokenClient(cfg, httpClient, base+"/oauth2/v2.0/token", now)
 	return &entraClient{
 		oauth: &oauth2.Config{
 			ClientID:     cfg.clientID,
@@ -1520,12 +1526,165 @@ func discoverEntra(ctx context.Context, cfg config, httpClient *http.Client, now
 		issuer:         doc.Issuer,
 		jwksURL:        doc.JWKSURI,
 		keys:           keys,
-		keysFetched:    now,
+		keysFetched:    now(),
 		allowedTenants: allowed,
 		graphURL:       cfg.graphURL,
 		httpClient:     httpClient,
-		background:     context.WithValue(context.Background(), oauth2.HTTPClient, httpClient),
+		tokenHTTP:      tokenHTTP,
+		background:     context.WithValue(context.Background(), oauth2.HTTPClient, tokenHTTP),
 	}, nil
+}
+
+// Secretless credentials towards Entra ID. Instead of a client secret, each
+// token request (code redemption and refresh alike) carries a client
+// assertion (RFC 7523 §2.2), a JWT that proves who is asking: one this server
+// signs with its certificate's key (ENTRA_CLIENT_CERTIFICATE; Microsoft's
+// "certificate credentials"), or one another identity provider issued to
+// this workload, which the app trusts through a federated identity
+// credential (ENTRA_CLIENT_ASSERTION_FILE; "workload identity federation").
+
+// clientCertificate is ENTRA_CLIENT_CERTIFICATE, read at start.
+type clientCertificate struct {
+	cert       *x509.Certificate
+	key        *rsa.PrivateKey
+	thumbprint string // x5t#S256: base64url SHA-256 of the certificate's DER
+}
+
+// loadCertificate reads a PEM file holding a certificate and its unencrypted
+// RSA private key. Each error is one line that says what to do.
+func loadCertificate(path string, now time.Time) (*clientCertificate, error) {
+	fail := func(format string, args ...any) (*clientCertificate, error) {
+		return nil, fmt.Errorf("ENTRA_CLIENT_CERTIFICATE %q: "+format, append([]any{path}, args...)...)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return fail("%v", errors.Unwrap(err))
+	}
+	c := &clientCertificate{}
+	for block, rest := pem.Decode(data); block != nil; block, rest = pem.Decode(rest) {
+		switch {
+		case block.Type == "CERTIFICATE" && c.cert == nil:
+			if c.cert, err = x509.ParseCertificate(block.Bytes); err != nil {
+				return fail("the certificate cannot be read: %v", err)
+			}
+		case block.Type == "ENCRYPTED PRIVATE KEY" || block.Headers["Proc-Type"] != "":
+			return fail("the private key is encrypted, which Go's standard library cannot read: decrypt it with: openssl pkey -in %s -out key.pem (then put key.pem and the certificate in one file)", path)
+		case block.Type == "PRIVATE KEY" || block.Type == "RSA PRIVATE KEY":
+			var key any
+			if block.Type == "PRIVATE KEY" {
+				key, err = x509.ParsePKCS8PrivateKey(block.Bytes)
+			} else {
+				key, err = x509.ParsePKCS1PrivateKey(block.Bytes)
+			}
+			rsaKey, ok := key.(*rsa.PrivateKey)
+			if err != nil || !ok {
+				return fail("the private key is not an RSA key this server can read (Entra ID takes RSA certificates)")
+			}
+			c.key = rsaKey
+		}
+	}
+	switch {
+	case c.cert == nil && c.key == nil && !bytes.Contains(data, []byte("-----BEGIN")):
+		return fail("not a PEM file; a .pfx or .p12 file converts with: openssl pkcs12 -in cert.pfx -out cert.pem -nodes")
+	case c.cert == nil || c.key == nil:
+		return fail("want the certificate and its private key in one PEM file (CERTIFICATE and PRIVATE KEY blocks)")
+	case c.key.N.BitLen() < 2048:
+		return fail("the RSA key has %d bits; Entra ID wants 2048 or more", c.key.N.BitLen())
+	case !c.key.PublicKey.Equal(c.cert.PublicKey):
+		return fail("the private key does not belong to the certificate")
+	case now.After(c.cert.NotAfter):
+		return fail("the certificate expired on %s: make a new one and upload it to the app registration", c.cert.NotAfter.Format(time.DateOnly))
+	}
+	sum := sha256.Sum256(c.cert.Raw)
+	c.thumbprint = base64.RawURLEncoding.EncodeToString(sum[:])
+	return c, nil
+}
+
+// assertion returns a client assertion for the token endpoint tokenURL,
+// signed with the certificate's key: PS256 (RSASSA-PSS, SHA-256, a salt as
+// long as the hash), with the certificate's thumbprint in the header, and a
+// fresh jti, since Entra ID takes each assertion once.
+func (c *clientCertificate) assertion(clientID, tokenURL string, now time.Time) (string, error) {
+	header, _ := json.Marshal(map[string]string{"alg": "PS256", "typ": "JWT", "x5t#S256": c.thumbprint})
+	claims, _ := json.Marshal(map[string]any{
+		"aud": tokenURL, "iss": clientID, "sub": clientID, "jti": newSecret(),
+		"nbf": now.Unix(), "iat": now.Unix(), "exp": now.Add(5 * time.Minute).Unix(),
+	})
+	signed := base64.RawURLEncoding.EncodeToString(header) + "." + base64.RawURLEncoding.EncodeToString(claims)
+	digest := sha256.Sum256([]byte(signed))
+	sig, err := rsa.SignPSS(rand.Reader, c.key, crypto.SHA256, digest[:], &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
+	if err != nil {
+		return "", err
+	}
+	return signed + "." + base64.RawURLEncoding.EncodeToString(sig), nil
+}
+
+// readAssertionFile returns the token in ENTRA_CLIENT_ASSERTION_FILE. It is
+// read for every token request: the platform that writes it (Kubernetes
+// workload identity, for one) replaces it before it expires.
+func readAssertionFile(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("ENTRA_CLIENT_ASSERTION_FILE %q: %v", path, errors.Unwrap(err))
+	}
+	if token := strings.TrimSpace(string(data)); token != "" {
+		return token, nil
+	}
+	return "", fmt.Errorf("ENTRA_CLIENT_ASSERTION_FILE %q is empty", path)
+}
+
+// tokenClient returns the HTTP client for token requests to Entra ID: base
+// itself with a client secret, or base behind an assertionTransport.
+func tokenClient(cfg config, base *http.Client, tokenURL string, now func() time.Time) *http.Client {
+	var assertion func() (string, error)
+	switch {
+	case cfg.certificate != nil:
+		assertion = func() (string, error) { return cfg.certificate.assertion(cfg.clientID, tokenURL, now()) }
+	case cfg.assertionFile != "":
+		assertion = func() (string, error) { return readAssertionFile(cfg.assertionFile) }
+	default:
+		return base
+	}
+	transport := base.Transport
+	if transport == nil {
+		transport = http.DefaultTransport
+	}
+	return &http.Client{Timeout: base.Timeout, Transport: &assertionTransport{base: transport, tokenURL: tokenURL, assertion: assertion}}
+}
+
+// assertionTransport adds a fresh client assertion to every POST to the token
+// endpoint. golang.org/x/oauth2 sends extra parameters when it redeems a
+// code, but none when it refreshes a token; here both get one.
+type assertionTransport struct {
+	base      http.RoundTripper
+	tokenURL  string
+	assertion func() (string, error)
+}
+
+func (t *assertionTransport) RoundTrip(r *http.Request) (*http.Response, error) {
+	if r.Method != http.MethodPost || r.URL.String() != t.tokenURL || r.Body == nil {
+		return t.base.RoundTrip(r)
+	}
+	body, err := io.ReadAll(r.Body)
+	r.Body.Close()
+	if err != nil {
+		return nil, err
+	}
+	form, err := url.ParseQuery(string(body))
+	if err != nil {
+		return nil, err
+	}
+	assertion, err := t.assertion()
+	if err != nil {
+		return nil, err
+	}
+	form.Set("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer")
+	form.Set("client_assertion", assertion)
+	encoded := form.Encode()
+	r = r.Clone(r.Context())
+	r.Body, r.ContentLength = io.NopCloser(strings.NewReader(encoded)), int64(len(encoded))
+	r.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(strings.NewReader(encoded)), nil }
+	return t.base.RoundTrip(r)
 }
 
 // fetchJWKS fetches Entra's signing keys (RFC 7517), by key id.

@@ -56,6 +56,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -89,7 +90,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout,
 
 	// Fetching Entra's discovery document now reports a wrong tenant or
 	// authority at start, before any user tries to sign in.
-	entra, err := discoverEntra(ctx, cfg, newHTTPClient(), time.Now())
+	entra, err := discoverEntra(ctx, cfg, newHTTPClient(), time.Now)
 	if err != nil {
 		return err
 	}
@@ -332,8 +333,12 @@ func serveUntilDone(ctx context.Context, httpServer *http.Server, ln net.Listene
 	return nil
 }
 
-// logConfigNotes logs, once at start, what a setting means for clients.
+// logConfigNotes logs, once at start, what a setting means for clients, and
+// a certificate that will soon stop working.
 func logConfigNotes(logger *slog.Logger, cfg config) {
+	if c := cfg.certificate; c != nil && time.Until(c.cert.NotAfter) < 30*24*time.Hour {
+		logger.Warn("ENTRA_CLIENT_CERTIFICATE expires within 30 days: make a new one, upload it to the app registration, and restart with it", "expires", c.cert.NotAfter.Format(time.DateOnly))
+	}
 	if cfg.accessTTL < 10*time.Minute {
 		logger.Info("ACCESS_TOKEN_TTL is under 10 minutes: clients will refresh often (VS Code refreshes five minutes before expiry)", "access_token_ttl", cfg.accessTTL.String())
 	}
@@ -344,10 +349,12 @@ func logConfigNotes(logger *slog.Logger, cfg config) {
 type config struct {
 	tenantID          string
 	clientID          string
-	clientSecret      string
-	authority         string // e.g. https://login.microsoftonline.com, no trailing slash
-	graphURL          string // e.g. https://graph.microsoft.com, no trailing slash
-	publicURL         string // origin clients reach us at, no trailing slash
+	clientSecret      string             // one of three credentials: a secret,
+	certificate       *clientCertificate // a certificate and its key,
+	assertionFile     string             // or a file holding a federated token
+	authority         string             // e.g. https://login.microsoftonline.com, no trailing slash
+	graphURL          string             // e.g. https://graph.microsoft.com, no trailing slash
+	publicURL         string             // origin clients reach us at, no trailing slash
 	addr              string
 	sessionKeys       [][]byte // SESSION_KEY, then SESSION_KEY_PREVIOUS if set
 	accessTTL         time.Duration
@@ -367,7 +374,10 @@ Usage: go run .   (configured from the environment)
 
   ENTRA_TENANT_ID      required  tenant id (or organizations / common)
   ENTRA_CLIENT_ID      required  application (client) id of the app registration
-  ENTRA_CLIENT_SECRET  required  client secret value (never logged)
+  ENTRA_CLIENT_SECRET  client secret value (never logged); or, without a secret:
+  ENTRA_CLIENT_CERTIFICATE     PEM file with a certificate and its RSA private key
+  ENTRA_CLIENT_ASSERTION_FILE  file holding a federated token (workload identity)
+                       (exactly one of these three is required)
   ENTRA_AUTHORITY      default https://login.microsoftonline.com
   GRAPH_URL            default https://graph.microsoft.com
   PUBLIC_URL           default http://localhost:3001 (origin clients reach the server at)
@@ -416,7 +426,6 @@ func loadConfig(getenv func(string) string) (config, error) {
 	for _, v := range []struct{ name, value string }{
 		{"ENTRA_TENANT_ID", cfg.tenantID},
 		{"ENTRA_CLIENT_ID", cfg.clientID},
-		{"ENTRA_CLIENT_SECRET", cfg.clientSecret},
 	} {
 		if v.value == "" {
 			missing = append(missing, v.name)
@@ -424,6 +433,9 @@ func loadConfig(getenv func(string) string) (config, error) {
 	}
 	if len(missing) > 0 {
 		return config{}, fmt.Errorf("%s not set: copy them from your Entra app registration (README, \"Register an app in Entra ID\")", strings.Join(missing, ", "))
+	}
+	if err := loadCredential(&cfg, env); err != nil {
+		return config{}, err
 	}
 	if strings.ContainsAny(cfg.tenantID, "/?#%") {
 		return config{}, fmt.Errorf("ENTRA_TENANT_ID %q is not a tenant id: use the Directory (tenant) ID from the app's Overview page", cfg.tenantID)
@@ -522,6 +534,35 @@ func loadConfig(getenv func(string) string) (config, error) {
 		return config{}, errors.New("CLIENT_METADATA_ALLOW_LOOPBACK=1 is for local testing: it needs a loopback PUBLIC_URL and ADDR, such as http://localhost:3001 and localhost:3001")
 	}
 	return cfg, nil
+}
+
+// loadCredential reads how the server proves itself to Entra ID: exactly one
+// of a client secret, a certificate (read and checked now), or a file of
+// federated tokens (read now, and again for every token request).
+func loadCredential(cfg *config, env func(name, def string) string) error {
+	certificate, assertionFile := env("ENTRA_CLIENT_CERTIFICATE", ""), env("ENTRA_CLIENT_ASSERTION_FILE", "")
+	var set []string
+	for name, v := range map[string]string{"ENTRA_CLIENT_SECRET": cfg.clientSecret, "ENTRA_CLIENT_CERTIFICATE": certificate, "ENTRA_CLIENT_ASSERTION_FILE": assertionFile} {
+		if v != "" {
+			set = append(set, name)
+		}
+	}
+	slices.Sort(set)
+	switch {
+	case len(set) == 0:
+		return errors.New("no credential for Entra ID: set one of ENTRA_CLIENT_SECRET, ENTRA_CLIENT_CERTIFICATE or ENTRA_CLIENT_ASSERTION_FILE (README, \"Register an app in Entra ID\")")
+	case len(set) > 1:
+		return fmt.Errorf("%s are set: set only one credential for Entra ID", strings.Join(set, " and "))
+	case certificate != "":
+		var err error
+		cfg.certificate, err = loadCertificate(certificate, time.Now())
+		return err
+	case assertionFile != "":
+		cfg.assertionFile = assertionFile
+		_, err := readAssertionFile(assertionFile)
+		return err
+	}
+	return nil
 }
 
 // parseSessionKey decodes SESSION_KEY (or SESSION_KEY_PREVIOUS, as name

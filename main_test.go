@@ -1429,7 +1429,7 @@ func TestAllowedTenants(t *testing.T) {
 	}
 	t.Run("organizations without ALLOWED_TENANTS does not start", func(t *testing.T) {
 		f := newFakeEntra(t, fakeEntraOptions{redirectURI: "http://localhost:3001/auth/callback"})
-		_, err := discoverEntra(t.Context(), config{tenantID: "organizations", authority: f.URL}, &http.Client{Timeout: 10 * time.Second}, time.Now())
+		_, err := discoverEntra(t.Context(), config{tenantID: "organizations", authority: f.URL}, &http.Client{Timeout: 10 * time.Second}, time.Now)
 		if err == nil || !strings.Contains(err.Error(), "ALLOWED_TENANTS") {
 			t.Errorf("discoverEntra = %v, want an error naming ALLOWED_TENANTS", err)
 		}
@@ -3028,7 +3028,10 @@ func TestRunConfigErrors(t *testing.T) {
 		env     map[string]string
 		wantErr string
 	}{
-		{"missing", map[string]string{"ENTRA_TENANT_ID": "", "ENTRA_CLIENT_SECRET": ""}, "ENTRA_TENANT_ID, ENTRA_CLIENT_SECRET not set"},
+		{"missing", map[string]string{"ENTRA_TENANT_ID": "", "ENTRA_CLIENT_ID": ""}, "ENTRA_TENANT_ID, ENTRA_CLIENT_ID not set"},
+		{"no credential", map[string]string{"ENTRA_CLIENT_SECRET": ""}, "no credential for Entra ID: set one of ENTRA_CLIENT_SECRET, ENTRA_CLIENT_CERTIFICATE or ENTRA_CLIENT_ASSERTION_FILE"},
+		{"two credentials", map[string]string{"ENTRA_CLIENT_ASSERTION_FILE": "/nowhere"}, "ENTRA_CLIENT_ASSERTION_FILE and ENTRA_CLIENT_SECRET are set: set only one"},
+		{"an assertion file that is not there", map[string]string{"ENTRA_CLIENT_SECRET": "", "ENTRA_CLIENT_ASSERTION_FILE": "/nowhere/token"}, `ENTRA_CLIENT_ASSERTION_FILE "/nowhere/token": no such file or directory`},
 		{"public URL with a path", map[string]string{"PUBLIC_URL": "https://mcp.example/x"}, "PUBLIC_URL"},
 		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
 		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
@@ -4756,7 +4759,7 @@ func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 	// a debugger paused on a breakpoint must not make the next call fail.
 	httpClient := newHTTPClient()
 	httpClient.Timeout = 0
-	ec, err := discoverEntra(t.Context(), cfg, httpClient, clock.now())
+	ec, err := discoverEntra(t.Context(), cfg, httpClient, clock.now)
 	if err != nil {
 		t.Fatal(err)
 	}
