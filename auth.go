@@ -1884,6 +1884,15 @@ var entraHints = map[string]string{
 	"700016":  "unknown application: check ENTRA_CLIENT_ID and ENTRA_TENANT_ID",
 	"90002":   "unknown tenant: check ENTRA_TENANT_ID",
 	"50194":   "the app is single-tenant: set ENTRA_TENANT_ID to its tenant id, not common or organizations",
+	"7000218": "no credential reached Entra ID: set ENTRA_CLIENT_SECRET, ENTRA_CLIENT_CERTIFICATE or ENTRA_CLIENT_ASSERTION_FILE",
+	"700027":  "the client assertion's signature or certificate was refused: upload the certificate of ENTRA_CLIENT_CERTIFICATE to the app registration (Certificates & secrets), or check the federated token's signer",
+	"700024":  "the client assertion is expired or not yet valid: check this machine's clock, and that the platform still renews ENTRA_CLIENT_ASSERTION_FILE",
+	"700021":  "the client assertion names another application: ENTRA_CLIENT_ID must be the app that holds the certificate or federated credential",
+	"700023":  "the client assertion is for another token endpoint: check ENTRA_TENANT_ID and ENTRA_AUTHORITY",
+	"70021":   "no federated credential of the app matches the token in ENTRA_CLIENT_ASSERTION_FILE: check its issuer, subject and audience under Certificates & secrets, Federated credentials",
+	"700211":  "no federated credential of the app has the issuer of the token in ENTRA_CLIENT_ASSERTION_FILE",
+	"700212":  "the token in ENTRA_CLIENT_ASSERTION_FILE is not for the audience api://AzureADTokenExchange",
+	"700213":  "no federated credential of the app has the subject of the token in ENTRA_CLIENT_ASSERTION_FILE",
 }
 
 var (

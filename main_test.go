@@ -24,13 +24,17 @@ import (
 	"cmp"
 	"context"
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/hmac"
 	"crypto/rand"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"flag"
 	"fmt"
@@ -443,6 +447,65 @@ func TestCIMDWalkthrough(t *testing.T) {
 			t.Errorf("refresh = %+v, document fetched %d times, want 1", refreshed, docs.fetches.Load())
 		}
 	})
+}
+
+// TestCertificateWalkthrough is a server without a client secret: every token
+// request to Entra ID, the code's redemption and each refresh of the Entra
+// token, carries a fresh assertion signed with its certificate's key.
+func TestCertificateWalkthrough(t *testing.T) {
+	env, _ := newCertificateEnv(t)
+	env.entra.set(func() { env.entra.expiresIn = 600 })
+	c := &modernClient{env: env}
+	var first string
+
+	t.Run("steps 2 to 7: the code is redeemed with an assertion, not a secret", func(t *testing.T) {
+		c.token = env.signIn(t, signInOptions{}).AccessToken
+		env.entra.set(func() { first = env.entra.lastAssertion })
+		header, claims := jwtParts(t, first)
+		if header["alg"] != "PS256" || header["typ"] != "JWT" || header["x5t#S256"] != thumbprint(env.cfg.certificate.cert) ||
+			claims["iss"] != env.entra.clientID || claims["sub"] != env.entra.clientID ||
+			claims["aud"] != env.entra.URL+"/"+env.entra.tenantID+"/oauth2/v2.0/token" || claims["jti"] == "" {
+			t.Errorf("assertion header %v, claims %v", header, claims)
+		}
+	})
+	t.Run("step 10: the Entra token, renewed with another assertion", func(t *testing.T) {
+		env.clock.advance(10 * time.Minute)
+		var result toolResult
+		c.result(t, c.post(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, nil), &result)
+		env.entra.mu.Lock()
+		defer env.entra.mu.Unlock()
+		refresh := env.entra.refreshes[len(env.entra.refreshes)-1]
+		if result.IsError || refresh.Get("client_assertion") == "" || refresh.Has("client_secret") || refresh.Get("client_assertion") == first {
+			t.Errorf("tools/call = %+v; the refresh sent assertion %t, secret %t", result, refresh.Get("client_assertion") != "", refresh.Has("client_secret"))
+		}
+	})
+}
+
+// TestFederatedWalkthrough is a server whose credential is a token another
+// identity provider issued to it, in a file the platform rewrites: each token
+// request sends what the file holds then.
+func TestFederatedWalkthrough(t *testing.T) {
+	env, issuer := newFederatedEnv(t)
+	env.entra.set(func() { env.entra.expiresIn = 600 })
+	c := &modernClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	call := func(t *testing.T) {
+		t.Helper()
+		env.clock.advance(10 * time.Minute) // the Entra token expires: it is renewed
+		var result toolResult
+		c.result(t, c.post(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, nil), &result)
+		if result.IsError {
+			t.Fatalf("tools/call = %+v", result)
+		}
+	}
+	for i := range 2 {
+		t.Run(fmt.Sprintf("refresh %d, after the platform wrote a new token", i+1), func(t *testing.T) {
+			token := issuer.write(t, env.clock.now().Add(time.Hour))
+			call(t)
+			if env.entra.set(func() {}); env.entra.lastAssertion != token {
+				t.Errorf("the refresh sent another token than the file held")
+			}
+		})
+	}
 }
 
 // Example_sessionToken shows what a session token carries: a fixed header
@@ -1347,6 +1410,150 @@ func TestCallbackErrors(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestCertificateFile holds ENTRA_CLIENT_CERTIFICATE to what the server can
+// use, each failure one line naming the setting and what to do.
+func TestCertificateFile(t *testing.T) {
+	keys := testKeys()
+	year := time.Now().Add(365 * 24 * time.Hour)
+	cert, certPEM := newTestCertificate(t, keys[0], year)
+	_, otherPEM := newTestCertificate(t, keys[1], year)
+	_, expiredPEM := newTestCertificate(t, keys[0], time.Now().Add(-time.Hour))
+	small, _ := rsa.GenerateKey(rand.Reader, 1024)
+	_, smallPEM := newTestCertificate(t, small, year)
+	ec, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ecDER, _ := x509.MarshalPKCS8PrivateKey(ec)
+	pkcs1 := pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: x509.MarshalPKCS1PrivateKey(keys[0])})
+	certOnly := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})
+	tests := []struct {
+		name, file string
+		wantErr    string // "" for a file the server takes
+	}{
+		{"certificate and PKCS#8 key", string(certPEM), ""},
+		{"certificate and PKCS#1 key", string(certOnly) + string(pkcs1), ""},
+		{"a PFX file", "\x30\x82\x0a\x00binary", "openssl pkcs12"},
+		{"an encrypted PKCS#8 key", string(certOnly) + "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n", "openssl pkey"},
+		{"an encrypted PKCS#1 key", string(certOnly) + "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00000000000000000000000000000000\n\nAAAA\n-----END RSA PRIVATE KEY-----\n", "openssl pkey"},
+		{"no key", string(certOnly), "want the certificate and its private key"},
+		{"another certificate's key", string(certOnly) + strings.SplitAfter(string(otherPEM), "-----END CERTIFICATE-----\n")[1], "does not belong"},
+		{"an expired certificate", string(expiredPEM), "expired on"},
+		{"a 1024-bit key", string(smallPEM), "2048"},
+		{"an EC key", string(certOnly) + string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: ecDER})), "not an RSA key"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "cert.pem")
+			os.WriteFile(path, []byte(tt.file), 0o600)
+			c, err := loadCertificate(path, time.Now())
+			switch {
+			case tt.wantErr == "" && (err != nil || c.thumbprint != thumbprint(cert)):
+				t.Errorf("loadCertificate = %v, %v", c, err)
+			case tt.wantErr != "" && (err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.HasPrefix(err.Error(), "ENTRA_CLIENT_CERTIFICATE") || strings.Contains(err.Error(), "\n")):
+				t.Errorf("loadCertificate = %v, want one line saying %q", err, tt.wantErr)
+			}
+		})
+	}
+	t.Run("an unreadable file", func(t *testing.T) {
+		if _, err := loadCertificate(filepath.Join(t.TempDir(), "none.pem"), time.Now()); err == nil || !strings.Contains(err.Error(), "no such file") {
+			t.Errorf("loadCertificate = %v", err)
+		}
+	})
+}
+
+// TestClientAssertionsRefused: the fake Entra ID refuses what Entra refuses,
+// and the server logs the code with a hint, never the assertion.
+func TestClientAssertionsRefused(t *testing.T) {
+	env, _ := newCertificateEnv(t)
+	f := env.entra
+	keys := testKeys()
+	tokenPath := "/" + f.tenantID + "/oauth2/v2.0/token"
+	aud := f.URL + tokenPath
+	now := f.now()
+	certificate := func(alg string, edit func(h, c map[string]any)) string {
+		h := map[string]any{"alg": alg, "typ": "JWT", "x5t#S256": thumbprint(env.cfg.certificate.cert)}
+		c := map[string]any{"aud": aud, "iss": f.clientID, "sub": f.clientID, "jti": rand.Text(), "nbf": now.Unix(), "exp": now.Add(5 * time.Minute).Unix()}
+		if edit != nil {
+			edit(h, c)
+		}
+		return signJWT(t, keys[0], h, c)
+	}
+	issuer := &fakeIssuer{key: keys[1], url: "https://issuer.example", subject: "system:serviceaccount:mcp:entra-mcp"}
+	f.set(func() {
+		f.federation = &fakeFederation{issuer: issuer.url, subject: issuer.subject, key: &keys[1].PublicKey}
+	})
+	federated := func(edit func(c map[string]any)) string {
+		c := map[string]any{"aud": "api://AzureADTokenExchange", "iss": issuer.url, "sub": issuer.subject, "jti": "same", "exp": now.Add(time.Hour).Unix()}
+		if edit != nil {
+			edit(c)
+		}
+		return signJWT(t, issuer.key, map[string]any{"alg": "RS256", "typ": "JWT"}, c)
+	}
+	reused := certificate("PS256", nil)
+	tests := []struct {
+		name      string
+		assertion string
+		want      int // AADSTS code; 0 accepted
+	}{
+		{"PS256", certificate("PS256", nil), 0},
+		{"RS256, which Entra still takes", certificate("RS256", nil), 0},
+		{"a jti once", reused, 0},
+		{"the same jti again", reused, 700027},
+		{"PSS with a longer salt", signPSSMaxSalt(t, keys[0], certificate("PS256", nil)), 700027},
+		{"another certificate's thumbprint", certificate("PS256", func(h, _ map[string]any) { h["x5t#S256"] = "AAAA" }), 700027},
+		{"no alg it knows", certificate("HS256", nil), 700027},
+		{"for another endpoint", certificate("PS256", func(_, c map[string]any) { c["aud"] = "https://login.microsoftonline.com/common/oauth2/v2.0/token" }), 700023},
+		{"sub is not the app", certificate("PS256", func(_, c map[string]any) { c["sub"] = "someone" }), 700021},
+		{"expired", certificate("PS256", func(_, c map[string]any) { c["exp"] = now.Add(-time.Minute).Unix() }), 700024},
+		{"not yet valid", certificate("PS256", func(_, c map[string]any) { c["nbf"] = now.Add(time.Hour).Unix() }), 700024},
+		{"federated", federated(nil), 0},
+		{"federated, the same token again", federated(nil), 0},
+		{"federated, another issuer", federated(func(c map[string]any) { c["iss"] = "https://evil.example" }), 700211},
+		{"federated, another audience", federated(func(c map[string]any) { c["aud"] = f.clientID }), 700212},
+		{"federated, another subject", federated(func(c map[string]any) { c["sub"] = "system:serviceaccount:other:x" }), 700213},
+		{"federated, expired", federated(func(c map[string]any) { c["exp"] = now.Add(-time.Minute).Unix() }), 700024},
+		{"federated, signed by someone else", signJWT(t, keys[0], map[string]any{"alg": "RS256"}, map[string]any{"iss": issuer.url, "sub": issuer.subject, "aud": "api://AzureADTokenExchange", "exp": now.Add(time.Hour).Unix()}), 700027},
+		{"not a JWT", "abc", 50027},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			f.mu.Lock()
+			got, _ := f.checkAssertion("urn:ietf:params:oauth:client-assertion-type:jwt-bearer", tt.assertion, tokenPath)
+			f.mu.Unlock()
+			if got != tt.want {
+				t.Errorf("AADSTS%d, want %d", got, tt.want)
+			}
+		})
+	}
+
+	t.Run("a secret and an assertion together, or neither", func(t *testing.T) {
+		for name, form := range map[string]url.Values{
+			"both":    {"client_secret": {f.clientSecret}, "client_assertion": {certificate("PS256", nil)}, "client_assertion_type": {"urn:ietf:params:oauth:client-assertion-type:jwt-bearer"}},
+			"neither": {},
+		} {
+			form.Set("grant_type", "refresh_token")
+			form.Set("client_id", f.clientID)
+			form.Set("refresh_token", "x")
+			resp, err := http.PostForm(aud, form)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if body := readBody(t, resp); resp.StatusCode/100 != 4 || (name == "neither" && !strings.Contains(body, "7000218")) {
+				t.Errorf("%s: %d %s", name, resp.StatusCode, body)
+			}
+		}
+	})
+	t.Run("Entra refuses the certificate: the log says why, and quotes no assertion", func(t *testing.T) {
+		other, _ := newTestCertificate(t, keys[1], time.Now().Add(time.Hour))
+		f.set(func() { f.certificate = other })
+		c := env.newClient(t, `"token_endpoint_auth_method":"none"`)
+		b := newBrowser(t)
+		location(t, b.get(t, env.toCallback(t, b, c)), http.StatusFound)
+		logs := env.logs.String()
+		if !strings.Contains(logs, "aadsts=700027") || !strings.Contains(logs, "upload the certificate") || strings.Contains(logs, "eyJ") {
+			t.Errorf("log:\n%s", logs)
+		}
+	})
 }
 
 func TestEntraKeyRotation(t *testing.T) {
@@ -4736,6 +4943,126 @@ type testEnv struct {
 	docs    *documentServer // where client metadata documents are published, if anywhere
 }
 
+// testKeys are RSA keys for the tests' certificates and federated issuers,
+// made once per test binary: generating them is slow under -race.
+var testKeys = sync.OnceValue(func() []*rsa.PrivateKey {
+	keys := make([]*rsa.PrivateKey, 2)
+	for i := range keys {
+		keys[i], _ = rsa.GenerateKey(rand.Reader, 2048)
+	}
+	return keys
+})
+
+// newTestCertificate returns a self-signed certificate of key that expires
+// at notAfter, and the PEM file of it and its key (PKCS#8).
+func newTestCertificate(t testing.TB, key *rsa.PrivateKey, notAfter time.Time) (*x509.Certificate, []byte) {
+	t.Helper()
+	template := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "entra-mcp test"},
+		NotBefore: notAfter.Add(-2 * 365 * 24 * time.Hour), NotAfter: notAfter}
+	der, err := x509.CreateCertificate(rand.Reader, template, template, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, _ := x509.ParseCertificate(der)
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
+	return cert, append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})...)
+}
+
+// newCertificateEnv is a test environment whose server has no client secret
+// but a certificate, which the app registration holds.
+func newCertificateEnv(t testing.TB) (*testEnv, *clientCertificate) {
+	t.Helper()
+	cert, file := newTestCertificate(t, testKeys()[0], time.Now().Add(365*24*time.Hour))
+	path := filepath.Join(t.TempDir(), "cert.pem")
+	os.WriteFile(path, file, 0o600)
+	c, err := loadCertificate(path, time.Now())
+	if err != nil {
+		t.Fatal(err)
+	}
+	env := newTestEnv(t, func(cfg *config) { cfg.clientSecret, cfg.certificate = "", c })
+	env.entra.set(func() { env.entra.certificate = cert })
+	return env, c
+}
+
+// fakeIssuer is another identity provider, which issues this workload
+// tokens the app registration trusts, and a platform that writes them to
+// the file ENTRA_CLIENT_ASSERTION_FILE names.
+type fakeIssuer struct {
+	key          *rsa.PrivateKey
+	url, subject string
+	path         string
+}
+
+// write writes a new token, valid until expires, to the file, and returns it.
+func (i *fakeIssuer) write(t testing.TB, expires time.Time) string {
+	t.Helper()
+	token := signJWT(t, i.key, map[string]any{"alg": "RS256", "typ": "JWT"},
+		map[string]any{"iss": i.url, "sub": i.subject, "aud": "api://AzureADTokenExchange", "jti": rand.Text(), "exp": expires.Unix()})
+	if err := os.WriteFile(i.path, []byte(token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return token
+}
+
+// newFederatedEnv is a test environment whose server has no client secret
+// but a file of federated tokens, whose issuer the app registration trusts.
+func newFederatedEnv(t testing.TB) (*testEnv, *fakeIssuer) {
+	t.Helper()
+	issuer := &fakeIssuer{key: testKeys()[1], url: "https://issuer.example", subject: "system:serviceaccount:mcp:entra-mcp",
+		path: filepath.Join(t.TempDir(), "token")}
+	issuer.write(t, time.Now().Add(time.Hour))
+	env := newTestEnv(t, func(cfg *config) { cfg.clientSecret, cfg.assertionFile = "", issuer.path })
+	env.entra.set(func() {
+		env.entra.federation = &fakeFederation{issuer: issuer.url, subject: issuer.subject, key: &issuer.key.PublicKey}
+	})
+	issuer.write(t, env.clock.now().Add(time.Hour)) // valid on the tests' clock
+	return env, issuer
+}
+
+// signJWT returns a JWT of header and claims, signed with key by the header's
+// alg (PS256 or RS256; anything else gets an RS256 signature).
+func signJWT(t testing.TB, key *rsa.PrivateKey, header, claims map[string]any) string {
+	t.Helper()
+	h, _ := json.Marshal(header)
+	c, _ := json.Marshal(claims)
+	signed := base64.RawURLEncoding.EncodeToString(h) + "." + base64.RawURLEncoding.EncodeToString(c)
+	digest := sha256.Sum256([]byte(signed))
+	var sig []byte
+	var err error
+	if header["alg"] == "PS256" {
+		sig, err = rsa.SignPSS(rand.Reader, key, crypto.SHA256, digest[:], &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
+	} else {
+		sig, err = rsa.SignPKCS1v15(rand.Reader, key, crypto.SHA256, digest[:])
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return signed + "." + base64.RawURLEncoding.EncodeToString(sig)
+}
+
+// signPSSMaxSalt signs jwt's header and claims again with PSS and the
+// longest salt the key allows, which is not what PS256 means.
+func signPSSMaxSalt(t testing.TB, key *rsa.PrivateKey, jwt string) string {
+	t.Helper()
+	signed := jwt[:strings.LastIndex(jwt, ".")]
+	digest := sha256.Sum256([]byte(signed))
+	sig, err := rsa.SignPSS(rand.Reader, key, crypto.SHA256, digest[:], &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthAuto})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return signed + "." + base64.RawURLEncoding.EncodeToString(sig)
+}
+
+// jwtParts decodes a JWT's header and claims.
+func jwtParts(t testing.TB, jwt string) (header, claims map[string]any) {
+	t.Helper()
+	parts := strings.Split(jwt, ".")
+	if len(parts) != 3 || decodeSegment(parts[0], &header) != nil || decodeSegment(parts[1], &claims) != nil {
+		t.Fatalf("not a JWT: %q", jwt)
+	}
+	return header, claims
+}
+
 // newTestEnv starts a server; opts may change its configuration.
 func newTestEnv(t testing.TB, opts ...func(*config)) *testEnv {
 	t.Helper()
@@ -5493,6 +5820,20 @@ type fakeEntra struct {
 	busy            atomic.Int64         // time spent handling requests, in ns
 	busyToken       atomic.Int64         // the part of busy spent at the token endpoint
 	lastIDToken     string               // the last id_token issued
+
+	// Secretless credentials the app registration accepts, besides its
+	// secret: a certificate, and one federated identity credential.
+	certificate   *x509.Certificate
+	federation    *fakeFederation
+	assertionIDs  map[string]bool // jti of certificate assertions seen: each works once
+	lastAssertion string          // the last client assertion accepted
+}
+
+// fakeFederation is a federated identity credential: tokens of this issuer,
+// for this subject, signed by its key, stand for the app.
+type fakeFederation struct {
+	issuer, subject string
+	key             *rsa.PublicKey
 }
 
 type fakeCode struct {
@@ -5529,6 +5870,7 @@ func newFakeEntra(t testing.TB, opts fakeEntraOptions) *fakeEntra {
 		codes:         map[string]*fakeCode{},
 		refreshTokens: map[string]fakeGrant{},
 		accessTokens:  map[string]fakeGrant{},
+		assertionIDs:  map[string]bool{},
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{tenant}/v2.0/.well-known/openid-configuration", f.discovery)
@@ -5757,6 +6099,93 @@ func (f *fakeEntra) description(aadsts int, msg string) string {
 		aadsts, msg, fakeGUID(), fakeGUID(), f.now().UTC().Format("2006-01-02 15:04:05Z"))
 }
 
+// checkAssertion checks a client assertion as Entra ID does, and returns the
+// AADSTS code and message of the first thing wrong, or 0. One whose issuer
+// is the app is a certificate credential: signed (PS256, or RS256) by the
+// key of the registered certificate its x5t#S256 names, for this token
+// endpoint, iss = sub = the app, in its lifetime, its jti never seen. Any
+// other is a federated token: signed by the trusted issuer, for its subject,
+// for the audience api://AzureADTokenExchange, unexpired; the platform sends
+// one token until it replaces it, so a jti may come again. f.mu is held.
+func (f *fakeEntra) checkAssertion(assertionType, assertion, path string) (int, string) {
+	if assertionType != "urn:ietf:params:oauth:client-assertion-type:jwt-bearer" {
+		return 700030, "Invalid client_assertion_type."
+	}
+	parts := strings.Split(assertion, ".")
+	var header struct {
+		Alg, Typ string
+		X5tS256  string `json:"x5t#S256"`
+	}
+	var claims struct {
+		Aud, Iss, Sub, Jti string
+		Exp, Nbf           int64
+	}
+	sig, err := base64.RawURLEncoding.DecodeString(parts[len(parts)-1])
+	if len(parts) != 3 || err != nil || decodeSegment(parts[0], &header) != nil || decodeSegment(parts[1], &claims) != nil {
+		return 50027, "JWT token is invalid or malformed."
+	}
+	digest := sha256.Sum256([]byte(parts[0] + "." + parts[1]))
+	verify := func(key *rsa.PublicKey) bool {
+		switch header.Alg {
+		case "PS256":
+			return rsa.VerifyPSS(key, crypto.SHA256, digest[:], sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash}) == nil
+		case "RS256":
+			return rsa.VerifyPKCS1v15(key, crypto.SHA256, digest[:], sig) == nil
+		}
+		return false
+	}
+	now := f.now().Unix()
+	expired := now >= claims.Exp || now < claims.Nbf-300
+	if claims.Iss != f.clientID { // a federated token
+		fed := f.federation
+		switch {
+		case fed == nil || claims.Iss != fed.issuer:
+			return 700211, "No matching federated identity record found for presented assertion issuer."
+		case !verify(fed.key):
+			return 700027, "Client assertion failed signature validation."
+		case claims.Aud != "api://AzureADTokenExchange":
+			return 700212, "No matching federated identity record found for presented assertion audience."
+		case claims.Sub != fed.subject:
+			return 700213, "No matching federated identity record found for presented assertion subject."
+		case expired:
+			return 700024, "Client assertion is not within its valid time range."
+		}
+		return 0, ""
+	}
+	cert := f.certificate
+	switch {
+	case cert == nil || header.X5tS256 != thumbprint(cert):
+		return 700027, "The certificate with identifier used to sign the client assertion is not registered on application."
+	case !verify(cert.PublicKey.(*rsa.PublicKey)):
+		return 700027, "Client assertion failed signature validation."
+	case claims.Sub != f.clientID:
+		return 700021, "Client assertion application identifier doesn't match 'client_id' parameter."
+	case claims.Aud != f.URL+path:
+		return 700023, "Client assertion audience claim does not match Realm issuer."
+	case expired:
+		return 700024, "Client assertion is not within its valid time range."
+	case claims.Jti == "" || f.assertionIDs[claims.Jti]:
+		return 700027, "Client assertion contains an invalid or reused jti."
+	}
+	f.assertionIDs[claims.Jti] = true
+	return 0, ""
+}
+
+// thumbprint is a certificate's x5t#S256.
+func thumbprint(cert *x509.Certificate) string {
+	sum := sha256.Sum256(cert.Raw)
+	return base64.RawURLEncoding.EncodeToString(sum[:])
+}
+
+// decodeSegment decodes a JWT segment's JSON into v.
+func decodeSegment(segment string, v any) error {
+	b, err := base64.RawURLEncoding.DecodeString(segment)
+	if err != nil {
+		return err
+	}
+	return json.Unmarshal(b, v)
+}
+
 // tokenError writes Entra's token-endpoint error JSON.
 func (f *fakeEntra) tokenError(w http.ResponseWriter, status int, code string, aadsts int, msg string) {
 	w.Header().Set("Content-Type", "application/json; charset=utf-8")
@@ -5796,15 +6225,25 @@ func (f *fakeEntra) token(w http.ResponseWriter, r *http.Request) {
 	if !basic {
 		id, secret = form.Get("client_id"), form.Get("client_secret")
 	}
+	assertion := form.Get("client_assertion")
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	switch {
 	case id != f.clientID:
 		f.tokenError(w, 400, "unauthorized_client", 700016, "Application not found in the directory.")
 		return
-	case secret == "":
+	case secret != "" && (assertion != "" || form.Has("client_assertion_type")):
+		f.tokenError(w, 400, "invalid_request", 90014, "Use one client authentication method: client_secret or client_assertion.")
+		return
+	case secret == "" && assertion == "":
 		f.tokenError(w, 401, "invalid_client", 7000218, "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.")
 		return
+	case assertion != "":
+		if aadsts, msg := f.checkAssertion(form.Get("client_assertion_type"), assertion, r.URL.Path); aadsts != 0 {
+			f.tokenError(w, 401, "invalid_client", aadsts, msg)
+			return
+		}
+		f.lastAssertion = assertion
 	case secret != f.clientSecret:
 		f.tokenError(w, 401, "invalid_client", 7000215, "Invalid client secret provided.")
 		return
