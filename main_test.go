@@ -4866,6 +4866,36 @@ func newDemo(t testing.TB, getenv func(string) string, now func() time.Time, ent
 		"ENTRA_TENANT_ID": f.tenantID, "ENTRA_CLIENT_ID": f.clientID, "ENTRA_CLIENT_SECRET": f.clientSecret,
 		"ENTRA_AUTHORITY": f.URL, "GRAPH_URL": f.URL,
 	}
+	// Instead of the fake's secret, a certificate of yours, which the fake
+	// then holds; or a token file, which the demo keeps writing, as a
+	// platform would, with tokens of an issuer the fake trusts.
+	if path := strings.TrimSpace(getenv("ENTRA_CLIENT_CERTIFICATE")); path != "" {
+		c, err := loadCertificate(path, time.Now())
+		if err != nil {
+			t.Fatal(err)
+		}
+		f.set(func() { f.certificate = c.cert })
+		fake["ENTRA_CLIENT_SECRET"], fake["ENTRA_CLIENT_CERTIFICATE"] = "", path
+	} else if path := strings.TrimSpace(getenv("ENTRA_CLIENT_ASSERTION_FILE")); path != "" {
+		issuer := &fakeIssuer{key: testKeys()[1], url: f.URL + "/demo-issuer", subject: "entra-mcp-demo", path: path}
+		f.set(func() {
+			f.federation = &fakeFederation{issuer: issuer.url, subject: issuer.subject, key: &issuer.key.PublicKey}
+		})
+		issuer.write(t, now().Add(time.Hour))
+		go func() { // a new token every 10 minutes, each valid for an hour
+			tick := time.NewTicker(10 * time.Minute)
+			defer tick.Stop()
+			for {
+				select {
+				case <-tick.C:
+					issuer.write(t, now().Add(time.Hour))
+				case <-t.Context().Done():
+					return
+				}
+			}
+		}()
+		fake["ENTRA_CLIENT_SECRET"], fake["ENTRA_CLIENT_ASSERTION_FILE"] = "", path
+	}
 	return f, func(k string) string {
 		if strings.HasPrefix(k, "ENTRA_") || k == "GRAPH_URL" || k == "ALLOWED_TENANTS" {
 			return fake[k]
@@ -4921,7 +4951,30 @@ func TestDemoEnvironment(t *testing.T) {
 	if _, getenv := newDemo(t, func(string) string { return "" }, time.Now, time.Hour); getenv("PUBLIC_URL") != "" || demoPublicURL(getenv) != "http://localhost:3001" {
 		t.Errorf("demo without PUBLIC_URL serves at %q, want the default", demoPublicURL(getenv))
 	}
+
+	t.Run("a certificate or a token file instead of the fake's secret", func(t *testing.T) {
+		cert, file := newTestCertificate(t, testKeys()[0], time.Now().Add(time.Hour))
+		certPath, tokenPath := filepath.Join(t.TempDir(), "cert.pem"), filepath.Join(t.TempDir(), "token")
+		os.WriteFile(certPath, file, 0o600)
+		f, getenv := newDemo(t, envOf(map[string]string{"ENTRA_CLIENT_CERTIFICATE": certPath}), time.Now, time.Hour)
+		if getenv("ENTRA_CLIENT_SECRET") != "" || getenv("ENTRA_CLIENT_CERTIFICATE") != certPath || f.certificate == nil || !f.certificate.Equal(cert) {
+			t.Errorf("demo with a certificate: secret %q, certificate %q, the fake holds %v", getenv("ENTRA_CLIENT_SECRET"), getenv("ENTRA_CLIENT_CERTIFICATE"), f.certificate != nil)
+		}
+		f, getenv = newDemo(t, envOf(map[string]string{"ENTRA_CLIENT_ASSERTION_FILE": tokenPath}), time.Now, time.Hour)
+		token, err := readAssertionFile(tokenPath)
+		if err != nil || getenv("ENTRA_CLIENT_SECRET") != "" || getenv("ENTRA_CLIENT_ASSERTION_FILE") != tokenPath {
+			t.Fatalf("demo with a token file: %v, secret %q", err, getenv("ENTRA_CLIENT_SECRET"))
+		}
+		f.mu.Lock()
+		defer f.mu.Unlock()
+		if got, _ := f.checkAssertion("urn:ietf:params:oauth:client-assertion-type:jwt-bearer", token, ""); got != 0 {
+			t.Errorf("the demo's fake refuses the demo's token: AADSTS%d", got)
+		}
+	})
 }
+
+// envOf returns a getenv that reads settings from m.
+func envOf(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
 
 // The test environment.
 
