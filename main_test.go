@@ -1459,6 +1459,22 @@ func TestCertificateFile(t *testing.T) {
 			t.Errorf("loadCertificate = %v", err)
 		}
 	})
+	t.Run("a certificate that expires within 30 days is a warning at start", func(t *testing.T) {
+		for days, want := range map[int]bool{10: true, 60: false} {
+			_, file := newTestCertificate(t, keys[0], time.Now().Add(time.Duration(days)*24*time.Hour))
+			path := filepath.Join(t.TempDir(), "cert.pem")
+			os.WriteFile(path, file, 0o600)
+			c, err := loadCertificate(path, time.Now())
+			if err != nil {
+				t.Fatal(err)
+			}
+			var logs bytes.Buffer
+			logConfigNotes(slog.New(slog.NewTextHandler(&logs, nil)), config{certificate: c, accessTTL: time.Hour})
+			if got := strings.Contains(logs.String(), "level=WARN msg=\"ENTRA_CLIENT_CERTIFICATE expires within 30 days"); got != want {
+				t.Errorf("%d days left: warned %v, want %v: %s", days, got, want, logs.String())
+			}
+		}
+	})
 }
 
 // TestClientAssertionsRefused: the fake Entra ID refuses what Entra refuses,
@@ -3239,6 +3255,8 @@ func TestRunConfigErrors(t *testing.T) {
 		{"no credential", map[string]string{"ENTRA_CLIENT_SECRET": ""}, "no credential for Entra ID: set one of ENTRA_CLIENT_SECRET, ENTRA_CLIENT_CERTIFICATE or ENTRA_CLIENT_ASSERTION_FILE"},
 		{"two credentials", map[string]string{"ENTRA_CLIENT_ASSERTION_FILE": "/nowhere"}, "ENTRA_CLIENT_ASSERTION_FILE and ENTRA_CLIENT_SECRET are set: set only one"},
 		{"an assertion file that is not there", map[string]string{"ENTRA_CLIENT_SECRET": "", "ENTRA_CLIENT_ASSERTION_FILE": "/nowhere/token"}, `ENTRA_CLIENT_ASSERTION_FILE "/nowhere/token": no such file or directory`},
+		{"an empty assertion file", map[string]string{"ENTRA_CLIENT_SECRET": "", "ENTRA_CLIENT_ASSERTION_FILE": os.DevNull}, "is empty"},
+		{"a certificate file that is not one", map[string]string{"ENTRA_CLIENT_SECRET": "", "ENTRA_CLIENT_CERTIFICATE": garbage}, "ENTRA_CLIENT_CERTIFICATE"},
 		{"public URL with a path", map[string]string{"PUBLIC_URL": "https://mcp.example/x"}, "PUBLIC_URL"},
 		{"public URL over http", map[string]string{"PUBLIC_URL": "http://mcp.example"}, "PUBLIC_URL"},
 		{"short session key", map[string]string{"SESSION_KEY": "abcd"}, "SESSION_KEY"},
