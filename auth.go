@@ -790,7 +790,7 @@ const pendingPerAddress = 30
 // earlier consent rather than add one (from the same address: a browser that
 // moved leaves its old consent to expire).
 func (s *server) keepConsent(r *http.Request, req *authRequest) string {
-	address := clientAddress(r.RemoteAddr)
+	address := s.clientAddressOf(r)
 	s.consents.deleteCharged(address, func(old *authRequest) bool { return old.browser == req.browser && old.clientID == req.clientID })
 	consentID := newSecret()
 	s.consents.putCharged(address, hashKey(consentID), req, consentTTL, pendingPerAddress)
@@ -800,7 +800,7 @@ func (s *server) keepConsent(r *http.Request, req *authRequest) string {
 // keepFlow stores a sign-in at Entra under our state, charged to the
 // client's address like a consent (see [server.keepConsent]).
 func (s *server) keepFlow(r *http.Request, state string, flow *entraFlow) {
-	s.flows.putCharged(clientAddress(r.RemoteAddr), hashKey(state), flow, flowTTL, pendingPerAddress)
+	s.flows.putCharged(s.clientAddressOf(r), hashKey(state), flow, flowTTL, pendingPerAddress)
 }
 
 // maxAuthorizeQuery bounds an authorization request's query: room for long
@@ -985,7 +985,7 @@ func (s *server) authorizingClient(w http.ResponseWriter, r *http.Request, id st
 		s.errorPage(w, http.StatusBadRequest, "Unknown client", "This application identifies itself by a client metadata document, which this server does not accept (CLIENT_METADATA_DOCUMENTS=off). Configure the application to register with the server instead.")
 		return nil, false
 	}
-	c, err := s.documents.client(r.Context(), id, clientAddress(r.RemoteAddr))
+	c, err := s.documents.client(r.Context(), id, s.clientAddressOf(r))
 	var de *documentError
 	switch {
 	case err == nil:

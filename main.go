@@ -358,14 +358,15 @@ type config struct {
 	addr              string
 	sessionKeys       [][]byte // SESSION_KEY, then SESSION_KEY_PREVIOUS if set
 	accessTTL         time.Duration
-	refreshTTL        time.Duration // refresh tokens, and the sessions they keep alive
-	allowedOrigins    []string      // extra browser origins allowed on the MCP endpoints
-	stateFile         string        // where clients and sessions survive restarts; "" keeps them in memory
-	rateLimit         int           // requests per minute per client IP and endpoint; 0: no limit
-	connLimit         int           // connections open at once per client address; 0: no limit
-	allowedTenants    []string      // tenants whose users may sign in; empty: the configured one
-	documents         bool          // clients may identify by a metadata document's URL (CIMD)
-	documentsLoopback bool          // ...served from a loopback address too, for trying it out
+	refreshTTL        time.Duration  // refresh tokens, and the sessions they keep alive
+	allowedOrigins    []string       // extra browser origins allowed on the MCP endpoints
+	stateFile         string         // where clients and sessions survive restarts; "" keeps them in memory
+	rateLimit         int            // requests per minute per client IP and endpoint; 0: no limit
+	connLimit         int            // connections open at once per client address; 0: no limit
+	allowedTenants    []string       // tenants whose users may sign in; empty: the configured one
+	trustedProxies    []netip.Prefix // proxies whose X-Forwarded-For names the client address
+	documents         bool           // clients may identify by a metadata document's URL (CIMD)
+	documentsLoopback bool           // ...served from a loopback address too, for trying it out
 }
 
 const usage = `entra-mcp: an MCP server whose users sign in with Microsoft Entra ID.
@@ -397,6 +398,9 @@ Usage: go run .   (configured from the environment)
                        behind a proxy, all users share one address; 0: no limit)
   ALLOWED_ORIGINS      default none (comma-separated browser origins allowed on /mcp,
                        /sse and /message, besides PUBLIC_URL's and loopback ones)
+  TRUSTED_PROXIES      default none (comma-separated addresses or CIDR ranges of reverse
+                       proxies: a request from one of them counts against the client
+                       address it names in X-Forwarded-For)
   CLIENT_METADATA_DOCUMENTS       default on (off: clients may not identify by the URL
                        of a metadata document, and register instead; on needs outbound
                        HTTPS to the clients' hosts)
@@ -513,6 +517,19 @@ func loadConfig(getenv func(string) string) (config, error) {
 			return config{}, fmt.Errorf("ALLOWED_ORIGINS: %q is not an origin; list origins such as https://app.example.com, separated by commas", o)
 		}
 		cfg.allowedOrigins = append(cfg.allowedOrigins, normalOrigin(u))
+	}
+	for p := range strings.SplitSeq(env("TRUSTED_PROXIES", ""), ",") {
+		if p = strings.TrimSpace(p); p == "" {
+			continue
+		}
+		prefix, err := netip.ParsePrefix(p)
+		if addr, errAddr := netip.ParseAddr(p); errAddr == nil {
+			prefix, err = addr.Prefix(addr.BitLen())
+		}
+		if err != nil {
+			return config{}, fmt.Errorf("TRUSTED_PROXIES: %q is not an address or a CIDR range such as 10.0.0.0/8", p)
+		}
+		cfg.trustedProxies = append(cfg.trustedProxies, prefix.Masked())
 	}
 	switch v := env("CLIENT_METADATA_DOCUMENTS", "on"); v {
 	case "on", "off":
@@ -791,7 +808,7 @@ func checkMemberNames(data []byte, decoded map[string][]string) error {
 // show).
 func (s *server) limit(endpoint string, h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
-		if wait, ok := s.limiter.allow(endpoint + " " + clientAddress(r.RemoteAddr)); !ok {
+		if wait, ok := s.limiter.allow(endpoint + " " + s.clientAddressOf(r)); !ok {
 			w.Header().Set("Retry-After", strconv.Itoa(int(wait/time.Second)+1))
 			if endpoint == "authorize" || endpoint == "callback" { // browsers: a page
 				s.errorPage(w, http.StatusTooManyRequests, "Too many requests", "Too many sign-in attempts from your address. Wait a minute, then try again.")
@@ -802,6 +819,41 @@ func (s *server) limit(endpoint string, h http.HandlerFunc) http.HandlerFunc {
 		}
 		h(w, r)
 	}
+}
+
+// clientAddressOf returns the client address of r that limits and quotas
+// count (see [clientAddress]): the address r came from, unless that is one
+// of TRUSTED_PROXIES, which forward for others. Then it is the address the
+// proxies name in X-Forwarded-For: the last one there that is not itself a
+// trusted proxy, since each proxy appends the address it got the request
+// from, and anything before is whatever the client chose to send.
+func (s *server) clientAddressOf(r *http.Request) string {
+	peer, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil || !s.trustedProxy(peer.Addr()) {
+		return clientAddress(r.RemoteAddr)
+	}
+	hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
+	for i := len(hops) - 1; i >= 0; i-- {
+		addr, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
+		if err != nil {
+			break // not an address: nothing before it can be trusted either
+		}
+		if !s.trustedProxy(addr) {
+			return clientAddress(netip.AddrPortFrom(addr, 0).String())
+		}
+	}
+	return clientAddress(r.RemoteAddr)
+}
+
+// trustedProxy reports whether addr is one of TRUSTED_PROXIES.
+func (s *server) trustedProxy(addr netip.Addr) bool {
+	addr = addr.Unmap().WithZone("")
+	for _, p := range s.cfg.trustedProxies {
+		if p.Contains(addr) {
+			return true
+		}
+	}
+	return false
 }
 
 // clientAddress is the address a limit counts: the client's IPv4 address, or

@@ -3274,6 +3274,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"refresh TTL beyond Entra's", map[string]string{"REFRESH_TOKEN_TTL": "2400h"}, "REFRESH_TOKEN_TTL"},
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
 		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
+		{"a trusted proxy that is not an address", map[string]string{"TRUSTED_PROXIES": "10.0.0.0/8, proxy.internal"}, "TRUSTED_PROXIES"},
 		{"metadata documents neither on nor off", map[string]string{"CLIENT_METADATA_DOCUMENTS": "yes"}, "CLIENT_METADATA_DOCUMENTS"},
 		{"loopback documents, not 1 or 0", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "true"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
 		{"loopback documents on a public server", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "1", "PUBLIC_URL": "https://mcp.example"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
@@ -3765,6 +3766,55 @@ func TestConnectionLimit(t *testing.T) {
 	if got := get(dial(), false); got != "200 served" {
 		t.Errorf("a new connection once one closed = %s, want it served", got)
 	}
+}
+
+// TestTrustedProxies: behind TRUSTED_PROXIES, the client address is the one
+// the proxies name in X-Forwarded-For, read from the right, where the proxies
+// wrote it; from anyone else, the header is ignored.
+func TestTrustedProxies(t *testing.T) {
+	s := &server{cfg: config{trustedProxies: []netip.Prefix{netip.MustParsePrefix("10.0.0.0/8"), netip.MustParsePrefix("fd00::/8")}}}
+	for _, tt := range []struct {
+		peer, forwarded, want string
+	}{
+		{"10.1.1.1:5000", "203.0.113.7", "203.0.113.7"},
+		{"10.1.1.1:5000", "198.51.100.1, 203.0.113.7", "203.0.113.7"},          // the client's own claim comes first, and is ignored
+		{"10.1.1.1:5000", "203.0.113.7, 10.2.2.2", "203.0.113.7"},              // through two proxies
+		{"[fd00::1]:5000", "2001:db8:1:2::5", "2001:db8:1:2::/64"},             // counted by /64, as always
+		{"10.1.1.1:5000", "203.0.113.7, not-an-address, 10.2.2.2", "10.1.1.1"}, // a hop garbled: the proxy itself
+		{"10.1.1.1:5000", "", "10.1.1.1"},
+		{"192.0.2.9:5000", "203.0.113.7", "192.0.2.9"}, // not a trusted proxy: its header means nothing
+		{"127.0.0.1:5000", "203.0.113.7", "loopback"},
+	} {
+		r := httptest.NewRequest("GET", "/", nil)
+		r.RemoteAddr = tt.peer
+		if tt.forwarded != "" {
+			r.Header.Set("X-Forwarded-For", tt.forwarded)
+		}
+		if got := s.clientAddressOf(r); got != tt.want {
+			t.Errorf("from %s, X-Forwarded-For %q: client address %q, want %q", tt.peer, tt.forwarded, got, tt.want)
+		}
+	}
+
+	t.Run("TRUSTED_PROXIES takes addresses and ranges", func(t *testing.T) {
+		cfg, err := loadConfig(envOf(map[string]string{"ENTRA_TENANT_ID": "t", "ENTRA_CLIENT_ID": "c", "ENTRA_CLIENT_SECRET": "s",
+			"TRUSTED_PROXIES": "10.0.0.1, 192.168.7.0/16,fd00::/8"}))
+		if err != nil || fmt.Sprint(cfg.trustedProxies) != "[10.0.0.1/32 192.168.0.0/16 fd00::/8]" {
+			t.Errorf("trusted proxies = %v, %v", cfg.trustedProxies, err)
+		}
+	})
+	t.Run("the rate limits count the forwarded address", func(t *testing.T) {
+		env := newTestEnv(t, func(c *config) {
+			c.rateLimit, c.trustedProxies = 1, []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8")}
+		})
+		register := func(forwardedFor string) int {
+			resp := env.do(t, "POST", "/register", strings.NewReader(`{"redirect_uris":["http://127.0.0.1/cb"],"token_endpoint_auth_method":"none"}`),
+				http.Header{"Content-Type": {"application/json"}, "X-Forwarded-For": {forwardedFor}})
+			return resp.StatusCode
+		}
+		if got := []int{register("203.0.113.7"), register("203.0.113.7"), register("198.51.100.1")}; !slices.Equal(got, []int{201, 429, 201}) {
+			t.Errorf("registrations through the proxy = %v, want 201 429 201: one limit per forwarded address", got)
+		}
+	})
 }
 
 func TestRateLimiterAddresses(t *testing.T) {
