@@ -479,6 +479,13 @@ func TestCertificateWalkthrough(t *testing.T) {
 			t.Errorf("tools/call = %+v; the refresh sent assertion %t, secret %t", result, refresh.Get("client_assertion") != "", refresh.Has("client_secret"))
 		}
 	})
+	t.Run("no assertion, and no part of the key, in the log", func(t *testing.T) {
+		keyDER, _ := x509.MarshalPKCS8PrivateKey(env.cfg.certificate.key)
+		key := base64.StdEncoding.EncodeToString(keyDER)
+		if logs := env.logs.String(); strings.Contains(logs, first[:40]) || strings.Contains(logs, key[:40]) {
+			t.Errorf("the log holds an assertion or the key")
+		}
+	})
 }
 
 // TestFederatedWalkthrough is a server whose credential is a token another
@@ -503,6 +510,9 @@ func TestFederatedWalkthrough(t *testing.T) {
 			call(t)
 			if env.entra.set(func() {}); env.entra.lastAssertion != token {
 				t.Errorf("the refresh sent another token than the file held")
+			}
+			if strings.Contains(env.logs.String(), token[:40]) {
+				t.Errorf("the log holds the federated token")
 			}
 		})
 	}
