@@ -1561,12 +1561,15 @@ func loadCertificate(path string, now time.Time) (*clientCertificate, error) {
 		return fail("%v", errors.Unwrap(err))
 	}
 	c := &clientCertificate{}
+	var certs []*x509.Certificate // the certificate, and maybe its chain, in any order
 	for block, rest := pem.Decode(data); block != nil; block, rest = pem.Decode(rest) {
 		switch {
-		case block.Type == "CERTIFICATE" && c.cert == nil:
-			if c.cert, err = x509.ParseCertificate(block.Bytes); err != nil {
-				return fail("the certificate cannot be read: %v", err)
+		case block.Type == "CERTIFICATE":
+			cert, err := x509.ParseCertificate(block.Bytes)
+			if err != nil {
+				return fail("a certificate cannot be read: %v", err)
 			}
+			certs = append(certs, cert)
 		case block.Type == "ENCRYPTED PRIVATE KEY" || block.Headers["Proc-Type"] != "":
 			return fail("the private key is encrypted, which Go's standard library cannot read: decrypt it with: openssl pkey -in %s -out key.pem (then put key.pem and the certificate in one file)", path)
 		case block.Type == "PRIVATE KEY" || block.Type == "RSA PRIVATE KEY":
@@ -1583,14 +1586,19 @@ func loadCertificate(path string, now time.Time) (*clientCertificate, error) {
 			c.key = rsaKey
 		}
 	}
+	for _, cert := range certs {
+		if c.key != nil && c.key.PublicKey.Equal(cert.PublicKey) {
+			c.cert = cert // the key's own, not one of its chain
+		}
+	}
 	switch {
-	case c.cert == nil && c.key == nil && !bytes.Contains(data, []byte("-----BEGIN")):
+	case len(certs) == 0 && c.key == nil && !bytes.Contains(data, []byte("-----BEGIN")):
 		return fail("not a PEM file; a .pfx or .p12 file converts with: openssl pkcs12 -in cert.pfx -out cert.pem -nodes")
-	case c.cert == nil || c.key == nil:
+	case len(certs) == 0 || c.key == nil:
 		return fail("want the certificate and its private key in one PEM file (CERTIFICATE and PRIVATE KEY blocks)")
 	case c.key.N.BitLen() < 2048:
 		return fail("the RSA key has %d bits; Entra ID wants 2048 or more", c.key.N.BitLen())
-	case !c.key.PublicKey.Equal(c.cert.PublicKey):
+	case c.cert == nil:
 		return fail("the private key does not belong to the certificate")
 	case now.After(c.cert.NotAfter):
 		return fail("the certificate expired on %s: make a new one and upload it to the app registration", c.cert.NotAfter.Format(time.DateOnly))

@@ -1442,6 +1442,7 @@ func TestCertificateFile(t *testing.T) {
 	}{
 		{"certificate and PKCS#8 key", string(certPEM), ""},
 		{"certificate and PKCS#1 key", string(certOnly) + string(pkcs1), ""},
+		{"a chain, the key first, the certificate after another", string(pkcs1) + strings.SplitAfter(string(otherPEM), "-----END CERTIFICATE-----\n")[0] + string(certOnly), ""},
 		{"a PFX file", "\x30\x82\x0a\x00binary", "openssl pkcs12"},
 		{"an encrypted PKCS#8 key", string(certOnly) + "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n", "openssl pkey"},
 		{"an encrypted PKCS#1 key", string(certOnly) + "-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,00000000000000000000000000000000\n\nAAAA\n-----END RSA PRIVATE KEY-----\n", "openssl pkey"},
