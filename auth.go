@@ -1562,6 +1562,7 @@ func loadCertificate(path string, now time.Time) (*clientCertificate, error) {
 	}
 	c := &clientCertificate{}
 	var certs []*x509.Certificate // the certificate, and maybe its chain, in any order
+	var keys []*rsa.PrivateKey
 	for block, rest := pem.Decode(data); block != nil; block, rest = pem.Decode(rest) {
 		switch {
 		case block.Type == "CERTIFICATE":
@@ -1583,12 +1584,18 @@ func loadCertificate(path string, now time.Time) (*clientCertificate, error) {
 			if err != nil || !ok {
 				return fail("the private key is not an RSA key this server can read (Entra ID takes RSA certificates)")
 			}
-			c.key = rsaKey
+			keys = append(keys, rsaKey)
 		}
 	}
-	for _, cert := range certs {
-		if c.key != nil && c.key.PublicKey.Equal(cert.PublicKey) {
-			c.cert = cert // the key's own, not one of its chain
+	for _, key := range keys {
+		c.key = key
+		for _, cert := range certs {
+			if key.PublicKey.Equal(cert.PublicKey) {
+				c.cert = cert // the key's own, not one of its chain
+			}
+		}
+		if c.cert != nil {
+			break
 		}
 	}
 	switch {
@@ -1602,6 +1609,8 @@ func loadCertificate(path string, now time.Time) (*clientCertificate, error) {
 		return fail("the private key does not belong to the certificate")
 	case now.After(c.cert.NotAfter):
 		return fail("the certificate expired on %s: make a new one and upload it to the app registration", c.cert.NotAfter.Format(time.DateOnly))
+	case now.Before(c.cert.NotBefore):
+		return fail("the certificate is valid only from %s", c.cert.NotBefore.Format(time.DateOnly))
 	}
 	sum := sha256.Sum256(c.cert.Raw)
 	c.thumbprint = base64.RawURLEncoding.EncodeToString(sum[:])
@@ -1611,7 +1620,7 @@ func loadCertificate(path string, now time.Time) (*clientCertificate, error) {
 // assertion returns a client assertion for the token endpoint tokenURL,
 // signed with the certificate's key: PS256 (RSASSA-PSS, SHA-256, a salt as
 // long as the hash), with the certificate's thumbprint in the header, and a
-// fresh jti, since Entra ID takes each assertion once.
+// unique jti, so that no two assertions are alike.
 func (c *clientCertificate) assertion(clientID, tokenURL string, now time.Time) (string, error) {
 	header, _ := json.Marshal(map[string]string{"alg": "PS256", "typ": "JWT", "x5t#S256": c.thumbprint})
 	claims, _ := json.Marshal(map[string]any{
@@ -1657,7 +1666,9 @@ func tokenClient(cfg config, base *http.Client, tokenURL string, now func() time
 	if transport == nil {
 		transport = http.DefaultTransport
 	}
-	return &http.Client{Timeout: base.Timeout, Transport: &assertionTransport{base: transport, tokenURL: tokenURL, assertion: assertion}}
+	client := *base
+	client.Transport = &assertionTransport{base: transport, tokenURL: tokenURL, assertion: assertion}
+	return &client
 }
 
 // assertionTransport adds a fresh client assertion to every POST to the token

@@ -526,8 +526,14 @@ func loadConfig(getenv func(string) string) (config, error) {
 		if addr, errAddr := netip.ParseAddr(p); errAddr == nil {
 			prefix, err = addr.Prefix(addr.BitLen())
 		}
-		if err != nil {
-			return config{}, fmt.Errorf("TRUSTED_PROXIES: %q is not an address or a CIDR range such as 10.0.0.0/8", p)
+		if err == nil && prefix.Addr().Is4In6() && prefix.Bits() >= 96 {
+			prefix = netip.PrefixFrom(prefix.Addr().Unmap(), prefix.Bits()-96) // addresses are compared unmapped
+		}
+		switch {
+		case err != nil:
+			return config{}, fmt.Errorf("TRUSTED_PROXIES: %q is not an address or a CIDR range such as 10.0.0.5/32", p)
+		case prefix.Bits() == 0:
+			return config{}, fmt.Errorf("TRUSTED_PROXIES: %q would trust everyone to name their own address: list your proxies' addresses", p)
 		}
 		cfg.trustedProxies = append(cfg.trustedProxies, prefix.Masked())
 	}
@@ -834,7 +840,14 @@ func (s *server) clientAddressOf(r *http.Request) string {
 	}
 	hops := strings.Split(strings.Join(r.Header.Values("X-Forwarded-For"), ","), ",")
 	for i := len(hops) - 1; i >= 0; i-- {
-		addr, err := netip.ParseAddr(strings.TrimSpace(hops[i]))
+		hop := strings.TrimSpace(hops[i])
+		if hop == "" {
+			continue
+		}
+		addr, err := netip.ParseAddr(strings.Trim(hop, "[]"))
+		if ap, errPort := netip.ParseAddrPort(hop); err != nil && errPort == nil {
+			addr, err = ap.Addr(), nil // some proxies (Azure Application Gateway) add the port
+		}
 		if err != nil {
 			break // not an address: nothing before it can be trusted either
 		}

@@ -482,7 +482,8 @@ func TestCertificateWalkthrough(t *testing.T) {
 	t.Run("no assertion, and no part of the key, in the log", func(t *testing.T) {
 		keyDER, _ := x509.MarshalPKCS8PrivateKey(env.cfg.certificate.key)
 		key := base64.StdEncoding.EncodeToString(keyDER)
-		if logs := env.logs.String(); strings.Contains(logs, first[:40]) || strings.Contains(logs, key[:40]) {
+		if logs := env.logs.String(); strings.Contains(logs, first[:40]) || strings.Contains(logs, key[40:80]) ||
+			strings.Contains(logs, env.cfg.certificate.key.D.String()[:20]) || strings.Contains(logs, fmt.Sprintf("%x", env.cfg.certificate.key.D)[:20]) {
 			t.Errorf("the log holds an assertion or the key")
 		}
 	})
@@ -1430,6 +1431,7 @@ func TestCertificateFile(t *testing.T) {
 	cert, certPEM := newTestCertificate(t, keys[0], year)
 	_, otherPEM := newTestCertificate(t, keys[1], year)
 	_, expiredPEM := newTestCertificate(t, keys[0], time.Now().Add(-time.Hour))
+	_, futurePEM := newTestCertificate(t, keys[0], time.Now().Add(3*365*24*time.Hour)) // valid from a year on
 	small, _ := rsa.GenerateKey(rand.Reader, 1024)
 	_, smallPEM := newTestCertificate(t, small, year)
 	ec, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
@@ -1449,6 +1451,8 @@ func TestCertificateFile(t *testing.T) {
 		{"no key", string(certOnly), "want the certificate and its private key"},
 		{"another certificate's key", string(certOnly) + strings.SplitAfter(string(otherPEM), "-----END CERTIFICATE-----\n")[1], "does not belong"},
 		{"an expired certificate", string(expiredPEM), "expired on"},
+		{"a certificate not yet valid", string(futurePEM), "valid only from"},
+		{"two keys, the second the certificate's", string(certOnly) + strings.SplitAfter(string(otherPEM), "-----END CERTIFICATE-----\n")[1] + string(pkcs1), ""},
 		{"a 1024-bit key", string(smallPEM), "2048"},
 		{"an EC key", string(certOnly) + string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: ecDER})), "not an RSA key"},
 	}
@@ -3286,6 +3290,7 @@ func TestRunConfigErrors(t *testing.T) {
 		{"allowed origin with a path", map[string]string{"ALLOWED_ORIGINS": "https://ok.example, https://app.example/x"}, "ALLOWED_ORIGINS"},
 		{"allowed origin that is not a URL", map[string]string{"ALLOWED_ORIGINS": "app.example"}, "ALLOWED_ORIGINS"},
 		{"a trusted proxy that is not an address", map[string]string{"TRUSTED_PROXIES": "10.0.0.0/8, proxy.internal"}, "TRUSTED_PROXIES"},
+		{"every address a trusted proxy", map[string]string{"TRUSTED_PROXIES": "0.0.0.0/0"}, "would trust everyone"},
 		{"metadata documents neither on nor off", map[string]string{"CLIENT_METADATA_DOCUMENTS": "yes"}, "CLIENT_METADATA_DOCUMENTS"},
 		{"loopback documents, not 1 or 0", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "true"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
 		{"loopback documents on a public server", map[string]string{"CLIENT_METADATA_ALLOW_LOOPBACK": "1", "PUBLIC_URL": "https://mcp.example"}, "CLIENT_METADATA_ALLOW_LOOPBACK"},
@@ -3793,7 +3798,12 @@ func TestTrustedProxies(t *testing.T) {
 		{"[fd00::1]:5000", "2001:db8:1:2::5", "2001:db8:1:2::/64"},             // counted by /64, as always
 		{"10.1.1.1:5000", "203.0.113.7, not-an-address, 10.2.2.2", "10.1.1.1"}, // a hop garbled: the proxy itself
 		{"10.1.1.1:5000", "", "10.1.1.1"},
-		{"192.0.2.9:5000", "203.0.113.7", "192.0.2.9"}, // not a trusted proxy: its header means nothing
+		{"10.1.1.1:5000", "203.0.113.7:4711", "203.0.113.7"}, // with a port, as Azure Application Gateway writes it
+		{"10.1.1.1:5000", "[2001:db8::1]:4711", "2001:db8::/64"},
+		{"10.1.1.1:5000", "[2001:db8::1]", "2001:db8::/64"},
+		{"10.1.1.1:5000", "203.0.113.7,", "203.0.113.7"},
+		{"[::ffff:10.1.1.1]:5000", "203.0.113.7", "203.0.113.7"}, // the proxy's address, IPv4-mapped
+		{"192.0.2.9:5000", "203.0.113.7", "192.0.2.9"},           // not a trusted proxy: its header means nothing
 		{"127.0.0.1:5000", "203.0.113.7", "loopback"},
 	} {
 		r := httptest.NewRequest("GET", "/", nil)
@@ -3808,8 +3818,8 @@ func TestTrustedProxies(t *testing.T) {
 
 	t.Run("TRUSTED_PROXIES takes addresses and ranges", func(t *testing.T) {
 		cfg, err := loadConfig(envOf(map[string]string{"ENTRA_TENANT_ID": "t", "ENTRA_CLIENT_ID": "c", "ENTRA_CLIENT_SECRET": "s",
-			"TRUSTED_PROXIES": "10.0.0.1, 192.168.7.0/16,fd00::/8"}))
-		if err != nil || fmt.Sprint(cfg.trustedProxies) != "[10.0.0.1/32 192.168.0.0/16 fd00::/8]" {
+			"TRUSTED_PROXIES": "10.0.0.1, 192.168.7.0/16,fd00::/8, ::ffff:172.16.0.0/108"}))
+		if err != nil || fmt.Sprint(cfg.trustedProxies) != "[10.0.0.1/32 192.168.0.0/16 fd00::/8 172.16.0.0/12]" {
 			t.Errorf("trusted proxies = %v, %v", cfg.trustedProxies, err)
 		}
 	})
@@ -4967,7 +4977,9 @@ func newDemo(t testing.TB, getenv func(string) string, now func() time.Time, ent
 			for {
 				select {
 				case <-tick.C:
-					issuer.write(t, now().Add(time.Hour))
+					if _, err := issuer.rotate(now().Add(time.Hour)); err != nil {
+						t.Log("demo: the federated token could not be written:", err)
+					}
 				case <-t.Context().Done():
 					return
 				}
@@ -5128,12 +5140,29 @@ type fakeIssuer struct {
 // write writes a new token, valid until expires, to the file, and returns it.
 func (i *fakeIssuer) write(t testing.TB, expires time.Time) string {
 	t.Helper()
-	token := signJWT(t, i.key, map[string]any{"alg": "RS256", "typ": "JWT"},
-		map[string]any{"iss": i.url, "sub": i.subject, "aud": "api://AzureADTokenExchange", "jti": rand.Text(), "exp": expires.Unix()})
-	if err := os.WriteFile(i.path, []byte(token+"\n"), 0o600); err != nil {
+	token, err := i.rotate(expires)
+	if err != nil {
 		t.Fatal(err)
 	}
 	return token
+}
+
+// rotate replaces the file with a new token, valid until expires, at once:
+// a reader never sees half of one.
+func (i *fakeIssuer) rotate(expires time.Time) (string, error) {
+	h, _ := json.Marshal(map[string]any{"alg": "RS256", "typ": "JWT"})
+	c, _ := json.Marshal(map[string]any{"iss": i.url, "sub": i.subject, "aud": "api://AzureADTokenExchange", "jti": rand.Text(), "exp": expires.Unix()})
+	signed := base64.RawURLEncoding.EncodeToString(h) + "." + base64.RawURLEncoding.EncodeToString(c)
+	digest := sha256.Sum256([]byte(signed))
+	sig, err := rsa.SignPKCS1v15(rand.Reader, i.key, crypto.SHA256, digest[:])
+	if err != nil {
+		return "", err
+	}
+	token := signed + "." + base64.RawURLEncoding.EncodeToString(sig)
+	if err := os.WriteFile(i.path+".new", []byte(token+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	return token, os.Rename(i.path+".new", i.path)
 }
 
 // newFederatedEnv is a test environment whose server has no client secret
