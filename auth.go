@@ -127,15 +127,14 @@ func (s *server) handleRegister(w http.ResponseWriter, r *http.Request) {
 // authRequest is a client's authorization request once validated: what the
 // client's flow needs when the user comes back from Entra ID.
 type authRequest struct {
-	clientID      string
+	client        *client // as /authorize found it: a metadata document's is kept only once approved
 	redirectURI   string
 	redirectGiven bool // /authorize named redirect_uri, so /token must repeat it (RFC 6749 §4.1.3)
 	state         string
 	challenge     string // the client's PKCE S256 challenge
 	scope         string
-	resource      string  // audience of the tokens (RFC 8707)
-	browser       string  // the browser cookie of whoever opened the consent page
-	client        *client // the client as /authorize found it: for a metadata document's, what the consent page shows and approval keeps
+	resource      string // audience of the tokens (RFC 8707)
+	browser       string // the browser cookie of whoever opened the consent page
 }
 
 // handleAuthorize validates an authorization request (OAuth 2.1 §4.1.1) and
@@ -159,7 +158,6 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 
 	req := &authRequest{
 		client:        c,
-		clientID:      c.ID,
 		redirectURI:   redirectURI,
 		redirectGiven: q.Has("redirect_uri"),
 		state:         q.Get("state"),
@@ -212,7 +210,7 @@ func (s *server) handleConsent(w http.ResponseWriter, r *http.Request) {
 			s.startSignIn(w, r, req)
 		}
 	case "deny":
-		s.log.Info("consent denied", "client_id", req.clientID)
+		s.log.Info("consent denied", "client_id", req.client.ID)
 		s.redirectError(w, r, req, "access_denied", "the user denied the request")
 	default:
 		s.errorPage(w, http.StatusBadRequest, "Invalid request", "The consent form carried no decision.")
@@ -258,7 +256,7 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !s.sameBrowser(r, flow.req.browser) {
-		s.log.Warn("callback from another browser than the one that approved", "client_id", flow.req.clientID)
+		s.log.Warn("callback from another browser than the one that approved", "client_id", flow.req.client.ID)
 		s.errorPage(w, http.StatusForbidden, "Sign-in refused", "This sign-in was started in another browser. Start again from your MCP client, in this browser.")
 		return
 	}
@@ -277,7 +275,7 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 		id:       newSecret(),
 		subject:  s.tokens.subject(user),
 		user:     user,
-		clientID: req.clientID,
+		clientID: req.client.ID,
 		scope:    req.scope,
 		resource: req.resource,
 	}
@@ -287,7 +285,7 @@ func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 		s.redirectError(w, r, req, "temporarily_unavailable", "the server is busy; try again in a minute")
 		return
 	}
-	s.log.Info("signed in", "client_id", req.clientID, "subject", sess.subject)
+	s.log.Info("signed in", "client_id", req.client.ID, "subject", sess.subject)
 	s.redirectToClient(w, r, req, url.Values{"code": {code}})
 }
 
@@ -354,7 +352,7 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 	}
 	// Another client presenting the code learns nothing and changes nothing.
 	req := code.req
-	if req.clientID != c.ID {
+	if req.client.ID != c.ID {
 		return nil, badRequest("invalid_grant", "the code is invalid or expired")
 	}
 	// A code without its verifier is worth nothing: it neither uses up the
@@ -791,7 +789,7 @@ const pendingPerAddress = 30
 // moved leaves its old consent to expire).
 func (s *server) keepConsent(r *http.Request, req *authRequest) string {
 	address := s.clientAddressOf(r)
-	s.consents.deleteCharged(address, func(old *authRequest) bool { return old.browser == req.browser && old.clientID == req.clientID })
+	s.consents.deleteCharged(address, func(old *authRequest) bool { return old.browser == req.browser && old.client.ID == req.client.ID })
 	consentID := newSecret()
 	s.consents.putCharged(address, hashKey(consentID), req, consentTTL, pendingPerAddress)
 	return consentID
@@ -1860,7 +1858,7 @@ func (e *entraClient) checkIDToken(raw, nonce string, now time.Time) (entraUser,
 // client, as one of the codes of RFC 6749 §4.1.2.1, and logs Entra's codes
 // and ids (never its text).
 func (s *server) redirectEntraError(w http.ResponseWriter, r *http.Request, req *authRequest, code, description string) {
-	s.log.Warn("Entra sign-in failed", append([]any{"client_id", req.clientID}, entraErrorAttrs(code, description)...)...)
+	s.log.Warn("Entra sign-in failed", append([]any{"client_id", req.client.ID}, entraErrorAttrs(code, description)...)...)
 	switch code {
 	case "access_denied":
 		s.redirectError(w, r, req, "access_denied", "the sign-in with Microsoft Entra ID was cancelled or declined")
@@ -1877,19 +1875,19 @@ func (s *server) redirectEntraError(w http.ResponseWriter, r *http.Request, req 
 // checks. The details go to the log.
 func (s *server) redirectRedeemError(w http.ResponseWriter, r *http.Request, req *authRequest, err error) {
 	if errors.Is(err, errTenantNotAllowed) {
-		s.log.Warn("sign-in refused: tenant not allowed", "client_id", req.clientID, "err", err)
+		s.log.Warn("sign-in refused: tenant not allowed", "client_id", req.client.ID, "err", err)
 		s.redirectError(w, r, req, "access_denied", "users of your organization may not use this server")
 		return
 	}
 	var rerr *oauth2.RetrieveError
 	if errors.As(err, &rerr) {
-		s.log.Error("Entra code redemption failed", append([]any{"client_id", req.clientID}, retrieveErrorAttrs(rerr)...)...)
+		s.log.Error("Entra code redemption failed", append([]any{"client_id", req.client.ID}, retrieveErrorAttrs(rerr)...)...)
 		if rerr.ErrorCode == "temporarily_unavailable" {
 			s.redirectError(w, r, req, "temporarily_unavailable", "Microsoft Entra ID is temporarily unavailable; try again")
 			return
 		}
 	} else {
-		s.log.Error("Entra sign-in could not be completed", "client_id", req.clientID, "err", err)
+		s.log.Error("Entra sign-in could not be completed", "client_id", req.client.ID, "err", err)
 	}
 	s.redirectError(w, r, req, "server_error", "the sign-in with Microsoft Entra ID could not be completed; the server log has details")
 }

@@ -4011,12 +4011,7 @@ func TestSignInsPerUserAtOnce(t *testing.T) {
 // sign-in refreshed longest ago ends, and another user's is untouched.
 func TestSignInsPerUser(t *testing.T) {
 	env := newTestEnv(t)
-	adele := env.entra.user
-	env.entra.set(func() {
-		env.entra.user = fakeUser{oid: fakeGUID(), name: "Alex Wilber", upn: "alex.wilber@contoso.example"}
-	})
-	other := env.signIn(t, signInOptions{})
-	env.entra.set(func() { env.entra.user = adele })
+	other := env.signInAnotherUser(t)
 	first := env.signIn(t, signInOptions{})
 	env.clock.advance(time.Second)
 	second := env.signIn(t, signInOptions{})
@@ -4065,13 +4060,8 @@ func TestMCPSessionsPerUserAtOnce(t *testing.T) {
 // sign-ins: the user's oldest makes room, and another user is untouched.
 func TestMCPSessionsPerUser(t *testing.T) {
 	env := newTestEnv(t)
-	adele := env.entra.user
-	env.entra.set(func() {
-		env.entra.user = fakeUser{oid: fakeGUID(), name: "Alex Wilber", upn: "alex.wilber@contoso.example"}
-	})
-	other := &mcpClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+	other := &mcpClient{env: env, token: env.signInAnotherUser(t).AccessToken}
 	other.initialize(t, "2025-11-25")
-	env.entra.set(func() { env.entra.user = adele })
 	tokens := []string{env.signIn(t, signInOptions{}).AccessToken, env.signIn(t, signInOptions{}).AccessToken}
 	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second) // a stream left open fails the test, not hangs it
 	defer cancel()
@@ -5509,6 +5499,19 @@ type signInOptions struct {
 type signedIn struct {
 	tokenResponse
 	clientID string
+}
+
+// signInAnotherUser signs in, through a new public client, a user other
+// than the fake Entra ID's usual one.
+func (e *testEnv) signInAnotherUser(t testing.TB) signedIn {
+	t.Helper()
+	var usual fakeUser
+	e.entra.set(func() {
+		usual = e.entra.user
+		e.entra.user = fakeUser{oid: fakeGUID(), name: "Alex Wilber", upn: "alex.wilber@contoso.example"}
+	})
+	defer e.entra.set(func() { e.entra.user = usual })
+	return e.signIn(t, signInOptions{})
 }
 
 // signInWith runs steps 4 to 7 for client c and returns its tokens.
