@@ -24,7 +24,6 @@ import (
 	"net/url"
 	"os"
 	"path"
-	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -183,7 +182,7 @@ func (s *server) handleAuthorize(w http.ResponseWriter, r *http.Request) {
 	}
 	req.browser = s.browserCookie(w, r)
 	consentID := s.keepConsent(r, req) // charged to the client's address, never refused
-	s.showConsent(w, c, req, consentID)
+	s.showConsent(w, req, consentID)
 }
 
 // handleConsent takes the user's decision from the consent page. It is
@@ -246,8 +245,9 @@ func (s *server) startSignIn(w http.ResponseWriter, r *http.Request, req *authRe
 
 // handleCallback is Entra ID's redirect target. It checks our state and the
 // browser cookie, redeems Entra's code with our PKCE verifier and client
-// secret, verifies the id_token, creates the session (holding the Entra
-// tokens), and sends the browser back to the client with our own code.
+// secret (or assertion), verifies the id_token, creates the session (holding
+// the Entra tokens), and sends the browser back to the client with our own
+// code.
 func (s *server) handleCallback(w http.ResponseWriter, r *http.Request) {
 	q := r.URL.Query()
 	flow, ok := s.flows.take(hashKey(q.Get("state")))
@@ -387,11 +387,12 @@ func (s *server) redeemCode(c *client, form url.Values) (*tokenResponse, error) 
 
 // ---------------------------------------------------------------------------
 // Behind the lesson: the refresh grant and revocation; registration rules,
-// redirect URIs, the browser cookie, client authentication, Entra discovery
-// and its signing keys, the id_token checks, Entra error hints, and the error
-// responses and pages.
+// redirect URIs, the browser cookie, client authentication, pending requests
+// charged per address, clients known by a metadata document, Entra discovery,
+// its signing keys and the credentials towards it, the id_token checks, Entra
+// error hints, and the error responses and pages.
 
-// client is a registered client.
+// client is a registered client, or one known by its metadata document.
 type client struct {
 	clientMetadata
 	ID         string
@@ -519,7 +520,8 @@ type registration struct {
 // client. A user already signed in at Entra only picks an account there
 // (prompt=select_account), and a user who consented to this app once is not
 // asked again. So the user approves each client here, by name.
-func (s *server) showConsent(w http.ResponseWriter, c *client, req *authRequest, consentID string) {
+func (s *server) showConsent(w http.ResponseWriter, req *authRequest, consentID string) {
+	c := req.client
 	redirect, _ := url.Parse(req.redirectURI)
 	data := struct {
 		ClientName, ClientID, RedirectURI, RedirectHost, Scope, ConsentID, ServerHost, DocumentHost string
@@ -1010,21 +1012,18 @@ func (s *server) authorizingClient(w http.ResponseWriter, r *http.Request, id st
 // registrations, once the user approves it: for at least unusedClientTTL,
 // time enough to finish the sign-in, and for as long as a registration once
 // it completes one (see [server.keepClient]). It replaces an older copy of
-// the document, and saves the registrations when that changed anything. A
-// client nobody approves is never kept: /authorize alone stores nothing.
+// the document. A client nobody approves is never kept: /authorize alone
+// stores nothing.
 func (s *server) keepDocumentClient(w http.ResponseWriter, req *authRequest) bool {
 	c := req.client
 	if !isDocumentClientID(c.ID) {
 		return true // a registered client
 	}
-	old, known := s.clients.get(c.ID)
 	if err := s.clients.putAtLeast(c.ID, c, unusedClientTTL); err != nil {
 		s.errorPage(w, http.StatusServiceUnavailable, "Server busy", "The server is holding as many clients as it may. Try again later.")
 		return false
 	}
-	if !known || !reflect.DeepEqual(old.clientMetadata, c.clientMetadata) {
-		s.registrationsChanged()
-	}
+	s.registrationsChanged() // saved in the background, with whatever else changed
 	return true
 }
 
@@ -1243,12 +1242,7 @@ func (d *documentCache) fill(ctx context.Context, id string, e *documentEntry) {
 	case d.fetches <- struct{}{}:
 		defer func() { <-d.fetches }()
 	case <-wait.Done():
-		e.err = errDocumentsBusy
-		d.mu.Lock()
-		if d.entries[id] == e {
-			delete(d.entries, id)
-		}
-		d.mu.Unlock()
+		e.err = errDocumentsBusy // kept for no time: the next request fetches again
 		return
 	}
 	fetchCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), documentFetchTimeout)

@@ -56,7 +56,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -204,8 +203,9 @@ func (s *server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // limitConnections returns ln holding at most perAddress connections open
-// from one client address (counted as the rate limits count them); past
-// that, a new connection gets 503 and is closed at once. 0: no limit.
+// from one client address (see [clientAddress]; the address connected from,
+// a proxy's if there is one); past that, a new connection gets 503 and is
+// closed at once. 0: no limit.
 func limitConnections(ln net.Listener, perAddress int) net.Listener {
 	if perAddress == 0 {
 		return ln
@@ -565,12 +565,15 @@ func loadConfig(getenv func(string) string) (config, error) {
 func loadCredential(cfg *config, env func(name, def string) string) error {
 	certificate, assertionFile := env("ENTRA_CLIENT_CERTIFICATE", ""), env("ENTRA_CLIENT_ASSERTION_FILE", "")
 	var set []string
-	for name, v := range map[string]string{"ENTRA_CLIENT_SECRET": cfg.clientSecret, "ENTRA_CLIENT_CERTIFICATE": certificate, "ENTRA_CLIENT_ASSERTION_FILE": assertionFile} {
-		if v != "" {
-			set = append(set, name)
+	for _, v := range []struct{ name, value string }{
+		{"ENTRA_CLIENT_ASSERTION_FILE", assertionFile},
+		{"ENTRA_CLIENT_CERTIFICATE", certificate},
+		{"ENTRA_CLIENT_SECRET", cfg.clientSecret},
+	} {
+		if v.value != "" {
+			set = append(set, v.name)
 		}
 	}
-	slices.Sort(set)
 	switch {
 	case len(set) == 0:
 		return errors.New("no credential for Entra ID: set one of ENTRA_CLIENT_SECRET, ENTRA_CLIENT_CERTIFICATE or ENTRA_CLIENT_ASSERTION_FILE (README, \"Register an app in Entra ID\")")

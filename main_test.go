@@ -2087,6 +2087,14 @@ func TestModernRequests(t *testing.T) {
 		if resp := ended.post(t, "tools/list", `{}`, nil); resp.StatusCode != http.StatusUnauthorized {
 			t.Errorf("tools/list after revocation = %d, want 401", resp.StatusCode)
 		}
+		// Ended during the call: Entra refuses to renew its token.
+		env.entra.set(func() { env.entra.expiresIn = 600 })
+		renewed := &modernClient{env: env, token: env.signIn(t, signInOptions{}).AccessToken}
+		env.entra.set(func() { env.entra.refreshRevoked = true })
+		env.clock.advance(10 * time.Minute)
+		if resp := renewed.post(t, "tools/call", `{"name":"getUserDetails","arguments":{}}`, nil); resp.StatusCode != http.StatusUnauthorized {
+			t.Errorf("tools/call whose Entra token cannot be renewed = %d, want 401", resp.StatusCode)
+		}
 	})
 }
 

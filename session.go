@@ -48,7 +48,7 @@ type session struct {
 	user     entraUser // who signed in, for tools that need more than the Entra token
 	clientID string
 	scope    string
-	resource string      // the audience of the session's tokens
+	resource string      // the audience granted: its tokens', or one that holds theirs (see [server.tokenAudience])
 	ended    atomic.Bool // set once by endSession; an ended session never comes back
 
 	refreshing sync.Mutex // held while the Entra tokens are refreshed: one refresh at a time
@@ -966,7 +966,7 @@ type stateWriter struct {
 	writing bool
 }
 
-// saveState writes the state to STATE_FILE, if set, and returns once a write
+// saveState writes the sessions to STATE_FILE, if set, and returns once a write
 // that includes the caller's change is on disk. A failed write is logged, not
 // returned: the request has already succeeded in memory, and a lagging file
 // costs no session (see rotateRefresh). The caller may hold no session's mu:

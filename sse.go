@@ -130,7 +130,7 @@ func (s *server) handleMessage(w http.ResponseWriter, r *http.Request) {
 // handleMCPPost is steps 8 and 9 on Streamable HTTP: a POST to /mcp carries
 // one JSON-RPC message (or, in a 2025-03-26 session, a batch), and its answer
 // comes back in the response. initialize starts a session; every later request
-// names it in Mcp-Session-Id.
+// names it in Mcp-Session-Id (but in MCP 2026-07-28, which has no sessions).
 func (s *server) handleMCPPost(w http.ResponseWriter, r *http.Request) {
 	sess := s.mcpRequest(w, r, "/mcp")
 	if sess == nil {
